@@ -1,0 +1,29 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# torch is installed first, pinned, so that pip takes the CPU build on this machine's disk
+# instead of pulling a multi-GB CUDA build for the bare `torch>=2.4` requirement.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+OUT ?= demo_output
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m modeconn_fast demo --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info
