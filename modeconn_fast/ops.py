@@ -79,3 +79,15 @@ def combined_conv(
     if bias is not None:
         y = y + mix(coeffs, bias).reshape(P, 1, Cout, *([1] * spatial))
     return y
+
+
+def permutation_cost(a: Sequence[Tensor], b: Sequence[Tensor], perms: Sequence[Tensor | None]) -> Tensor:
+    """Weight-matching cost of one permutation group: Σ_j a[j] @ b[j][:, perms[j]]ᵀ -> [n, n].
+
+    a[j], b[j] are [n, m_j] (the group's axis first, everything else flattened); perms[j] permutes the
+    other axis of b[j] (a LongTensor of length m_j) or is None.
+    """
+    cost = a[0].new_zeros(a[0].shape[0], a[0].shape[0])
+    for a_j, b_j, perm in zip(a, b, perms):
+        cost.addmm_(a_j, (b_j if perm is None else b_j[:, perm]).T)
+    return cost
