@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, mlp, plain_loop, seeded,
                      settle_batchnorm)
-from modeconn_fast import Basis, evaluate
+from modeconn_fast import Basis, SubspaceView, evaluate
 from modeconn_fast.engine.fallback import FallbackModule
 
 RTOL = 1e-5
@@ -97,13 +97,14 @@ def test_layernorm_and_embedding_match_plain_loop():
     assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(tokens, targets)]))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_unknown_modules_fall_back_to_vmap_and_match_plain_loop():
     models = [seeded(WithUnknownModules, seed) for seed in (30, 31)]
     inputs, targets = torch.randn(33, 19), torch.randint(0, 5, (33,))
     coeffs = random_coeffs(5, 2, seed=6)
     result = evaluate(models[0], models, coeffs, (inputs, targets))
     assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
-    from modeconn_fast import SubspaceView
+
     view = SubspaceView(models[0], Basis.from_members(models))
     assert sorted(view.fallback_names) == ["normed", "scale"]
     assert sum(isinstance(m, FallbackModule) for m in view.modules()) == 2
@@ -157,3 +158,40 @@ def test_float64_model_stays_float64():
     result = evaluate(models[0], models, coeffs, (inputs, targets))
     expected = plain_loop(models[0], models, coeffs, [(inputs, targets)])
     torch.testing.assert_close(result["loss"], expected["loss"], rtol=1e-12, atol=1e-12)
+
+
+def test_outputs_with_a_class_axis_and_positions_match_plain_loop():
+    def per_position_classifier():
+        return torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(8, 5, 1))
+
+    models = [seeded(per_position_classifier, seed) for seed in (1, 2)]
+    inputs, targets = torch.randn(17, 4, 9), torch.randint(0, 5, (17, 9))
+    coeffs = random_coeffs(4, 2, seed=3)
+    result = evaluate(models[0], models, coeffs, (inputs, targets))
+    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+
+
+def test_inputs_are_left_untouched_and_unread_copies_are_detected():
+    class InputSkip(torch.nn.Module):
+        """Reads its raw input again after the first layer: every copy must be written."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp()
+            self.skip = torch.nn.Linear(19 + 5, 5)
+
+        def forward(self, x):
+            return self.skip(torch.cat([self.body(x), x * 2], dim=1))
+
+    inputs, targets = torch.randn(21, 19), torch.randint(0, 5, (21,))
+    original = inputs.clone()
+    coeffs = random_coeffs(5, 2, seed=11)
+    for factory, only_first_copy in ((mlp, True), (InputSkip, False)):
+        models = [seeded(factory, seed) for seed in (5, 6)]
+        view = SubspaceView(models[0], Basis.from_members(models))
+        with torch.no_grad():
+            view(coeffs, inputs)
+        assert view.reads_shared_rows_only == (only_first_copy,)
+        result = evaluate(models[0], models, coeffs, (inputs, targets))
+        assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+        assert torch.equal(inputs, original)

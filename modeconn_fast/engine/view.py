@@ -42,12 +42,18 @@ class SubspaceView(nn.Module):
         super().__init__()
         self.state = ViewState()
         self.fallback_names: list[str] = []
+        self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input, found by a probe on first use
         self.net = self._convert(copy.deepcopy(model).eval().requires_grad_(False), "", basis)
 
     def forward(self, coeffs: Tensor, inputs: Inputs) -> Tensor:
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-        points, samples = coeffs.shape[0], inputs[0].shape[0]
-        repeated = [x.unsqueeze(0).expand(points, *x.shape).reshape(points * samples, *x.shape[1:]) for x in inputs]
+        if self.reads_shared_rows_only is None:
+            self.reads_shared_rows_only = self._probe_shared_rows_only(coeffs, inputs)
+        repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
+        return self._run(coeffs, inputs[0].shape[0], repeated)
+
+    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor]) -> Tensor:
+        points = coeffs.shape[0]
         state = self.state
         state.coeffs, state.samples = coeffs, samples
         state.shared_inputs = [(r.data_ptr(), r.numel(), r._version) for r in repeated]
@@ -59,6 +65,28 @@ class SubspaceView(nn.Module):
             raise TypeError("the model must return one tensor with the batch axis first (e.g. logits [N, classes]); "
                             "wrap a model that returns a tuple or dict so that it returns that tensor")
         return out.reshape(points, samples, *out.shape[1:])
+
+    def _probe_shared_rows_only(self, coeffs: Tensor, inputs: tuple[Tensor, ...]) -> tuple[bool, ...]:
+        """For each input: does the model read only the first copy of it (every consumer a native layer that
+        uses its shared rows)? Then the other P − 1 copies need not be written. Tested by running two equal
+        points with the second copy replaced by noise: the outputs must not change."""
+        points = coeffs[:1].expand(2, -1)
+        probe = [x[:2] for x in inputs]
+        phase, self.state.bn_phase = self.state.bn_phase, "stored"
+        try:
+            with torch.no_grad():
+                truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe])
+                answers = []
+                for i, x in enumerate(probe):
+                    if not torch.is_floating_point(x):
+                        answers.append(False)
+                        continue
+                    noisy = [_repeat(y, 2, False) for y in probe]
+                    noisy[i][x.shape[0]:] = torch.randn_like(x) * 3 + 1
+                    answers.append(bool(torch.equal(self._run(points, x.shape[0], noisy), truth)))
+        finally:
+            self.state.bn_phase = phase
+        return tuple(answers)
 
     # --- BatchNorm -------------------------------------------------------------------------------------------
     def batchnorm_layers(self) -> list[SubspaceBatchNorm]:
@@ -124,6 +152,15 @@ class SubspaceView(nn.Module):
         for name, child in list(module.named_children()):
             module._modules[name] = self._convert(child, f"{prefix}{name}.", basis)
         return module
+
+
+def _repeat(x: Tensor, points: int, first_copy_only: bool) -> Tensor:
+    """[N, ...] -> a new [P·N, ...], point-major; with `first_copy_only` the other copies are left unwritten."""
+    if not first_copy_only:
+        return x.repeat(points, *([1] * (x.dim() - 1)))
+    repeated = x.new_empty(points * x.shape[0], *x.shape[1:])
+    repeated[: x.shape[0]] = x
+    return repeated
 
 
 def _native_layer(module: nn.Module) -> type[SubspaceLayer] | None:
