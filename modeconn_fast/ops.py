@@ -68,7 +68,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 def _kernels(name: str, device: torch.device) -> ModuleType:
     """The Triton module `modeconn_fast.kernels.<name>`, refusing CPU tensors if it was not built interpreted."""
     module = importlib.import_module(f"modeconn_fast.kernels.{name}")
-    if device.type == "cpu" and not module.INTERPRETED:
+    if device.type == "cpu" and not importlib.import_module("modeconn_fast.kernels.common").INTERPRETED:
         raise RuntimeError("backend='triton' cannot run: the Triton kernels were imported without TRITON_INTERPRET=1, "
                            "so they cannot run on CPU tensors (set it before the first call)")
     return module

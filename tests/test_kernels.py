@@ -7,7 +7,10 @@ this module imports triton and while its tests run, and only then, so that other
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +89,13 @@ def test_half_precision_on_gpu(dtype):
     y = ops.combined_linear(x.to(dtype), weight.to(dtype), bias.to(dtype), coeffs.to(dtype), backend="triton")
     expected = ops.combined_linear(x, weight, bias, coeffs, backend="torch")
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the tests above compile and run the kernels")
+def test_kernels_compile_for_hopper():
+    """The interpreter does not type-check like the compiler: compile each kernel for sm_90 (no GPU needed)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_kernels.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count(": compiled") == 8, result.stdout
