@@ -20,7 +20,7 @@ _CONFIGS = configs(("BLOCK_R", "BLOCK_C", "BLOCK_M"), (16, 16, 16), [
 ])
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "M"])
+@triton.autotune(configs=_CONFIGS, key=["N", "M"], restore_value=["out_ptr"])  # trials must not add twice
 @triton.jit
 def _cost_kernel(
     a_ptr, b_ptr, perm_ptr, out_ptr,

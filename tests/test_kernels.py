@@ -99,3 +99,14 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count(": compiled") == 8, result.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU, run `python -m benchmarks.gpu_kernels` itself")
+def test_gpu_benchmark_script_runs_in_smoke_mode():
+    """benchmarks/gpu_kernels.py cannot run here for real; its --smoke mode runs every path on tiny shapes."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_kernels", "--smoke"], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "checks against the float64 reference: passed" in result.stdout, result.stdout
+    assert result.stdout.count("triton kernel") == 5, result.stdout  # 4 linear rows and 1 permutation_cost row
