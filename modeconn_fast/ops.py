@@ -38,10 +38,15 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # -------------------------------------------------------------------------------------------- dispatch
 
 
-def _why_triton_cannot_run(device: torch.device) -> str | None:
-    """None when the Triton kernels can run on tensors of this device, else the reason."""
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _why_triton_cannot_run(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernels can run on tensors of this device and dtype, else the reason."""
     if not _TRITON_INSTALLED:
         return "triton is not installed (pip install triton)"
+    if dtype not in _TRITON_DTYPES:
+        return f"the Triton kernels take float32, float16 and bfloat16 tensors, not {dtype}"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -51,13 +56,13 @@ def _why_triton_cannot_run(device: torch.device) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The path a call takes: 'triton' or 'torch' (see the module docstring)."""
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The path a call takes for tensors of this device and dtype: 'triton' or 'torch' (see the module docstring)."""
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
     if backend == "torch":
         return "torch"
-    reason = _why_triton_cannot_run(device)
+    reason = _why_triton_cannot_run(device, dtype)
     if reason is None:
         return "triton"
     if backend == "triton":
@@ -199,7 +204,7 @@ def combined_linear(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tens
                          f"P = coeffs.shape[0] = {P}; got x {_shape(x)}, weight {_shape(weight)}, coeffs {_shape(coeffs)}")
     _check_bias(op, bias, weight)
     _check_alike(op, x=x, weight=weight, bias=bias, coeffs=coeffs)
-    return _combined_linear(x, weight, bias, coeffs, resolve_backend(backend, x.device))
+    return _combined_linear(x, weight, bias, coeffs, resolve_backend(backend, x.device, x.dtype))
 
 
 # ---------------------------------------------------------------------------------------- combined_conv
@@ -316,7 +321,7 @@ def combined_conv(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor
         raise ValueError(f"{op}: the output would be empty: x {_shape(x)}, weight {_shape(weight)}, "
                          f"stride {stride_}, padding {padding_}, dilation {dilation_}")
     return _combined_conv(x, weight, bias, coeffs, stride_, padding_, dilation_, groups,
-                          resolve_backend(backend, x.device))
+                          resolve_backend(backend, x.device, x.dtype))
 
 
 def combined_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor, *,
@@ -399,4 +404,4 @@ def permutation_cost(a: Sequence[Tensor], b: Sequence[Tensor], perms: Sequence[T
             raise ValueError(f"{op}: perms[{j}] must be None or an integer tensor of length m_{j} = {a_j.shape[1]} "
                              f"on {a_j.device}; got {perm.dtype} {_shape(perm)} on {perm.device}")
     given = [a_j.new_empty(0, dtype=torch.long) if perm is None else perm.long() for a_j, perm in zip(a, perms)]
-    return _permutation_cost(list(a), list(b), given, resolve_backend(backend, a[0].device))
+    return _permutation_cost(list(a), list(b), given, resolve_backend(backend, a[0].device, a[0].dtype))

@@ -74,6 +74,16 @@ def test_forced_triton_without_triton_says_why(monkeypatch):
     assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
 
 
+def test_auto_dispatch_in_the_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 sends CPU tensors to Triton, except dtypes the kernels do not take."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.resolve_backend(None, torch.device("cpu"), torch.float32) == "triton"
+    assert ops.resolve_backend(None, torch.device("cpu"), torch.float64) == "torch"
+    with pytest.raises(RuntimeError, match="take float32, float16 and bfloat16 tensors, not torch.float64"):
+        ops.resolve_backend("triton", torch.device("cpu"), torch.float64)
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend must be None, 'triton' or 'torch'; got 'cuda'"):
         ops.resolve_backend("cuda", torch.device("cpu"))
