@@ -5,8 +5,9 @@
 Per layer: `ops.combined_linear` (its own choice of strategy), each of its two strategies forced, and the
 peers — materialise W(p) then `F.linear` point by point, and `torch.func.vmap` of `F.linear` over the
 materialised weights. Every contender first has its output checked against the float64 reference on a few
-points. Times are medians of `--repeats` runs in this process, side by side; GFLOP/s counts 2·P·N·Din·Dout;
-the ceiling is this machine's fp32 rate on a 2048² `torch.matmul`, measured here too.
+points. The contenders of a layer run in turns, one call each per round, so that the load of a shared machine
+falls on all of them alike; times are medians over `--repeats` rounds. GFLOP/s counts 2·P·N·Din·Dout; the
+ceiling is this machine's fp32 rate on a 2048² `torch.matmul`, timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -34,14 +35,16 @@ LAYERS: list[Layer] = [
 ]
 
 
-def median_seconds(fn: Callable[[], Tensor], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds_in_turns(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, the calls taking turns round by round (after one warm-up round)."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for round_ in range(repeats + 1):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round_:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def contenders(x: Tensor, weight: Tensor, bias: Tensor, shared: bool) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -74,13 +77,11 @@ def contenders(x: Tensor, weight: Tensor, bias: Tensor, shared: bool) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     square = torch.randn(2048, 2048)
-    ceiling = 2 * 2048 ** 3 / median_seconds(lambda: square @ square, args.repeats) / 1e9
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 GEMM ceiling (2048² matmul): "
-          f"{ceiling:.1f} GFLOP/s; K = {K}; times are medians of {args.repeats}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; K = {K}; medians of {args.repeats} rounds\n")
     print(f"{'layer':32} {'contender':40} {'ms':>9} {'GFLOP/s':>8} {'of ceiling':>10} {'vs best peer':>12}")
     for name, points, rows, din, dout, shared in LAYERS:
         x = torch.randn(*([] if shared else [points]), rows, din)
@@ -91,13 +92,16 @@ def main() -> None:
         for label, run in runs.items():
             torch.testing.assert_close(run(coeffs[:2]).double(), expected, rtol=1e-4, atol=1e-4,
                                        msg=lambda m, label=label: f"{name}, {label}: {m}")
-        seconds = {label: median_seconds(lambda run=run: run(coeffs), args.repeats) for label, run in runs.items()}
+        timed = {label: (lambda run=run: run(coeffs)) for label, run in runs.items()}
+        seconds = median_seconds_in_turns({**timed, "ceiling": lambda: square @ square}, args.repeats)
+        ceiling = 2 * 2048 ** 3 / seconds.pop("ceiling") / 1e9
         best_peer = min(s for label, s in seconds.items() if label.startswith("peer"))
         flops = 2 * points * rows * din * dout
         for label, s in seconds.items():
             print(f"{name:32} {label:40} {s * 1e3:9.2f} {flops / s / 1e9:8.1f} {flops / s / 1e9 / ceiling:10.0%} "
                   f"{best_peer / s:11.2f}×")
             name = ""
+        print(f"{'':32} {'(ceiling: 2048² matmul in the same rounds)':40} {'':9} {ceiling:8.1f}")
 
 
 if __name__ == "__main__":
