@@ -105,6 +105,11 @@ def test_combined_linear_bad_shapes(x_shape, weight_shape, bias_shape, coeffs_sh
         ops.combined_linear(torch.randn(x_shape), torch.randn(weight_shape), bias, torch.randn(coeffs_shape))
 
 
+def test_combined_linear_bad_device():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on meta; devices of x, weight, coeffs must match"):
+        ops.combined_linear(torch.randn(4, 3, device="meta"), torch.randn(2, 5, 3), None, torch.randn(1, 2))
+
+
 def test_combined_linear_bad_dtype():
     with pytest.raises(ValueError, match="coeffs has dtype torch.float64 but x has torch.float32"):
         ops.combined_linear(torch.randn(4, 3), torch.randn(2, 5, 3), None, torch.randn(1, 2, dtype=torch.float64))
