@@ -9,6 +9,7 @@ from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, mlp
                      settle_batchnorm)
 from modeconn_fast import Basis, SubspaceView, evaluate
 from modeconn_fast.engine.fallback import FallbackModule
+from modeconn_fast.engine.pooling import MaxPool2dFastCPU
 
 RTOL = 1e-5
 
@@ -195,3 +196,27 @@ def test_inputs_are_left_untouched_and_unread_copies_are_detected():
         result = evaluate(models[0], models, coeffs, (inputs, targets))
         assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
         assert torch.equal(inputs, original)
+
+
+def test_named_datasets_share_one_pass_and_match_separate_calls():
+    images = torch.randn(40, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (1, 2)]
+    train = (images, torch.randint(0, 4, (40,)))
+    test = (torch.randn(15, 3, 8, 8), torch.randint(0, 4, (15,)))
+    coeffs = random_coeffs(5, 2, seed=12)
+    both = evaluate(models[0], models, coeffs, {"train": train, "test": test}, bn_data=train)
+    assert list(both) == ["train_loss", "train_error", "test_loss", "test_error"]
+    for split, data in (("train", train), ("test", test)):
+        alone = evaluate(models[0], models, coeffs, data, bn_data=train)
+        torch.testing.assert_close(both[f"{split}_loss"], alone["loss"], rtol=RTOL, atol=1e-7)
+        torch.testing.assert_close(both[f"{split}_error"], alone["error"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 8, 8), (64, 16, 7, 7), (8, 3, 8, 8), (4, 8, 32, 32)])
+@pytest.mark.parametrize("options", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=2, ceil_mode=True)])
+def test_max_pooling_stand_in_gives_identical_values(shape, options):
+    pool = torch.nn.MaxPool2d(**options)
+    x = torch.randn(*shape)
+    y = MaxPool2dFastCPU(pool)(x)
+    assert torch.equal(y, pool(x)) and y.is_contiguous()

@@ -47,7 +47,7 @@ class SubspaceBatchNorm(SubspaceLayer):
         values = state.unfold(x).reshape(state.points, state.samples, channels, -1)  # [P, N, C, S]
         phase = state.bn_phase
         if phase == "collect" or not self.tracks_statistics:
-            var, mean = torch.var_mean(values, dim=(1, 3), correction=0)
+            mean, var = _batch_statistics(values)
             if phase == "collect" and self.tracks_statistics:
                 self._accumulate(mean, var, per_channel=values.shape[1] * values.shape[3])
         elif phase == "recomputed":
@@ -77,3 +77,14 @@ class SubspaceBatchNorm(SubspaceLayer):
         else:
             self._sums = (self._sums[0] + mean * batch, self._sums[1] + unbiased * batch)
         self._samples += batch
+
+
+def _batch_statistics(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Per point and channel, the mean and biased variance over samples and positions of [P, N, C, S].
+
+    Two passes (mean, then mean squared deviation), each reducing the contiguous last axis first: several
+    times faster on CPU than one reduction over the axes (1, 3) together.
+    """
+    mean = values.mean(dim=3).mean(dim=1)
+    deviation = values - mean[:, None, :, None]
+    return mean, deviation.square_().mean(dim=3).mean(dim=1)

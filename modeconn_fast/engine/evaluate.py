@@ -8,7 +8,7 @@ dataset) are sized so that activations and combined weights fit `memory_budget`.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from .view import SubspaceView
 BatchNormMode = Literal["auto", "recompute", "eval"]
 CPU_MEMORY_BUDGET = 1 << 30  # bytes
 CPU_CACHE_BYTES = 2 << 20  # on CPU, chunks whose largest activation stays near this size run fastest (cache)
+CPU_MIN_CHUNK = 16
 GPU_MEMORY_FRACTION = 0.25
 
 
@@ -54,11 +55,12 @@ def evaluate(
 
     model: the architecture (any nn.Module; its own weights are not used). basis: K models or state dicts
     of that architecture, or a `Basis`. coeffs: [P, K]. data: `(inputs, targets)` tensors or an iterable of
-    such batches. loss_fn: per-target losses (reduction='none') or a mean; default cross-entropy.
-    bn: "recompute" (statistics from `bn_data` for every point), "eval" (mix the stored statistics) or
-    "auto" (recompute when the model has BatchNorm and `bn_data` is given). memory_budget: bytes for one
-    chunk of points (default 1 GiB on CPU, a quarter of the free memory on GPU). progress: show a progress
-    bar (default: when the work lasts more than a second).
+    such batches; or a dict of them by name (e.g. {"train": ..., "test": ...}), evaluated in the same pass
+    over the points, with results named "train_loss", "test_error", ... loss_fn: per-target losses
+    (reduction='none') or a mean; default cross-entropy. bn: "recompute" (statistics from `bn_data` for
+    every point), "eval" (mix the stored statistics) or "auto" (recompute when the model has BatchNorm and
+    `bn_data` is given). memory_budget: bytes for one chunk of points (default 1 GiB on CPU, a quarter of
+    the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -66,15 +68,15 @@ def evaluate(
     metrics = check_metrics(metrics)
     view = SubspaceView(model, basis)
     bn_mode = _batchnorm_mode(bn, view, bn_data)
-    batches = Batches(data, "data")
+    datasets = _named_datasets(data)
     bn_batches = Batches(bn_data, "bn_data") if bn_mode == "recompute" else None
-    chunk = _plan(view, coeffs, batches, bn_batches, memory_budget, device)
+    chunk = _plan(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
     points = coeffs.shape[0]
-    sums = MetricSums(metrics, points, device, loss_fn)
-    steps_per_chunk = len(batches) + (len(bn_batches) if bn_batches is not None else 0)
-    known = batches.has_length() and (bn_batches is None or bn_batches.has_length())
-    total = -(-points // chunk) * steps_per_chunk if known else None
+    sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
+    sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
+    known = all(source.has_length() for source in sources)
+    total = -(-points // chunk) * sum(len(source) for source in sources) if known else None
     bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
     with torch.no_grad(), bar:
         for start in range(0, points, chunk):
@@ -83,11 +85,23 @@ def evaluate(
                 view.recompute_batchnorm(chunk_coeffs, _inputs_only(bn_batches, device, bar))
             else:
                 view.use_stored_batchnorm()
-            for inputs, targets in batches:
-                outputs = view(chunk_coeffs, move(inputs, device))
-                sums.add(outputs, targets.to(device, non_blocking=True), start)
-                bar.update()
-    return Evaluation(sums.result(), bn_mode)
+            for name, batches in datasets.items():
+                for inputs, targets in batches:
+                    outputs = view(chunk_coeffs, move(inputs, device))
+                    sums[name].add(outputs, targets.to(device, non_blocking=True), start)
+                    bar.update()
+    values = {f"{name}_{metric}" if name else metric: value
+              for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}
+    return Evaluation(values, bn_mode)
+
+
+def _named_datasets(data: Any) -> dict[str, Batches]:
+    """One dataset (named "") or a dict of datasets by name."""
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError("data is an empty dict: name at least one dataset")
+        return {str(name): Batches(value, f"data[{name!r}]") for name, value in data.items()}
+    return {"": Batches(data, "data")}
 
 
 def _inputs_only(batches: Batches, device: torch.device, bar: tqdm):
@@ -133,28 +147,30 @@ def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
     return mode
 
 
-def _plan(view: SubspaceView, coeffs: Tensor, batches: Batches, bn_batches: Batches | None,
+def _plan(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batches: Batches | None,
           memory_budget: int | None, device: torch.device) -> int:
-    """Points per chunk (and rows per batch of a tensor dataset) that keep one chunk within the budget;
-    on CPU also small enough for the chunk's largest activation to stay in cache."""
+    """Points per chunk (and rows per batch of a tensor dataset) that keep one chunk within the budget.
+
+    On CPU the chunk is also kept small enough for its largest activation to stay near the cache size, but
+    not under CPU_MIN_CHUNK points, so that a first layer fed the shared input still mixes many points.
+    """
     budget = memory_budget if memory_budget is not None else _default_budget(device)
-    per_sample = view.activation_bytes_per_sample(coeffs, move(batches.first[0], device))
+    per_sample = view.activation_bytes_per_sample(coeffs, move(datasets[0].first[0], device))
     per_point_weights = view.materialised_bytes_per_point()
     working_set = 4  # the largest activation, its input, and temporaries
-    for source in (batches, bn_batches):
-        if source is not None and source.rows is not None:
+    sources = [*datasets, *([bn_batches] if bn_batches is not None else [])]
+    for source in sources:
+        if source.rows is not None:
             source.batch_size = max(2, min(source.rows, budget // (2 * working_set * per_sample)))
-    rows = max(_batch_rows(batches), _batch_rows(bn_batches))
+    rows = max(_batch_rows(source) for source in sources)
     per_point = rows * per_sample * working_set + per_point_weights
     chunk = budget // per_point
     if device.type == "cpu":
-        chunk = min(chunk, CPU_CACHE_BYTES // (rows * per_sample))
+        chunk = min(chunk, max(CPU_MIN_CHUNK, CPU_CACHE_BYTES // (rows * per_sample)))
     return int(max(1, min(coeffs.shape[0], chunk)))
 
 
-def _batch_rows(batches: Batches | None) -> int:
-    if batches is None:
-        return 0
+def _batch_rows(batches: Batches) -> int:
     if batches.rows is not None:
         return min(batches.rows, batches.batch_size or batches.rows)
     inputs = batches.first[0]

@@ -18,6 +18,7 @@ from ..subspace import Basis
 from .batchnorm import SubspaceBatchNorm
 from .fallback import FallbackModule, contains_batchnorm
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
+from .pooling import faster_pooling
 from .state import ViewState
 
 Inputs = Tensor | Sequence[Tensor]
@@ -144,6 +145,9 @@ class SubspaceView(nn.Module):
         native = _native_layer(module)
         if native is not None:
             return native(self.state, _entries(basis.stacked, prefix, direct=True), module)
+        pooling = faster_pooling(module)
+        if pooling is not None:
+            return pooling
         if _needs_fallback(module, prefix, basis):
             self.fallback_names.append(prefix.rstrip(".") or "<the model itself>")
             return FallbackModule(self.state, _entries(basis.stacked, prefix, direct=False),
