@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only B1,B3] [--markdown]`: the workloads this installation supports,
+"""`python -m benchmarks [--quick] [--only B1,B3] [--threads N] [--out DIR] [--markdown]`: the workloads this installation supports,
 the peers beside them, one table; results.json and results.png written next to this file."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated workload ids, e.g. B1,B3")
     parser.add_argument("--threads", type=int, help="torch threads while timing (default: torch's own)")
     parser.add_argument("--markdown", action="store_true", help="print the README table from results.json and exit")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and results.png")
     args = parser.parse_args(argv)
-    json_path = HERE / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "results.json", args.out / "results.png"
     if args.markdown:
         print(render_markdown(json.loads(json_path.read_text(encoding="utf-8"))))
         return 0
@@ -78,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_all(args.quick, only)
     write_json(results, json_path)
     if results["rows"]:
-        plot(results, HERE / "results.png")
+        plot(results, png_path)
     print(render_table(results))
-    print(f"({results['seconds']:.0f} s; written {json_path.relative_to(HERE.parent)} and benchmarks/results.png)")
+    print(f"({results['seconds']:.0f} s; written {json_path} and {png_path})")
     failed = any(not row["checks_ok"] for row in results["rows"])
     return 1 if failed else 0
 

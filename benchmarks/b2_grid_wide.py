@@ -13,8 +13,8 @@ from .plane import Plane, PlaneSize, measure, prepare as prepare_plane
 
 WORKLOAD = "B2 grid-wide"
 WIDTHS = (64, 512, 512, 10)
-FULL = PlaneSize(side=20, peer_points=400, vmap_chunk=8, repeats=3)
-QUICK = PlaneSize(side=8, peer_points=64, vmap_chunk=8, repeats=3, epochs=10)
+FULL = PlaneSize(side=20, peer_points=400, vmap_chunk=4, repeats=3)
+QUICK = PlaneSize(side=6, peer_points=36, vmap_chunk=4, repeats=3, epochs=10)
 TARGET_RATIO = 1.15
 
 

@@ -26,7 +26,8 @@ RTOL = 1e-4
 
 @dataclass(frozen=True)
 class PlaneSize:
-    """side×side points; peers evaluate at most `peer_points` of them (then extrapolate per point)."""
+    """side×side points; peers evaluate at most `peer_points` of them (then extrapolate per point). vmap_chunk:
+    points per vmap call, the fastest of 16/64/256/1024 (B1) and 1/4/8/16 (B2) tried on the 2-core machine."""
 
     side: int
     peer_points: int
@@ -85,8 +86,11 @@ def subset(points: int, count: int) -> Tensor:
     return torch.linspace(0, points - 1, count).round().long()
 
 
-def contenders(plane: Plane, size: PlaneSize) -> tuple[Contender, list[Contender], dict[str, Tensor]]:
-    """(ours, peers, the rows each peer evaluates); peers run on at most size.peer_points points."""
+PeerPoints = dict[str, tuple[Tensor, Tensor | None]]  # peer -> (its coefficient rows, their index in the grid)
+
+
+def contenders(plane: Plane, size: PlaneSize) -> tuple[Contender, list[Contender], PeerPoints]:
+    """(ours, peers, the points each peer evaluates); peers run on at most size.peer_points points."""
     total = plane.coeffs.shape[0]
     index = subset(total, size.peer_points)
     rows = plane.coeffs[index]
@@ -101,20 +105,20 @@ def contenders(plane: Plane, size: PlaneSize) -> tuple[Contender, list[Contender
         Contender("load_state_dict loop", lambda: loop_losses(plane.models[0], plane.members, rows, plane.inputs,
                                                               plane.targets), len(index), total),
     ]
-    peer_rows = {"loss-landscapes": plane_rows(visited_coordinates(steps)), "vmap": rows, "load_state_dict loop": rows}
-    return ours, peers, peer_rows
+    points = {"loss-landscapes": (plane_rows(visited_coordinates(steps)), None), "vmap": (rows, index),
+              "load_state_dict loop": (rows, index)}
+    return ours, peers, points
 
 
-def check_peers(plane: Plane, ours_losses: Tensor, peers: list[Contender], peer_rows: dict[str, Tensor]) -> tuple[dict[str, Check], dict[str, Tensor]]:
-    """Run every peer once (warm-up) and compare with the project at the same points (rel ≤ 1e-4)."""
-    checks, outputs = {}, {}
+def check_peers(plane: Plane, ours_losses: Tensor, peers: list[Contender], points: PeerPoints) -> dict[str, Check]:
+    """Run every peer once (warm-up) and compare with the project at the same points (rel ≤ 1e-4); points off
+    the grid (loss-landscapes' own walk) are evaluated by the project for the check."""
+    checks = {}
     for peer in peers:
-        outputs[peer.name] = peer.run()
-        rows = peer_rows[peer.name]
-        index = subset(plane.coeffs.shape[0], rows.shape[0]) if peer.name != "loss-landscapes" else None
+        rows, index = points[peer.name]
         expected = ours_losses[index] if index is not None else plane.ours(rows)
-        checks[peer.name] = compare(expected, outputs[peer.name], rtol=RTOL)
-    return checks, outputs
+        checks[peer.name] = compare(expected, peer.run(), rtol=RTOL)
+    return checks
 
 
 def flops_per_point(widths: Sequence[int], samples: int) -> int:
@@ -126,9 +130,8 @@ def measure(plane: Plane, size: PlaneSize, workload: str, case: str, widths: Seq
     """Check, then time ours and the peers alternating (with the GEMM ceiling among them when `widths` is given).
 
     Returns the row (target left to the caller) and the medians per call."""
-    ours, peers, peer_rows = contenders(plane, size)
-    ours_losses = ours.run()
-    checks, _ = check_peers(plane, ours_losses, peers, peer_rows)
+    ours, peers, points = contenders(plane, size)
+    checks = check_peers(plane, ours.run(), peers, points)
     ceiling = [gemm_contender()] if widths is not None else []
     medians = interleaved_medians([ours, *peers, *ceiling], size.repeats)
     row = Row(workload, case, ours.total_points, medians["ours"], peer_times(peers, medians, checks))

@@ -14,13 +14,13 @@ NAMES = ["ours", "loss-landscapes", "vmap", "load_state_dict loop"]
 def setup(workload, quick):
     size = workload.QUICK if quick else workload.FULL
     plane = workload.prepare(size)
-    ours, peers, peer_rows = contenders(plane, size)
-    return plane, ours, peers, peer_rows
+    ours, peers, points = contenders(plane, size)
+    return plane, ours, peers, points
 
 
 def test_peers_compute_our_losses(setup):
-    plane, ours, peers, peer_rows = setup
-    checks, _ = check_peers(plane, ours.run(), peers, peer_rows)
+    plane, ours, peers, points = setup
+    checks = check_peers(plane, ours.run(), peers, points)
     assert all(c.ok for c in checks.values()), {name: str(c) for name, c in checks.items()}
 
 

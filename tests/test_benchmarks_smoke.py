@@ -9,7 +9,7 @@ from benchmarks.plane import PlaneSize, check_peers, contenders
 def test_b1_peers_agree_with_the_project_at_a_tiny_size():
     size = PlaneSize(side=4, peer_points=16, vmap_chunk=5, repeats=1, epochs=1)
     plane = b1_grid_tiny.prepare(size)
-    ours, peers, peer_rows = contenders(plane, size)
-    checks, _ = check_peers(plane, ours.run(), peers, peer_rows)
+    ours, peers, points = contenders(plane, size)
+    checks = check_peers(plane, ours.run(), peers, points)
     assert set(checks) == {"loss-landscapes", "vmap", "load_state_dict loop"}
     assert all(check.ok for check in checks.values()), {name: str(check) for name, check in checks.items()}
