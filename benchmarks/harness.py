@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,13 +306,14 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 def plot(results: dict[str, Any], path: Path) -> None:
     """Bar chart: speed-up of the project over each peer, per workload row (log scale, 1× line)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r["peers"]]
     names = sorted({p["name"] for r in rows for p in r["peers"]})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(rows) + 2), 4.8))
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
         xs, ys = [], []
@@ -323,7 +325,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(xs, ys, width=width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(rows)), [f"{r['workload']}\n{r['case']}" for r in rows], fontsize=7)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    labels = [f"{r['workload']}\n" + textwrap.fill(r["case"], 22) for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("peer time ÷ our time (higher: we are faster)")
     ax.set_title(f"modeconn_fast vs peers · {results['machine']['cpu']}", fontsize=9)
     ax.legend(fontsize=7)
