@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     only = {w.strip().upper() for w in args.only.split(",")} if args.only else None
     results = run_all(args.quick, only)
+    options = [("--quick", args.quick), (f"--only {args.only}", args.only), (f"--threads {args.threads}", args.threads)]
+    results["command"] = " ".join(["python -m benchmarks"] + [text for text, given in options if given])
     write_json(results, json_path)
     if results["rows"]:
         plot(results, png_path)

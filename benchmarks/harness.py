@@ -289,7 +289,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     """The README's benchmark table, rendered from results.json."""
     m = results["machine"]
     body = table_rows(results["rows"])
-    out = [f"Measured with `python -m benchmarks{' --quick' if results.get('quick') else ''}` on {m['cpu']}, "
+    command = results.get("command", "python -m benchmarks" + (" --quick" if results.get("quick") else ""))
+    out = [f"Measured with `{command}` on {m['cpu']}, "
            f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), load {m['load_average'][0]:.1f}, "
            f"fp32 GEMM {results['gemm_flops'] / 1e9:.1f} GFLOP/s, commit {m['commit']}.", ""]
     out.append("| " + " | ".join(body[0]) + " |")
