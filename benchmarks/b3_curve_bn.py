@@ -1,0 +1,120 @@
+"""B3 curve-bn: a small CNN with BatchNorm on the 8×8 digits, a quadratic Bezier curve over three trained models,
+61 points, BatchNorm statistics recomputed per point on the training split, then train and test loss and error.
+
+The project runs what a user runs: two `evaluate` calls (train, test), each with bn="recompute" on the training
+batches. The peer is the 2018 reference algorithm (`peers/reference_bn.py`). Both see the training split in the
+reference's loader batches of 128, unshuffled, so the recomputed statistics are the same numbers. The middle
+control point θ_1 is a third independently trained model (this measures evaluation, not curve training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import modeconn_fast
+from modeconn_fast.digits import load_digits_split, train_classifier
+
+from .harness import Check, Contender, Row, combine, compare, interleaved_medians, peer_times, target_met, threads
+from .peers.reference_bn import curve_metrics
+from .plane import subset
+
+WORKLOAD = "B3 curve-bn"
+BATCH = 128  # the reference code's loader batch size
+ATOL = 1e-4
+TARGET_RATIO = 5.0
+METRICS = ("train_loss", "train_error", "test_loss", "test_error")
+Batches = list[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class CurveSize:
+    points: int
+    peer_points: int  # the reference runs at most this many points (then extrapolated per point)
+    repeats: int
+    epochs: int
+
+
+FULL = CurveSize(points=61, peer_points=61, repeats=3, epochs=15)
+QUICK = CurveSize(points=11, peer_points=5, repeats=3, epochs=5)
+
+
+def cnn(seed: int) -> nn.Sequential:
+    """Conv(1→16)-BN-ReLU-pool, Conv(16→32)-BN-ReLU-pool, Linear(128→10), on [N, 1, 8, 8] images."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128, 10),
+    )
+
+
+def bernstein(points: int) -> Tensor:
+    """Rows ((1−t)², 2t(1−t), t²) at `points` evenly spaced t ∈ [0, 1]."""
+    t = torch.linspace(0, 1, points)[:, None]
+    return torch.cat([(1 - t) ** 2, 2 * t * (1 - t), t**2], dim=1)
+
+
+def batches(data: tuple[Tensor, Tensor]) -> Batches:
+    inputs, targets = data
+    return [(inputs[i:i + BATCH], targets[i:i + BATCH]) for i in range(0, len(targets), BATCH)]
+
+
+@dataclass
+class Curve:
+    models: list[nn.Module]
+    basis: modeconn_fast.Basis
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    coeffs: Tensor
+
+    def ours(self, coeffs: Tensor) -> dict[str, Tensor]:
+        """Two evaluate calls, each recomputing BatchNorm per point on the training batches."""
+        out = {}
+        for split, data in (("train", self.train), ("test", self.test)):
+            result = modeconn_fast.evaluate(self.models[0], self.basis, coeffs, data, bn="recompute",
+                                            bn_data=batches(self.train), progress=False)
+            out[f"{split}_loss"], out[f"{split}_error"] = result["loss"], result["error"]
+        return out
+
+    def reference(self, coeffs: Tensor) -> dict[str, Tensor]:
+        members = [m.state_dict() for m in self.models]
+        return curve_metrics(self.models[0], members, coeffs, batches(self.train), batches(self.test))
+
+
+def prepare(size: CurveSize) -> Curve:
+    digits = load_digits_split()
+    images = [(x.reshape(-1, 1, 8, 8), y) for x, y in (digits.train, digits.test)]
+    with threads(1):
+        models = [train_classifier(cnn(s), images[0], epochs=size.epochs, seed=s, progress=False) for s in (0, 1, 2)]
+    basis = modeconn_fast.Basis.from_members(models)
+    return Curve(models, basis, images[0], images[1], bernstein(size.points))
+
+
+def contenders(curve: Curve, size: CurveSize) -> tuple[Contender, Contender, Tensor]:
+    """(ours on all points, the reference on at most size.peer_points of them, those points' indices)."""
+    total = curve.coeffs.shape[0]
+    index = subset(total, size.peer_points)
+    ours = Contender("ours", lambda: curve.ours(curve.coeffs), total, total)
+    peer = Contender("2018 reference", lambda: curve.reference(curve.coeffs[index]), len(index), total)
+    return ours, peer, index
+
+
+def check(ours: dict[str, Tensor], peer: dict[str, Tensor], index: Tensor) -> Check:
+    """Every metric at every point the reference ran: |ours − reference| ≤ 1e-4."""
+    return combine([compare(ours[m][index], peer[m], atol=ATOL) for m in METRICS])
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    size = QUICK if quick else FULL
+    curve = prepare(size)
+    ours, peer, index = contenders(curve, size)
+    agreement = check(ours.run(), peer.run(), index)
+    medians = interleaved_medians([ours, peer], size.repeats)
+    total = ours.total_points
+    row = Row(WORKLOAD, f"Bezier, {total} points, CNN+BN, BN recomputed (batches of {BATCH})", total, medians["ours"],
+              peer_times([peer], medians, {peer.name: agreement}), target=f"≥ {TARGET_RATIO:g}× the reference, ≤ 1e-4")
+    row.met = target_met(row.ratio, TARGET_RATIO, row.checks_ok)
+    return [row.to_dict()]
