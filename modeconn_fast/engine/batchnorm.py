@@ -27,19 +27,22 @@ class SubspaceBatchNorm(SubspaceLayer):
         super().__init__(state, stacked)
         self.eps = module.eps
         self.tracks_statistics = module.track_running_stats
-        self.recomputed: tuple[Tensor, Tensor] | None = None  # (mean, var) [P, C] from the last collection
-        self._sums: tuple[Tensor, Tensor] | None = None
-        self._samples = 0
+        self.recomputed: tuple[Tensor, Tensor] | None = None  # (mean, var) [all points, C] from the last collection
+        self._sums: tuple[Tensor, Tensor] | None = None  # Σ b_i μ_i, Σ b_i σ²_i per point and channel
+        self._samples: Tensor | None = None  # Σ b_i per point
+        self._points = 0
 
-    def start_collection(self) -> None:
-        self._sums, self._samples, self.recomputed = None, 0, None
+    def start_collection(self, points: int) -> None:
+        """Statistics for `points` points will be accumulated, chunk by chunk, batch by batch (in any order)."""
+        self._sums, self._samples, self._points, self.recomputed = None, None, points, None
 
     def finish_collection(self) -> None:
-        if self._sums is None:
-            raise ValueError("bn_data gave no batch reaching this BatchNorm layer: it is empty")
+        if self._sums is None or self._samples is None or bool((self._samples == 0).any()):
+            raise ValueError("bn_data gave no batch reaching this BatchNorm layer for some points: is it empty?")
         mean_sum, var_sum = self._sums
-        self.recomputed = (mean_sum / self._samples, var_sum / self._samples)
-        self._sums = None
+        samples = self._samples.unsqueeze(1)
+        self.recomputed = (mean_sum / samples, var_sum / samples)
+        self._sums = self._samples = None
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
@@ -53,7 +56,7 @@ class SubspaceBatchNorm(SubspaceLayer):
         elif phase == "recomputed":
             if self.recomputed is None:
                 raise RuntimeError("BatchNorm statistics were not recomputed for these points")
-            mean, var = self.recomputed
+            mean, var = self.recomputed[0][state.where], self.recomputed[1][state.where]
         else:
             mean, var = self.mixed("running_mean"), self.mixed("running_var")
         scale = torch.rsqrt(var + self.eps)
@@ -70,13 +73,14 @@ class SubspaceBatchNorm(SubspaceLayer):
         if per_channel < 2:
             raise ValueError("recomputing BatchNorm statistics needs more than one value per channel in each "
                              "bn_data batch: use larger batches")
-        batch = self.state.samples
+        state = self.state
+        if self._sums is None or self._samples is None:
+            self._sums = (mean.new_zeros(self._points, mean.shape[1]), mean.new_zeros(self._points, mean.shape[1]))
+            self._samples = mean.new_zeros(self._points)
         unbiased = var * (per_channel / (per_channel - 1))
-        if self._sums is None:
-            self._sums = (mean * batch, unbiased * batch)
-        else:
-            self._sums = (self._sums[0] + mean * batch, self._sums[1] + unbiased * batch)
-        self._samples += batch
+        self._sums[0][state.where] += mean * state.samples
+        self._sums[1][state.where] += unbiased * state.samples
+        self._samples[state.where] += state.samples
 
 
 def _batch_statistics(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ BatchNormMode = Literal["auto", "recompute", "eval"]
 CPU_MEMORY_BUDGET = 1 << 30  # bytes
 CPU_CACHE_BYTES = 2 << 20  # on CPU, chunks whose largest activation stays near this size run fastest (cache)
 CPU_MIN_CHUNK = 16
+CPU_MIN_ROWS = 128
 GPU_MEMORY_FRACTION = 0.25
 
 
@@ -76,20 +77,20 @@ def evaluate(
     sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
-    total = -(-points // chunk) * sum(len(source) for source in sources) if known else None
+    total = sum(len(source) for source in sources) if known else None
     bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
     with torch.no_grad(), bar:
-        for start in range(0, points, chunk):
-            chunk_coeffs = coeffs[start:start + chunk]
-            if bn_batches is not None:
-                view.recompute_batchnorm(chunk_coeffs, _inputs_only(bn_batches, device, bar))
-            else:
-                view.use_stored_batchnorm()
-            for name, batches in datasets.items():
-                for inputs, targets in batches:
-                    outputs = view(chunk_coeffs, move(inputs, device))
-                    sums[name].add(outputs, targets.to(device, non_blocking=True), start)
-                    bar.update()
+        if bn_batches is not None:
+            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunk)
+        else:
+            view.use_stored_batchnorm()
+        for name, batches in datasets.items():  # each batch is read once, for all chunks of points
+            for inputs, targets in batches:
+                inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
+                for start in range(0, points, chunk):
+                    outputs = view(coeffs[start:start + chunk], inputs, offset=start)
+                    sums[name].add(outputs, targets, start)
+                bar.update()
     values = {f"{name}_{metric}" if name else metric: value
               for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}
     return Evaluation(values, bn_mode)
@@ -149,23 +150,31 @@ def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
 
 def _plan(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batches: Batches | None,
           memory_budget: int | None, device: torch.device) -> int:
-    """Points per chunk (and rows per batch of a tensor dataset) that keep one chunk within the budget.
+    """Points per chunk, and rows per batch of the tensor datasets, so that one chunk fits the budget.
 
-    On CPU the chunk is also kept small enough for its largest activation to stay near the cache size, but
-    not under CPU_MIN_CHUNK points, so that a first layer fed the shared input still mixes many points.
+    On CPU both are also sized for the chunk's largest activation to stay near CPU_CACHE_BYTES, with at least
+    CPU_MIN_CHUNK points (a first layer fed the shared input then mixes many points at once) and
+    CPU_MIN_ROWS rows (products stay efficient). Given batches (iterables, and `bn_data`, whose batches
+    define the recomputed statistics) are never split; `bn_data` given as tensors is one batch, split
+    evenly only where one batch would not fit the budget.
     """
     budget = memory_budget if memory_budget is not None else _default_budget(device)
     per_sample = view.activation_bytes_per_sample(coeffs, move(datasets[0].first[0], device))
     per_point_weights = view.materialised_bytes_per_point()
     working_set = 4  # the largest activation, its input, and temporaries
-    sources = [*datasets, *([bn_batches] if bn_batches is not None else [])]
-    for source in sources:
+    cpu = device.type == "cpu"
+    for source in datasets:
         if source.rows is not None:
-            source.batch_size = max(2, min(source.rows, budget // (2 * working_set * per_sample)))
+            fitting = budget // (2 * working_set * per_sample)
+            if cpu:
+                fitting = min(fitting, max(CPU_MIN_ROWS, CPU_CACHE_BYTES // (CPU_MIN_CHUNK * per_sample)))
+            source.batch_size = max(2, min(source.rows, fitting))
+    if bn_batches is not None and bn_batches.rows is not None:  # one batch (population statistics) if it fits
+        bn_batches.batch_size = max(2, min(bn_batches.rows, budget // (working_set * per_sample)))
+    sources = [*datasets, *([bn_batches] if bn_batches is not None else [])]
     rows = max(_batch_rows(source) for source in sources)
-    per_point = rows * per_sample * working_set + per_point_weights
-    chunk = budget // per_point
-    if device.type == "cpu":
+    chunk = budget // (rows * per_sample * working_set + per_point_weights)
+    if cpu:
         chunk = min(chunk, max(CPU_MIN_CHUNK, CPU_CACHE_BYTES // (rows * per_sample)))
     return int(max(1, min(coeffs.shape[0], chunk)))
 

@@ -6,6 +6,8 @@ point p are θ(p) = Σ_k c[p,k] θ_k (DESIGN §1); Linear and convolutions go th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
+        self._cache: tuple[tuple, Tensor] | None = None
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
@@ -30,6 +33,19 @@ class SubspaceLayer(nn.Module):
     def materialised_bytes_per_point(self) -> int:
         """Memory that one point's combined weights may take while this layer runs."""
         return 0
+
+    def mixed_per_basis(self, shared: Tensor, per_basis: Callable[[Tensor], Tensor]) -> Tensor | None:
+        """For an input shared by all points: y[p] = Σ_k c[p,k] Y_k with Y_k = layer_k(shared), the K outputs
+        computed once per batch and kept while chunk after chunk of points runs over it (evaluation only).
+        None where that does not apply (gradients recorded, or inputs not identified)."""
+        state = self.state
+        if torch.is_grad_enabled() or not state.input_key:
+            return None
+        key = (state.input_key, tuple(shared.shape), *(t._version for t in self.stacked.values()))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the old outputs first
+            self._cache = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=shared.dtype, device=shared.device)))
+        return ops.mix(state.coeffs, self._cache[1])
 
 
 class SubspaceLinear(SubspaceLayer):
@@ -41,9 +57,16 @@ class SubspaceLinear(SubspaceLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
+        weight, bias = self.stacked["weight"], self.stacked.get("bias")
         shared = state.shared_rows(x)
-        x_points = shared.reshape(-1, self.in_features) if shared is not None else x.reshape(state.points, -1, self.in_features)
-        y = ops.combined_linear(x_points, self.stacked["weight"], self.stacked.get("bias"), state.coeffs)
+        y = None
+        if shared is not None:
+            shared = shared.reshape(-1, self.in_features)
+            if weight.shape[0] < self.in_features:  # mixing K outputs costs less than one product per point
+                y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(shared, weight, bias, eye))
+        if y is None:
+            x_points = shared if shared is not None else x.reshape(state.points, -1, self.in_features)
+            y = ops.combined_linear(x_points, weight, bias, state.coeffs)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def materialised_bytes_per_point(self) -> int:
@@ -66,10 +89,15 @@ class SubspaceConv(SubspaceLayer):
         if self.pre_padding is not None:  # as nn.Conv does for 'reflect', 'replicate' and 'circular'
             x = F.pad(x, self.pre_padding, mode=self.padding_mode)
             padding = 0
+        weight, bias = self.stacked["weight"], self.stacked.get("bias")
+        options = dict(stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups)
         shared = state.shared_rows(x)
-        x_points = shared if shared is not None else state.unfold(x)
-        y = ops.combined_conv(x_points, self.stacked["weight"], self.stacked.get("bias"), state.coeffs,
-                              stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups)
+        y = None
+        if shared is not None and weight.shape[0] < weight[0, 0].numel():  # K < C/groups · kernel size
+            y = self.mixed_per_basis(shared, lambda eye: ops.combined_conv(shared, weight, bias, eye, **options))
+        if y is None:
+            x_points = shared if shared is not None else state.unfold(x)
+            y = ops.combined_conv(x_points, weight, bias, state.coeffs, **options)
         return y.reshape(-1, *y.shape[2:])
 
     def materialised_bytes_per_point(self) -> int:

@@ -2,7 +2,7 @@
 
 loss(p)  = mean over all targets of loss_fn(outputs(p), targets)      (default: cross-entropy)
 error(p) = fraction of targets whose arg-max class (axis 1 of the outputs) is wrong, in [0, 1];
-           NaN for a point whose outputs hold NaN or ±inf.
+           NaN for a point whose loss is not finite (its outputs hold NaN or +inf).
 """
 from __future__ import annotations
 
@@ -43,39 +43,27 @@ class MetricSums:
 
         Every chunk of points sees every batch; the counts of targets are taken while the first chunk runs.
         """
-        where = slice(start, start + outputs.shape[0])
-        if start == 0:
-            self.targets += targets.numel()
-        if "error" in self.metrics and (torch.is_floating_point(targets) or torch.is_complex(targets)):
-            raise ValueError("metric 'error' needs integer class targets; for other targets pass metrics=('loss',)")
-        if self.loss_fn is None and outputs.dim() == 3 and targets.dim() == 1 and not torch.is_floating_point(targets):
-            loss, wrong, finite = _classification(outputs, targets)
-            if start == 0:
-                self.loss_weight += targets.numel()
-        else:
-            loss, wrong, finite = self._general(outputs, targets, start)
-        self.finite[where] &= finite
-        if loss is not None and "loss" in self.metrics:
-            self.loss[where] += loss.double()
-        if "error" in self.metrics:
-            self.wrong[where] += wrong.double()
-
-    def _general(self, outputs: Tensor, targets: Tensor, start: int) -> tuple[Tensor | None, Tensor | None, Tensor]:
-        """Any output shape with the class axis at 1 of each sample's batch, and any loss_fn."""
         points = outputs.shape[0]
+        where = slice(start, start + points)
         flat_outputs = outputs.reshape(-1, *outputs.shape[2:])
         flat_targets = targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:])
-        finite = torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
-        loss = wrong = None
+        if start == 0:
+            self.targets += targets.numel()
         if "loss" in self.metrics:
             loss, weight = self._loss_sums(outputs, targets, flat_outputs, flat_targets)
+            self.loss[where] += loss.double()
+            self.finite[where] &= torch.isfinite(loss)  # NaN or +inf in the outputs make the loss NaN
             if start == 0:
                 self.loss_weight += weight
+        else:
+            self.finite[where] &= torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
         if "error" in self.metrics:
-            if flat_outputs.dim() < 2 or flat_outputs.shape[1:].numel() == 0:
+            if torch.is_floating_point(targets) or torch.is_complex(targets):
+                raise ValueError("metric 'error' needs integer class targets; for other targets pass metrics=('loss',)")
+            if flat_outputs.dim() < 2 or flat_outputs.shape[1] == 0:
                 raise ValueError("metric 'error' needs outputs with a class axis (axis 1, e.g. logits [N, classes])")
-            wrong = (flat_outputs.argmax(dim=1) != flat_targets).reshape(points, -1).sum(dim=1)
-        return loss, wrong, finite
+            wrong = flat_outputs.argmax(dim=1) != flat_targets
+            self.wrong[where] += wrong.reshape(points, -1).sum(dim=1).double()
 
     def _loss_sums(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor) -> tuple[Tensor, int]:
         points = outputs.shape[0]
@@ -101,15 +89,3 @@ class MetricSums:
             values["error"] = torch.where(self.finite, error, torch.full_like(error, float("nan")))
         return {name: values[name] for name in self.metrics}
 
-
-def _classification(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits [P, B, C], labels [B]: per-point sums of cross-entropy and of wrong arg-max, and finiteness,
-    from one max over the classes: CE = m + log Σ_c exp(z_c − m) − z_y with m = max_c z_c."""
-    points, samples = outputs.shape[:2]
-    top, predicted = outputs.max(dim=-1)
-    labels = targets.unsqueeze(0).expand(points, samples)
-    target_logit = outputs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    log_sum = (outputs - top.unsqueeze(-1)).exp_().sum(dim=-1).log_()
-    loss = (top + log_sum - target_logit).sum(dim=1)
-    wrong = (predicted != labels).sum(dim=1)
-    return loss, wrong, torch.isfinite(top).all(dim=1)

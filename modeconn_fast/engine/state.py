@@ -19,13 +19,20 @@ class ViewState:
     """Shared by a view and its layers; the view fills it before each forward."""
 
     coeffs: Tensor | None = None  # [P, K]: the points of this forward
+    offset: int = 0  # index of its first point among all the points being evaluated
     samples: int = 0  # N, the batch size of the user's model
     shared_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (data_ptr, numel, version)
+    input_key: tuple = ()  # identifies the inputs of this forward (storage, shape, strides, version)
     bn_phase: BatchNormPhase = "stored"
 
     @property
     def points(self) -> int:
         return 0 if self.coeffs is None else self.coeffs.shape[0]
+
+    @property
+    def where(self) -> slice:
+        """The points in flight among all the points being evaluated."""
+        return slice(self.offset, self.offset + self.points)
 
     def unfold(self, x: Tensor) -> Tensor:
         """[P·N, *rest] -> [P, N, *rest]."""

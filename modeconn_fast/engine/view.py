@@ -46,17 +46,20 @@ class SubspaceView(nn.Module):
         self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input, found by a probe on first use
         self.net = self._convert(copy.deepcopy(model).eval().requires_grad_(False), "", basis)
 
-    def forward(self, coeffs: Tensor, inputs: Inputs) -> Tensor:
+    def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0) -> Tensor:
+        """The outputs at the points `coeffs`, which are points offset … offset+P−1 of the whole evaluation
+        (BatchNorm statistics are kept per point of the whole evaluation)."""
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if self.reads_shared_rows_only is None:
             self.reads_shared_rows_only = self._probe_shared_rows_only(coeffs, inputs)
         repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
-        return self._run(coeffs, inputs[0].shape[0], repeated)
+        self.state.input_key = tuple((x.data_ptr(), tuple(x.shape), x.stride(), x._version) for x in inputs)
+        return self._run(coeffs, inputs[0].shape[0], repeated, offset)
 
-    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor]) -> Tensor:
+    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor], offset: int = 0) -> Tensor:
         points = coeffs.shape[0]
         state = self.state
-        state.coeffs, state.samples = coeffs, samples
+        state.coeffs, state.samples, state.offset = coeffs, samples, offset
         state.shared_inputs = [(r.data_ptr(), r.numel(), r._version) for r in repeated]
         try:
             out = self.net(*repeated)
@@ -74,6 +77,7 @@ class SubspaceView(nn.Module):
         points = coeffs[:1].expand(2, -1)
         probe = [x[:2] for x in inputs]
         phase, self.state.bn_phase = self.state.bn_phase, "stored"
+        self.state.input_key = ()  # no caching across these runs
         try:
             with torch.no_grad():
                 truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe])
@@ -97,15 +101,19 @@ class SubspaceView(nn.Module):
         """Names of modules run under vmap that contain BatchNorm (their statistics cannot be recomputed)."""
         return [name for name, m in self.net.named_modules() if isinstance(m, FallbackModule) and contains_batchnorm(m.module)]
 
-    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs]) -> None:
-        """One pass over `batches` in train-mode BatchNorm: every point of `coeffs` gets its own statistics."""
+    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None) -> None:
+        """One pass over `batches` in train-mode BatchNorm, `chunk` points at a time (all by default): every
+        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
+        points = coeffs.shape[0]
+        chunk = chunk or points
         layers = self.batchnorm_layers()
         for layer in layers:
-            layer.start_collection()
+            layer.start_collection(points)
         self.state.bn_phase = "collect"
         try:
             for inputs in batches:
-                self(coeffs, inputs)
+                for start in range(0, points, chunk):
+                    self(coeffs[start:start + chunk], inputs, offset=start)
         finally:
             self.state.bn_phase = "stored"
         for layer in layers:
