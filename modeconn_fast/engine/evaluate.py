@@ -24,6 +24,7 @@ CPU_MEMORY_BUDGET = 1 << 30  # bytes
 CPU_CACHE_BYTES = 2 << 20  # on CPU, chunks whose largest activation stays near this size run fastest (cache)
 CPU_MIN_CHUNK = 16
 CPU_MIN_ROWS = 128
+WEIGHT_AMORTISATION = 4  # rows per batch: at least this many times a point's combined weight in activations
 GPU_MEMORY_FRACTION = 0.25
 
 
@@ -154,7 +155,8 @@ def _plan(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batche
 
     On CPU both are also sized for the chunk's largest activation to stay near CPU_CACHE_BYTES, with at least
     CPU_MIN_CHUNK points (a first layer fed the shared input then mixes many points at once) and
-    CPU_MIN_ROWS rows (products stay efficient). Given batches (iterables, and `bn_data`, whose batches
+    CPU_MIN_ROWS rows (products stay efficient), and enough rows that the activations outweigh the combined
+    weights made for every batch (WEIGHT_AMORTISATION). Given batches (iterables, and `bn_data`, whose batches
     define the recomputed statistics) are never split; `bn_data` given as tensors is one batch, split
     evenly only where one batch would not fit the budget.
     """
@@ -167,7 +169,8 @@ def _plan(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batche
         if source.rows is not None:
             fitting = budget // (2 * working_set * per_sample)
             if cpu:
-                fitting = min(fitting, max(CPU_MIN_ROWS, CPU_CACHE_BYTES // (CPU_MIN_CHUNK * per_sample)))
+                fitting = min(fitting, max(CPU_MIN_ROWS, CPU_CACHE_BYTES // (CPU_MIN_CHUNK * per_sample),
+                                           WEIGHT_AMORTISATION * per_point_weights // per_sample))
             source.batch_size = max(2, min(source.rows, fitting))
     if bn_batches is not None and bn_batches.rows is not None:  # one batch (population statistics) if it fits
         bn_batches.batch_size = max(2, min(bn_batches.rows, budget // (working_set * per_sample)))
