@@ -30,13 +30,19 @@ class SubspaceBatchNorm(SubspaceLayer):
         self.recomputed: tuple[Tensor, Tensor] | None = None  # (mean, var) [all points, C] from the last collection
         self._sums: tuple[Tensor, Tensor] | None = None  # Σ b_i μ_i, Σ b_i σ²_i per point and channel
         self._samples: Tensor | None = None  # Σ b_i per point
-        self._points = 0
 
     def start_collection(self, points: int) -> None:
-        """Statistics for `points` points will be accumulated, chunk by chunk, batch by batch (in any order)."""
-        self._sums, self._samples, self._points, self.recomputed = None, None, points, None
+        """Statistics for `points` points will be accumulated, chunk by chunk, batch by batch, in any order and
+        from any thread (each chunk adds to its own rows)."""
+        self.recomputed = None
+        if self.tracks_statistics:
+            like = self.stacked["running_mean"]
+            self._sums = (like.new_zeros(points, like.shape[1]), like.new_zeros(points, like.shape[1]))
+            self._samples = like.new_zeros(points)
 
     def finish_collection(self) -> None:
+        if not self.tracks_statistics:  # such a layer always normalises with its batch's statistics
+            return
         if self._sums is None or self._samples is None or bool((self._samples == 0).any()):
             raise ValueError("bn_data gave no batch reaching this BatchNorm layer for some points: is it empty?")
         mean_sum, var_sum = self._sums
@@ -74,9 +80,6 @@ class SubspaceBatchNorm(SubspaceLayer):
             raise ValueError("recomputing BatchNorm statistics needs more than one value per channel in each "
                              "bn_data batch: use larger batches")
         state = self.state
-        if self._sums is None or self._samples is None:
-            self._sums = (mean.new_zeros(self._points, mean.shape[1]), mean.new_zeros(self._points, mean.shape[1]))
-            self._samples = mean.new_zeros(self._points)
         unbiased = var * (per_channel / (per_channel - 1))
         self._sums[0][state.where] += mean * state.samples
         self._sums[1][state.where] += unbiased * state.samples

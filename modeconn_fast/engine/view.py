@@ -8,7 +8,7 @@ model's own forward code) runs unchanged on activations whose batch axis holds P
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from .batchnorm import SubspaceBatchNorm
 from .fallback import FallbackModule, contains_batchnorm
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
 from .pooling import faster_pooling
-from .state import ViewState
+from .state import BatchNormPhase, ViewState
 
 Inputs = Tensor | Sequence[Tensor]
 
@@ -42,6 +42,7 @@ class SubspaceView(nn.Module):
     def __init__(self, model: nn.Module, basis: Basis):
         super().__init__()
         self.state = ViewState()
+        self.bn_phase: BatchNormPhase = "stored"  # for every thread; each forward copies it into its state
         self.fallback_names: list[str] = []
         self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input, found by a probe on first use
         self.net = self._convert(copy.deepcopy(model).eval().requires_grad_(False), "", basis)
@@ -54,12 +55,12 @@ class SubspaceView(nn.Module):
             self.reads_shared_rows_only = self._probe_shared_rows_only(coeffs, inputs)
         repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
         self.state.input_key = tuple((x.data_ptr(), tuple(x.shape), x.stride(), x._version) for x in inputs)
-        return self._run(coeffs, inputs[0].shape[0], repeated, offset)
+        return self._run(coeffs, inputs[0].shape[0], repeated, offset, self.bn_phase)
 
-    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor], offset: int = 0) -> Tensor:
+    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor], offset: int, phase: BatchNormPhase) -> Tensor:
         points = coeffs.shape[0]
         state = self.state
-        state.coeffs, state.samples, state.offset = coeffs, samples, offset
+        state.coeffs, state.samples, state.offset, state.bn_phase = coeffs, samples, offset, phase
         state.shared_inputs = [(r.data_ptr(), r.numel(), r._version) for r in repeated]
         try:
             out = self.net(*repeated)
@@ -76,21 +77,17 @@ class SubspaceView(nn.Module):
         points with the second copy replaced by noise: the outputs must not change."""
         points = coeffs[:1].expand(2, -1)
         probe = [x[:2] for x in inputs]
-        phase, self.state.bn_phase = self.state.bn_phase, "stored"
         self.state.input_key = ()  # no caching across these runs
-        try:
-            with torch.no_grad():
-                truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe])
-                answers = []
-                for i, x in enumerate(probe):
-                    if not torch.is_floating_point(x):
-                        answers.append(False)
-                        continue
-                    noisy = [_repeat(y, 2, False) for y in probe]
-                    noisy[i][x.shape[0]:] = torch.randn_like(x) * 3 + 1
-                    answers.append(bool(torch.equal(self._run(points, x.shape[0], noisy), truth)))
-        finally:
-            self.state.bn_phase = phase
+        with torch.no_grad():
+            truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe], 0, "stored")
+            answers = []
+            for i, x in enumerate(probe):
+                if not torch.is_floating_point(x):
+                    answers.append(False)
+                    continue
+                noisy = [_repeat(y, 2, False) for y in probe]
+                noisy[i][x.shape[0]:] = torch.randn_like(x) * 3 + 1
+                answers.append(bool(torch.equal(self._run(points, x.shape[0], noisy, 0, "stored"), truth)))
         return tuple(answers)
 
     # --- BatchNorm -------------------------------------------------------------------------------------------
@@ -101,27 +98,29 @@ class SubspaceView(nn.Module):
         """Names of modules run under vmap that contain BatchNorm (their statistics cannot be recomputed)."""
         return [name for name, m in self.net.named_modules() if isinstance(m, FallbackModule) and contains_batchnorm(m.module)]
 
-    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None) -> None:
+    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None,
+                            run_chunks: Callable[[Callable[[int], None], range], None] | None = None) -> None:
         """One pass over `batches` in train-mode BatchNorm, `chunk` points at a time (all by default): every
-        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
+        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks; `run_chunks(task,
+        starts)` may run the chunks of a batch in parallel (default: one after another)."""
         points = coeffs.shape[0]
         chunk = chunk or points
+        run_chunks = run_chunks or _one_after_another
         layers = self.batchnorm_layers()
         for layer in layers:
             layer.start_collection(points)
-        self.state.bn_phase = "collect"
+        self.bn_phase = "collect"
         try:
             for inputs in batches:
-                for start in range(0, points, chunk):
-                    self(coeffs[start:start + chunk], inputs, offset=start)
+                run_chunks(lambda start: self(coeffs[start:start + chunk], inputs, offset=start), range(0, points, chunk))
         finally:
-            self.state.bn_phase = "stored"
+            self.bn_phase = "stored"
         for layer in layers:
             layer.finish_collection()
-        self.state.bn_phase = "recomputed"
+        self.bn_phase = "recomputed"
 
     def use_stored_batchnorm(self) -> None:
-        self.state.bn_phase = "stored"
+        self.bn_phase = "stored"
 
     # --- memory ----------------------------------------------------------------------------------------------
     def materialised_bytes_per_point(self) -> int:
@@ -164,6 +163,11 @@ class SubspaceView(nn.Module):
         for name, child in list(module.named_children()):
             module._modules[name] = self._convert(child, f"{prefix}{name}.", basis)
         return module
+
+
+def _one_after_another(task: Callable[[int], None], starts: range) -> None:
+    for start in starts:
+        task(start)
 
 
 def _repeat(x: Tensor, points: int, first_copy_only: bool) -> Tensor:
