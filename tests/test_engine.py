@@ -220,3 +220,37 @@ def test_max_pooling_stand_in_gives_identical_values(shape, options):
     x = torch.randn(*shape)
     y = MaxPool2dFastCPU(pool)(x)
     assert torch.equal(y, pool(x)) and y.is_contiguous()
+
+
+def test_batchnorm_without_running_statistics_uses_batch_statistics_in_every_mode():
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(19, 12), torch.nn.BatchNorm1d(12, track_running_stats=False),
+                                   torch.nn.ReLU(), torch.nn.Linear(12, 5))
+
+    models = [seeded(net, seed) for seed in (1, 2)]
+    data = (torch.randn(30, 19), torch.randint(0, 5, (30,)))
+    coeffs = random_coeffs(4, 2, seed=13)
+    expected = plain_loop(models[0], models, coeffs, [data])
+    for bn in ("eval", "recompute"):
+        result = evaluate(models[0], models, coeffs, data, bn=bn, bn_data=data)
+        assert_matches_loop(result, expected)
+
+
+def test_worker_threads_give_the_same_numbers_as_one_thread():
+    images = torch.randn(40, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (3, 4)]
+    data = (torch.randn(24, 3, 8, 8), torch.randint(0, 4, (24,)))
+    coeffs = random_coeffs(9, 2, seed=14)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = evaluate(models[0], models, coeffs, data, bn_data=(images, torch.zeros(40, dtype=torch.long)),
+                         memory_budget=60_000)
+        torch.set_num_threads(2)
+        together = evaluate(models[0], models, coeffs, data, bn_data=(images, torch.zeros(40, dtype=torch.long)),
+                            memory_budget=60_000)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(together["loss"], alone["loss"], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(together["error"], alone["error"], rtol=0, atol=0)

@@ -32,8 +32,8 @@ def move(inputs: Inputs, device: torch.device) -> Inputs:
 class Batches:
     """Batches of `(inputs, targets)`, iterable any number of times.
 
-    `Batches(data)` takes a tuple of tensors (split into batches of `batch_size` rows, all rows by default) or an
-    iterable of batches such as a DataLoader (a one-shot iterator is read into memory once).
+    `Batches(data)` takes a tuple of tensors (split evenly into batches of at most `batch_size` rows, all rows by
+    default) or an iterable of batches such as a DataLoader (a one-shot iterator is read into memory once).
     """
 
     def __init__(self, data: Any, what: str = "data"):
@@ -71,11 +71,12 @@ class Batches:
         return self.tensors is not None or hasattr(self.iterable, "__len__")
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.tensors is not None:
+        if self.tensors is not None:  # len(self) batches of sizes that differ by at most one row
             inputs, targets = self.tensors
-            size = self.batch_size or self.rows
-            for start in range(0, self.rows, size):
-                yield _slice(inputs, start, start + size), targets[start:start + size]
+            count = len(self)
+            bounds = [i * self.rows // count for i in range(count + 1)]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                yield _slice(inputs, start, stop), targets[start:stop]
             return
         for batch in self.iterable:  # type: ignore[union-attr]
             yield _check_batch(batch, self.what)
