@@ -254,3 +254,18 @@ def test_worker_threads_give_the_same_numbers_as_one_thread():
         torch.set_num_threads(threads)
     torch.testing.assert_close(together["loss"], alone["loss"], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(together["error"], alone["error"], rtol=0, atol=0)
+
+
+def test_fresh_batch_tensors_never_reuse_another_batchs_first_layer_outputs():
+    class FreshBatches:
+        """Makes every batch anew on each pass, so freed storage could come back at the same address."""
+
+        def __iter__(self):
+            for i in range(5):
+                generator = torch.Generator().manual_seed(i)
+                yield torch.randn(16, 19, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+
+    models = [seeded(mlp, seed) for seed in range(3)]
+    coeffs = random_coeffs(8, 3, seed=15)
+    result = evaluate(models[0], models, coeffs, FreshBatches(), memory_budget=30_000)
+    assert_matches_loop(result, plain_loop(models[0], models, coeffs, list(FreshBatches())))

@@ -6,6 +6,7 @@ subtree included. Correct for any module vmap can trace; slower than the native 
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ class FallbackModule(SubspaceLayer):
         super().__init__(state, stacked)
         self.module = module
         self.constants = constants
+        self.lock = threading.Lock()  # functional_call swaps the module's tensors while it runs
 
     def forward(self, *args: Any) -> Any:
         state = self.state
@@ -43,7 +45,8 @@ class FallbackModule(SubspaceLayer):
         def one_point(point_weights: dict[str, Tensor], *point_inputs: Any) -> Any:
             return functional_call(self.module, (point_weights, self.constants), point_inputs)
 
-        out = vmap(one_point, in_dims=(0, *in_dims))(weights, *inputs)
+        with self.lock:
+            out = vmap(one_point, in_dims=(0, *in_dims))(weights, *inputs)
         return _fold(out)
 
     def materialised_bytes_per_point(self) -> int:

@@ -23,7 +23,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: tuple[tuple, Tensor, tuple[Tensor, ...]] | None = None
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
@@ -42,10 +42,12 @@ class SubspaceLayer(nn.Module):
         if torch.is_grad_enabled() or not state.input_key:
             return None
         key = (state.input_key, tuple(shared.shape), *(t._version for t in self.stacked.values()))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # free the old outputs first
-            self._cache = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=shared.dtype, device=shared.device)))
-        return ops.mix(state.coeffs, self._cache[1])
+        entry = self._cache  # read once: chunks of the same batch may run in other threads
+        if entry is None or entry[0] != key:
+            entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=shared.dtype, device=shared.device)),
+                     state.inputs)  # the inputs are kept alive with their outputs, so no other tensor takes their storage
+            self._cache = entry
+        return ops.mix(state.coeffs, entry[1])
 
 
 class SubspaceLinear(SubspaceLayer):

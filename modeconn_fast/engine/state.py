@@ -24,7 +24,8 @@ class ViewState(threading.local):
     offset: int = 0  # index of its first point among all the points being evaluated
     samples: int = 0  # N, the batch size of the user's model
     shared_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (data_ptr, numel, version)
-    input_key: tuple = ()  # identifies the inputs of this forward (storage, shape, strides, version)
+    inputs: tuple[Tensor, ...] = ()  # the inputs of this forward, as given
+    input_key: tuple = ()  # identifies them: storage, shape, strides, version
     bn_phase: BatchNormPhase = "stored"
 
     @property

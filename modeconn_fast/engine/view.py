@@ -54,6 +54,7 @@ class SubspaceView(nn.Module):
         if self.reads_shared_rows_only is None:
             self.reads_shared_rows_only = self._probe_shared_rows_only(coeffs, inputs)
         repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
+        self.state.inputs = inputs
         self.state.input_key = tuple((x.data_ptr(), tuple(x.shape), x.stride(), x._version) for x in inputs)
         return self._run(coeffs, inputs[0].shape[0], repeated, offset, self.bn_phase)
 
@@ -77,7 +78,7 @@ class SubspaceView(nn.Module):
         points with the second copy replaced by noise: the outputs must not change."""
         points = coeffs[:1].expand(2, -1)
         probe = [x[:2] for x in inputs]
-        self.state.input_key = ()  # no caching across these runs
+        self.state.inputs, self.state.input_key = (), ()  # no caching across these runs
         with torch.no_grad():
             truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe], 0, "stored")
             answers = []
