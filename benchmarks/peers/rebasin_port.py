@@ -33,6 +33,24 @@ def permuted(
     return w
 
 
+def cost_matrix(
+    params_a: dict[str, Tensor],
+    params_b: dict[str, Tensor],
+    perm_to_axes: dict[str, list[tuple[str, int]]],
+    axes_to_perm: dict[str, tuple[str | None, ...]],
+    perm: dict[str, Tensor],
+    group: str,
+    n: int,
+) -> Tensor:
+    """Σ_{(w,a) in group} mat_a(W_A) · mat_a(π_{−a}(W_B))ᵀ, built from scratch."""
+    cost = torch.zeros(n, n, dtype=params_a[perm_to_axes[group][0][0]].dtype)
+    for key, axis in perm_to_axes[group]:
+        w_a = torch.movedim(params_a[key], axis, 0).reshape(n, -1)
+        w_b = torch.movedim(permuted(params_b, axes_to_perm, perm, key, axis), axis, 0).reshape(n, -1)
+        cost += w_a @ w_b.T
+    return cost
+
+
 def weight_matching(
     params_a: dict[str, Tensor],
     params_b: dict[str, Tensor],
@@ -53,11 +71,7 @@ def weight_matching(
         for index in sweep_order(len(names), seed, sweep):
             group = names[index]
             n = sizes[group]
-            cost = torch.zeros(n, n, dtype=params_a[perm_to_axes[group][0][0]].dtype)
-            for key, axis in perm_to_axes[group]:
-                w_a = torch.movedim(params_a[key], axis, 0).reshape(n, -1)
-                w_b = torch.movedim(permuted(params_b, axes_to_perm, perm, key, axis), axis, 0).reshape(n, -1)
-                cost += w_a @ w_b.T
+            cost = cost_matrix(params_a, params_b, perm_to_axes, axes_to_perm, perm, group, n)
             _, col = linear_sum_assignment(cost.numpy(), maximize=True)
             col = torch.as_tensor(col)
             old = cost[torch.arange(n), perm[group]].sum().item()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..ops import permutation_cost
 from .derive import permutation_spec
 from .permutation import Permutation
-from .spec import PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
+from .spec import Axis, PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -41,29 +41,27 @@ def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
 
 @dataclass
 class _Term:
-    """One (tensor, axis) of group p. `a`, `b`: [n, m] (constant), or [n, n_q, r] with axis 1 permuted by
-    `other` (cached, updated incrementally), or whole tensors for `generic` terms (several other axes)."""
+    """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
-    tensor: str
-    dim: int
-    inner: int
+    `a`, `b` hold model A's and B's tensor as [n_q, r, n], other-axis major and contiguous, so that moving the
+    units K of `other` is a row gather; `seen` is the permutation of `other` that the cached C_p includes."""
+
+    other: str
     a: Tensor
     b: Tensor
-    other: str | None = None
-    other_inner: int = 1
-    seen: Tensor | None = None  # the permutation of `other` that the cache includes
-    generic: bool = False
+    seen: Tensor | None = None
 
 
-def _layout(w: Tensor, dim: int, inner: int, n: int, other: tuple[int, int, int] | None) -> Tensor:
-    """w with axis `dim` first as n units; with `other` (dim', n_q, inner'), that axis second as n_q units."""
-    if other is None:
-        return torch.movedim(w, dim, 0).reshape(n, -1)
-    odim, n_q, oinner = other
-    moved = torch.movedim(w, (dim, odim), (0, 1))
-    rest = moved.shape[2:]
-    moved = moved.reshape(n, inner, n_q, oinner, *rest).transpose(1, 2)
-    return moved.reshape(n, n_q, -1)
+def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
+    """mat_a(w): [n, m] with the n units of axis `dim` (blocks of `inner`) as rows."""
+    return torch.movedim(w, dim, 0).reshape(n, -1)
+
+
+def _other_major(w: Tensor, dim: int, inner: int, n: int, odim: int, n_q: int, oinner: int) -> Tensor:
+    """w as [n_q, r, n]: units of axis `odim` first, units of axis `dim` last, everything else in between."""
+    moved = torch.movedim(w, (odim, dim), (0, w.dim() - 1))
+    moved = moved.reshape(n_q, oinner, *moved.shape[1:-1], n, inner).movedim(-1, -2)
+    return moved.reshape(n_q, -1, n).contiguous()
 
 
 class _Matcher:
@@ -71,6 +69,8 @@ class _Matcher:
         self.spec = spec
         self.sizes = spec.sizes(state_a)
         self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
+        self.generic: dict[str, list[Axis]] = {g: [] for g in spec.groups}  # rare: recomputed at every visit
+        self.state_a, self.state_b = state_a, state_b
         self.const: dict[str, Tensor] = {}
         self.dependents: dict[str, set[str]] = {g: set() for g in spec.groups}
         for group, axes in spec.groups.items():
@@ -82,22 +82,18 @@ class _Matcher:
                 wa, wb = state_a[axis.tensor].detach(), state_b[axis.tensor].detach()
                 others = [(d, g, i) for d, (g, i) in spec.axes_of(axis.tensor).items() if d != axis.dim]
                 if not others:
-                    const_a.append(_layout(wa, axis.dim, axis.inner, n, None))
-                    const_b.append(_layout(wb, axis.dim, axis.inner, n, None))
+                    const_a.append(_unit_major(wa, axis.dim, axis.inner, n))
+                    const_b.append(_unit_major(wb, axis.dim, axis.inner, n))
                 elif len(others) == 1 and others[0][1] != group:
                     odim, q, oinner = others[0]
-                    shape = (odim, self.sizes[q], oinner)
-                    self.terms[group].append(
-                        _Term(axis.tensor, axis.dim, axis.inner, _layout(wa, axis.dim, axis.inner, n, shape),
-                              _layout(wb, axis.dim, axis.inner, n, shape), other=q, other_inner=oinner)
-                    )  # fmt: skip
+                    shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oinner)
+                    self.terms[group].append(_Term(q, _other_major(wa, *shape), _other_major(wb, *shape)))
                     self.dependents[q].add(group)
                 else:
-                    self.terms[group].append(_Term(axis.tensor, axis.dim, axis.inner, wa, wb, generic=True))
+                    self.generic[group].append(axis)
                     for _, q, _ in others:
                         self.dependents[q].add(group)
-            n_const = [None] * len(const_a)
-            self.const[group] = permutation_cost(const_a, const_b, n_const).double() if const_a else None
+            self.const[group] = permutation_cost(const_a, const_b, [None] * len(const_a)).double() if const_a else None
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
@@ -109,32 +105,27 @@ class _Matcher:
             cache = self.const[group].clone() if self.const[group] is not None else torch.zeros(n, n, dtype=torch.float64)
             self.cache[group] = cache
         for term in self.terms[group]:
-            if term.generic:
-                continue
             now = perms[term.other]
             if term.seen is None:
-                r = term.a.shape[2]
-                a, b = term.a.reshape(n, -1), term.b.reshape(n, -1)
-                cache += permutation_cost([a], [b], [unit_index(now, r)])
+                a, b = term.a.reshape(-1, n), term.b.index_select(0, now).reshape(-1, n)
             else:
                 moved = torch.nonzero(now != term.seen).flatten()
                 if moved.numel() == 0:
                     continue
-                a = term.a.index_select(1, moved).reshape(n, -1)
-                b = (term.b.index_select(1, now[moved]) - term.b.index_select(1, term.seen[moved])).reshape(n, -1)
-                cache += permutation_cost([a], [b], [None])
+                a = term.a.index_select(0, moved).reshape(-1, n)
+                b = (term.b.index_select(0, now[moved]) - term.b.index_select(0, term.seen[moved])).reshape(-1, n)
+            cache += permutation_cost([a.T], [b.T], [None])
             term.seen = now
-        generic = [t for t in self.terms[group] if t.generic]
-        if not generic:
+        if not self.generic[group]:
             return cache
         total = cache.clone()
-        for term in generic:  # rare (a tensor with three permuted axes, or two of one group): recompute
-            wb = term.b
-            for dim, (q, inner) in self.spec.axes_of(term.tensor).items():
-                if dim != term.dim:
+        for axis in self.generic[group]:  # a tensor with three permuted axes, or two of one group
+            wb = self.state_b[axis.tensor]
+            for dim, (q, inner) in self.spec.axes_of(axis.tensor).items():
+                if dim != axis.dim:
                     wb = wb.index_select(dim, unit_index(perms[q], inner))
-            a = _layout(term.a, term.dim, term.inner, n, None)
-            total += permutation_cost([a], [_layout(wb, term.dim, term.inner, n, None)], [None]).double()
+            a = _unit_major(self.state_a[axis.tensor], axis.dim, axis.inner, n)
+            total += permutation_cost([a], [_unit_major(wb, axis.dim, axis.inner, n)], [None]).double()
         return total
 
 
