@@ -1,2 +1,12 @@
-"""modeconn_fast: fast mode connectivity for any PyTorch nn.Module."""
+"""modeconn_fast: fast mode connectivity for any PyTorch nn.Module.
+
+    evaluate(model, basis, coeffs, data)   metrics at many points Σ_k coeffs[p,k] basis[k], in one pass
+    interpolate(model_a, model_b, data)    loss and error along the straight line, with barriers
+    barrier(model_a, model_b, data)        the loss (or error) barrier of that line
+"""
+from .engine import Evaluation, SubspaceView, evaluate
+from .paths import PathResult, barrier, interpolate, linear_coeffs
+from .subspace import Basis
+
 __version__ = "0.1.0"
+__all__ = ["Basis", "Evaluation", "PathResult", "SubspaceView", "barrier", "evaluate", "interpolate", "linear_coeffs"]

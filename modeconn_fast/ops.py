@@ -65,10 +65,12 @@ def combined_conv(
     options = dict(stride=stride, padding=padding, dilation=dilation)
     if x.dim() == spatial + 2:  # shared by all points: one convolution with the K stacked kernels
         N = x.shape[0]
-        per_basis = conv(x, weight.reshape(K * Cout, *weight.shape[2:]), None, groups=groups, **options)
+        # Output channels of a grouped convolution are group-major: stack the K kernels inside each group.
+        kernel = weight.reshape(K, groups, Cout // groups, *weight.shape[2:]).transpose(0, 1)
+        per_basis = conv(x, kernel.reshape(K * Cout, *weight.shape[2:]), None, groups=groups, **options)
         out_spatial = per_basis.shape[2:]
-        per_basis = per_basis.reshape(N, K, Cout, *out_spatial).transpose(0, 1)  # [K, N, Cout, *out]
-        y = mix(coeffs, per_basis)
+        per_basis = per_basis.reshape(N, groups, K, Cout // groups, *out_spatial).permute(2, 0, 1, *range(3, 4 + spatial))
+        y = mix(coeffs, per_basis.reshape(K, N, Cout, *out_spatial))  # [P, N, Cout, *out]
     else:
         N, C = x.shape[1], x.shape[2]
         stacked_x = x.transpose(0, 1).reshape(N, P * C, *x.shape[3:])

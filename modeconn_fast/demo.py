@@ -1,0 +1,78 @@
+"""The main job of `make demo`: two MLPs trained on the bundled digits, the path between them, a report.
+
+The report is a list of sections; each is a function of the shared `DemoContext` (data, trained models,
+output folder). A capability adds its part of the demo by appending its function to `SECTIONS`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .digits import Digits, load_digits_split, mlp, train_classifier
+from .paths import PathResult, interpolate
+from .plot import plot_paths
+from .report import Report, Section, table
+
+WIDTHS = (64, 128, 128, 128, 10)
+SEEDS = (0, 1)
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    digits: Digits
+    models: list[nn.Module]  # trained from SEEDS, same architecture
+    progress: bool = True
+
+
+def linear_path_section(ctx: DemoContext) -> Section:
+    """Loss and error along the straight line between the two models, on both splits, and their barriers."""
+    model_a, model_b = ctx.models
+    started = time.perf_counter()
+    paths: dict[str, PathResult] = {split: interpolate(model_a, model_b, getattr(ctx.digits, split), points=25,
+                                                       progress=ctx.progress)
+                                    for split in ("train", "test")}
+    elapsed = time.perf_counter() - started
+    rows = [[split, float(p.loss[0]), float(p.loss[-1]), p.barrier("loss"),
+             float(p.error[0]), float(p.error[-1]), p.barrier("error")] for split, p in paths.items()]
+    figure = plot_paths(paths, ctx.out / "linear_path.png", title="straight line between two digits MLPs")
+    body = (
+        "The straight line θ(t) = (1 − t) θ_A + t θ_B between the two models, 25 points of t ∈ [0, 1].\n"
+        "Loss barrier: max_t of the loss above the line joining the endpoints' losses (Entezari et al. 2021); "
+        "error barrier: the maximum error minus the mean of the endpoints' errors (Frankle et al. 2020).\n\n"
+        + table(["split", "loss A", "loss B", "loss barrier", "error A", "error B", "error barrier"], rows)
+        + f"\n\nBatchNorm: {paths['train'].bn_mode}. Both splits, 50 points in all, took {elapsed:.2f} s."
+    )
+    return Section("Linear interpolation", body, [figure.name])
+
+
+SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section]
+
+
+def prepare(out: Path, progress: bool = True, epochs: int = 40) -> DemoContext:
+    digits = load_digits_split()
+    models = [train_classifier(mlp(WIDTHS, seed=seed), digits.train, epochs=epochs, seed=seed, progress=progress)
+              for seed in SEEDS]
+    return DemoContext(out=out, digits=digits, models=models, progress=progress)
+
+
+def run_demo(out: str | Path = "demo_output", progress: bool = True, epochs: int = 40) -> Path:
+    """Train the models, run every section, write `out/report.md` with its pictures; return the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ctx = prepare(out, progress, epochs)
+    train_x, _ = ctx.digits.train
+    report = Report(
+        "modeconn_fast demo",
+        f"Two MLPs {'-'.join(map(str, WIDTHS))} trained for {epochs} epochs with Adam from seeds {SEEDS} on scikit-learn's bundled "
+        f"digits ({len(train_x)} train / {len(ctx.digits.test[1])} test images of 8×8).",
+    )
+    for section in SECTIONS:
+        report.add(section(ctx))
+    report.intro += f"\n\nThe whole demo took {time.perf_counter() - started:.1f} s."
+    return report.write(out / "report.md")

@@ -1,0 +1,97 @@
+"""Data for the engine: a tuple `(inputs, targets)` of tensors, or any re-iterable of such batches."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+Inputs = Tensor | tuple[Tensor, ...]
+Batch = tuple[Inputs, Tensor]
+
+
+def _is_tensors(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, (tuple, list)) and len(value) > 0
+                                         and all(isinstance(v, Tensor) for v in value))
+
+
+def _rows(inputs: Inputs) -> int:
+    return (inputs if isinstance(inputs, Tensor) else inputs[0]).shape[0]
+
+
+def _slice(inputs: Inputs, start: int, stop: int) -> Inputs:
+    return inputs[start:stop] if isinstance(inputs, Tensor) else tuple(x[start:stop] for x in inputs)
+
+
+def move(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device, non_blocking=True)
+    return tuple(x.to(device, non_blocking=True) for x in inputs)
+
+
+class Batches:
+    """Batches of `(inputs, targets)`, iterable any number of times.
+
+    `Batches(data)` takes a tuple of tensors (split into batches of `batch_size` rows, all rows by default) or an
+    iterable of batches such as a DataLoader (a one-shot iterator is read into memory once).
+    """
+
+    def __init__(self, data: Any, what: str = "data"):
+        self.what = what
+        self.tensors: tuple[Inputs, Tensor] | None = None
+        self.iterable: Iterable[Batch] | None = None
+        self.batch_size: int | None = None
+        if isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensors(data[0]) and isinstance(data[1], Tensor):
+            inputs = data[0] if isinstance(data[0], Tensor) else tuple(data[0])
+            rows = {x.shape[0] for x in ((inputs,) if isinstance(inputs, Tensor) else inputs)}
+            if len(rows) != 1 or rows != {data[1].shape[0]}:
+                raise ValueError(f"{what}: inputs and targets have different numbers of rows "
+                                 f"({sorted(rows)} vs {data[1].shape[0]})")
+            if data[1].shape[0] == 0:
+                raise ValueError(f"{what} is empty: it has no rows")
+            self.tensors = (inputs, data[1])
+        elif isinstance(data, Iterable) and not isinstance(data, (Tensor, str)):
+            self.iterable = list(data) if iter(data) is data else data
+        else:
+            raise TypeError(f"{what} must be a tuple (inputs, targets) of tensors or an iterable of such batches "
+                            f"(a DataLoader), got {type(data).__name__}")
+        self.first = self._first_batch()
+
+    @property
+    def rows(self) -> int | None:
+        """Rows in all, when the data is a tuple of tensors."""
+        return None if self.tensors is None else self.tensors[1].shape[0]
+
+    def __len__(self) -> int:
+        if self.tensors is not None:
+            return -(-self.rows // (self.batch_size or self.rows))
+        return len(self.iterable)  # type: ignore[arg-type]
+
+    def has_length(self) -> bool:
+        return self.tensors is not None or hasattr(self.iterable, "__len__")
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.tensors is not None:
+            inputs, targets = self.tensors
+            size = self.batch_size or self.rows
+            for start in range(0, self.rows, size):
+                yield _slice(inputs, start, start + size), targets[start:start + size]
+            return
+        for batch in self.iterable:  # type: ignore[union-attr]
+            yield _check_batch(batch, self.what)
+
+    def _first_batch(self) -> Batch:
+        for batch in self:
+            return batch
+        raise ValueError(f"{self.what} is empty: it gave no batch")
+
+
+def _check_batch(batch: Any, what: str) -> Batch:
+    if not (isinstance(batch, Sequence) and len(batch) >= 2 and _is_tensors(batch[0]) and isinstance(batch[1], Tensor)):
+        raise TypeError(f"each batch of {what} must be (inputs, targets) tensors, got {type(batch).__name__}")
+    inputs = batch[0] if isinstance(batch[0], Tensor) else tuple(batch[0])
+    if _rows(inputs) != batch[1].shape[0]:
+        raise ValueError(f"a batch of {what} has {_rows(inputs)} input rows but {batch[1].shape[0]} targets")
+    if _rows(inputs) == 0:
+        raise ValueError(f"{what} gave an empty batch")
+    return inputs, batch[1]

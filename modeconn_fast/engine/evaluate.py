@@ -1,0 +1,168 @@
+"""`evaluate`: per-point metrics of many points of a weight subspace, through the user's own model.
+
+    metrics[p] = metric( model with weights θ(p) = Σ_k coeffs[p,k] θ_k , data )
+
+All points of a chunk run in one pass of the subspace view; chunks of points (and batches of a tensor
+dataset) are sized so that activations and combined weights fit `memory_budget`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..subspace import Basis, StateLike, as_basis
+from .batches import Batches, move
+from .metrics import LossFn, MetricSums, check_metrics
+from .view import SubspaceView
+
+BatchNormMode = Literal["auto", "recompute", "eval"]
+CPU_MEMORY_BUDGET = 1 << 30  # bytes
+CPU_CACHE_BYTES = 2 << 20  # on CPU, chunks whose largest activation stays near this size run fastest (cache)
+GPU_MEMORY_FRACTION = 0.25
+
+
+class Evaluation(dict):
+    """Per-point metrics, e.g. `{"loss": Tensor[P], "error": Tensor[P]}` (float64), and how BatchNorm ran:
+    `bn_mode` is "recompute", "eval" or "none" (the model has no BatchNorm)."""
+
+    def __init__(self, values: dict[str, Tensor], bn_mode: str):
+        super().__init__(values)
+        self.bn_mode = bn_mode
+
+    def __repr__(self) -> str:
+        return f"Evaluation({dict.__repr__(self)}, bn_mode={self.bn_mode!r})"
+
+
+def evaluate(
+    model: nn.Module,
+    basis: Basis | Sequence[StateLike],
+    coeffs: Tensor,
+    data: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    metrics: Sequence[str] = ("loss", "error"),
+    bn: BatchNormMode = "auto",
+    bn_data: Any = None,
+    memory_budget: int | None = None,
+    progress: bool | None = None,
+) -> Evaluation:
+    """Loss and error of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
+
+    model: the architecture (any nn.Module; its own weights are not used). basis: K models or state dicts
+    of that architecture, or a `Basis`. coeffs: [P, K]. data: `(inputs, targets)` tensors or an iterable of
+    such batches. loss_fn: per-target losses (reduction='none') or a mean; default cross-entropy.
+    bn: "recompute" (statistics from `bn_data` for every point), "eval" (mix the stored statistics) or
+    "auto" (recompute when the model has BatchNorm and `bn_data` is given). memory_budget: bytes for one
+    chunk of points (default 1 GiB on CPU, a quarter of the free memory on GPU). progress: show a progress
+    bar (default: when the work lasts more than a second).
+    """
+    basis = as_basis(basis, model)
+    device = _device_of(basis)
+    coeffs = _check_coeffs(coeffs, basis, device)
+    metrics = check_metrics(metrics)
+    view = SubspaceView(model, basis)
+    bn_mode = _batchnorm_mode(bn, view, bn_data)
+    batches = Batches(data, "data")
+    bn_batches = Batches(bn_data, "bn_data") if bn_mode == "recompute" else None
+    chunk = _plan(view, coeffs, batches, bn_batches, memory_budget, device)
+
+    points = coeffs.shape[0]
+    sums = MetricSums(metrics, points, device, loss_fn)
+    steps_per_chunk = len(batches) + (len(bn_batches) if bn_batches is not None else 0)
+    known = batches.has_length() and (bn_batches is None or bn_batches.has_length())
+    total = -(-points // chunk) * steps_per_chunk if known else None
+    bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
+    with torch.no_grad(), bar:
+        for start in range(0, points, chunk):
+            chunk_coeffs = coeffs[start:start + chunk]
+            if bn_batches is not None:
+                view.recompute_batchnorm(chunk_coeffs, _inputs_only(bn_batches, device, bar))
+            else:
+                view.use_stored_batchnorm()
+            for inputs, targets in batches:
+                outputs = view(chunk_coeffs, move(inputs, device))
+                sums.add(outputs, targets.to(device, non_blocking=True), start)
+                bar.update()
+    return Evaluation(sums.result(), bn_mode)
+
+
+def _inputs_only(batches: Batches, device: torch.device, bar: tqdm):
+    for inputs, _ in batches:
+        yield move(inputs, device)
+        bar.update()
+
+
+def _device_of(basis: Basis) -> torch.device:
+    for tensor in basis.stacked.values():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_coeffs(coeffs: Tensor, basis: Basis, device: torch.device) -> Tensor:
+    coeffs = torch.as_tensor(coeffs)
+    if coeffs.dim() != 2 or coeffs.shape[1] != basis.size:
+        raise ValueError(f"coeffs must have shape [points, {basis.size}] (one column per basis member), "
+                         f"got {tuple(coeffs.shape)}")
+    if coeffs.shape[0] == 0:
+        raise ValueError("coeffs has no rows: there are no points to evaluate")
+    dtype = next(iter(basis.stacked.values())).dtype if basis.stacked else torch.get_default_dtype()
+    return coeffs.to(device=device, dtype=dtype)
+
+
+def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
+    if bn not in ("auto", "recompute", "eval"):
+        raise ValueError(f"bn must be 'auto', 'recompute' or 'eval', got {bn!r}")
+    has_batchnorm = bool(view.batchnorm_layers() or view.batchnorm_in_fallback())
+    if not has_batchnorm:
+        return "none"
+    if bn == "recompute" and bn_data is None:
+        raise ValueError("bn='recompute' needs bn_data: the batches to recompute BatchNorm statistics from "
+                         "(usually the training data)")
+    if bn == "auto" and bn_data is None:
+        warnings.warn("the model has BatchNorm and no bn_data was given: mixing the stored statistics (bn='eval'), "
+                      "which is only sound close to the basis members; pass bn_data (the training data) to "
+                      "recompute them per point", stacklevel=3)
+    mode = "recompute" if bn in ("auto", "recompute") and bn_data is not None else "eval"
+    if mode == "recompute" and view.batchnorm_in_fallback():
+        raise ValueError(f"BatchNorm inside {view.batchnorm_in_fallback()}, a module run per point with vmap, cannot "
+                         "have its statistics recomputed; use bn='eval'")
+    return mode
+
+
+def _plan(view: SubspaceView, coeffs: Tensor, batches: Batches, bn_batches: Batches | None,
+          memory_budget: int | None, device: torch.device) -> int:
+    """Points per chunk (and rows per batch of a tensor dataset) that keep one chunk within the budget;
+    on CPU also small enough for the chunk's largest activation to stay in cache."""
+    budget = memory_budget if memory_budget is not None else _default_budget(device)
+    per_sample = view.activation_bytes_per_sample(coeffs, move(batches.first[0], device))
+    per_point_weights = view.materialised_bytes_per_point()
+    working_set = 4  # the largest activation, its input, and temporaries
+    for source in (batches, bn_batches):
+        if source is not None and source.rows is not None:
+            source.batch_size = max(2, min(source.rows, budget // (2 * working_set * per_sample)))
+    rows = max(_batch_rows(batches), _batch_rows(bn_batches))
+    per_point = rows * per_sample * working_set + per_point_weights
+    chunk = budget // per_point
+    if device.type == "cpu":
+        chunk = min(chunk, CPU_CACHE_BYTES // (rows * per_sample))
+    return int(max(1, min(coeffs.shape[0], chunk)))
+
+
+def _batch_rows(batches: Batches | None) -> int:
+    if batches is None:
+        return 0
+    if batches.rows is not None:
+        return min(batches.rows, batches.batch_size or batches.rows)
+    inputs = batches.first[0]
+    return (inputs if isinstance(inputs, Tensor) else inputs[0]).shape[0]
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_FRACTION)
+    return CPU_MEMORY_BUDGET

@@ -1,0 +1,115 @@
+"""Layers of a subspace view: each holds its module's K stacked basis tensors and serves P points at once.
+
+Input and output carry the point axis folded into the batch axis ([P·N, ...], see `state.py`). Weights of
+point p are θ(p) = Σ_k c[p,k] θ_k (DESIGN §1); Linear and convolutions go through the fused ops of
+`modeconn_fast.ops`, the normalisations mix only their small affine vectors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .state import ViewState
+
+
+class SubspaceLayer(nn.Module):
+    """Base: a reference to the view's state and this module's stacked tensors (by local name)."""
+
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor]):
+        super().__init__()
+        self.state = state
+        self.stacked = stacked
+
+    def mixed(self, name: str) -> Tensor | None:
+        """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
+        tensor = self.stacked.get(name)
+        return None if tensor is None else ops.mix(self.state.coeffs, tensor)
+
+    def materialised_bytes_per_point(self) -> int:
+        """Memory that one point's combined weights may take while this layer runs."""
+        return 0
+
+
+class SubspaceLinear(SubspaceLayer):
+    """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
+
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Linear):
+        super().__init__(state, stacked)
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.state
+        shared = state.shared_rows(x)
+        x_points = shared.reshape(-1, self.in_features) if shared is not None else x.reshape(state.points, -1, self.in_features)
+        y = ops.combined_linear(x_points, self.stacked["weight"], self.stacked.get("bias"), state.coeffs)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def materialised_bytes_per_point(self) -> int:
+        return self.stacked["weight"][0].numel() * self.stacked["weight"].element_size()
+
+
+class SubspaceConv(SubspaceLayer):
+    """Conv1d / Conv2d with combined kernels on inputs [P·N, C, *spatial]."""
+
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Conv1d | nn.Conv2d):
+        super().__init__(state, stacked)
+        self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
+        self.padding = module.padding
+        self.padding_mode = module.padding_mode
+        self.pre_padding = module._reversed_padding_repeated_twice if module.padding_mode != "zeros" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.state
+        padding = self.padding
+        if self.pre_padding is not None:  # as nn.Conv does for 'reflect', 'replicate' and 'circular'
+            x = F.pad(x, self.pre_padding, mode=self.padding_mode)
+            padding = 0
+        shared = state.shared_rows(x)
+        x_points = shared if shared is not None else state.unfold(x)
+        y = ops.combined_conv(x_points, self.stacked["weight"], self.stacked.get("bias"), state.coeffs,
+                              stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups)
+        return y.reshape(-1, *y.shape[2:])
+
+    def materialised_bytes_per_point(self) -> int:
+        return self.stacked["weight"][0].numel() * self.stacked["weight"].element_size()
+
+
+class SubspaceLayerNorm(SubspaceLayer):
+    """LayerNorm over the trailing `normalized_shape`, with per-point affine weight and bias."""
+
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.LayerNorm):
+        super().__init__(state, stacked)
+        self.normalized_shape, self.eps = tuple(module.normalized_shape), module.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        weight, bias = self.mixed("weight"), self.mixed("bias")
+        if weight is None and bias is None:
+            return y
+        points = self.state.points
+        y = y.reshape(points, -1, *self.normalized_shape)
+        if weight is not None:
+            y = y * weight.unsqueeze(1)
+        if bias is not None:
+            y = y + bias.unsqueeze(1)
+        return y.reshape(x.shape)
+
+
+class SubspaceEmbedding(SubspaceLayer):
+    """Embedding lookup: out[p] = Σ_k c[p,k] W_k[idx[p]] (rows gathered first, then mixed)."""
+
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Embedding):
+        super().__init__(state, stacked)
+        self.embedding_dim = module.embedding_dim
+
+    def forward(self, idx: Tensor) -> Tensor:
+        state, weight = self.state, self.stacked["weight"]
+        shared = state.shared_rows(idx)
+        if shared is not None:  # one gather for all points: [K, *idx, D], then mix
+            y = ops.mix(state.coeffs, weight[:, shared])
+        else:  # per point: gather [K, P, M, D], then y[p] = Σ_k c[p,k] g[k, p]
+            rows = weight[:, idx.reshape(state.points, -1)]
+            y = torch.einsum("pk,kpmd->pmd", state.coeffs, rows)
+        return y.reshape(*idx.shape, self.embedding_dim)

@@ -1,0 +1,21 @@
+"""The command line's demo writes its report with the barrier table and the picture."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from modeconn_fast.cli import main
+
+
+def test_demo_writes_report_and_plot(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| train |" in report and "| test |" in report and "loss barrier" in report
+    assert "BatchNorm: none" in report
+    picture = tmp_path / "linear_path.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_entry_point_shows_help():
+    done = subprocess.run([sys.executable, "-m", "modeconn_fast", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "demo" in done.stdout
