@@ -117,3 +117,16 @@ def test_tensor_with_two_axes_in_one_group() -> None:
     result = weight_matching(model_a, model_b, spec=spec)
     assert torch.equal(result.perms["inp"], planted.inverse().perms["inp"])
     assert all(b >= a - 1e-9 for a, b in zip(result.objective_history, result.objective_history[1:]))
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "transformer"])
+def test_activation_matching_recovers_a_planted_permutation(name: str) -> None:
+    from modeconn_fast.rebasin import activation_matching
+
+    model_a = build(name, seed=5)
+    x = inputs(model_a, batch=64, seed=6)
+    spec = permutation_spec(model_a, x)
+    planted = random_permutation(spec, model_a, seed=7)
+    result = activation_matching(model_a, planted.apply(model_a), (x, torch.zeros(64)))
+    for group, perm in planted.inverse().perms.items():
+        assert torch.equal(result.perms[group], perm), group

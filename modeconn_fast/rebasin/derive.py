@@ -75,6 +75,7 @@ class _Derivation:
         self.opener = ["inputs/outputs"]
         self.axes: list[tuple[str, int, int, int]] = []  # tensor, dim, slot, inner
         self.state: dict[torch.fx.Node, Any] = {}
+        self.carriers: list[tuple[str, Feature]] = []  # every node whose output carries permuted units
 
     # union-find over slots; FIXED is its own class
     def new_slot(self, opener: str) -> int:
@@ -116,6 +117,9 @@ class _Derivation:
                 self.state[node] = self.module(node, self.gm.get_submodule(node.target))
             else:
                 self.state[node] = self.function(node)
+            value = self.state.get(node)
+            if isinstance(value, Feature) and value.dim is not None and node.op != "output":
+                self.carriers.append((node.name, value))
 
     def input(self, node: torch.fx.Node, index: int = 0) -> Feature:
         value = self.state.get(node.args[index]) if isinstance(node.args[index], torch.fx.Node) else None
@@ -317,13 +321,19 @@ class _Derivation:
             self.union(live[0].slot, f.slot)
         return live[0]
 
-    def spec(self) -> dict[str, list[Axis]]:
-        groups: dict[int, list[Axis]] = {}
+    def groups(self) -> tuple[dict[str, list[Axis]], dict[str, list[tuple[str, int, int]]]]:
+        """Group name -> its axes, and group name -> the (fx node, axis, inner) of every activation it permutes."""
+        fixed = self.find(FIXED)
+        axes: dict[int, list[Axis]] = {}
         for tensor, dim, slot, inner in self.axes:
-            root = self.find(slot)
-            if root != self.find(FIXED):
-                groups.setdefault(root, []).append(Axis(tensor, dim, inner))
-        return {self.opener[root]: axes for root, axes in sorted(groups.items())}
+            if self.find(slot) != fixed:
+                axes.setdefault(self.find(slot), []).append(Axis(tensor, dim, inner))
+        nodes: dict[int, list[tuple[str, int, int]]] = {}
+        for name, feature in self.carriers:
+            if self.find(feature.slot) in axes:
+                nodes.setdefault(self.find(feature.slot), []).append((name, feature.dim, feature.inner))
+        names = {root: self.opener[root] for root in axes}
+        return ({names[r]: a for r, a in sorted(axes.items())}, {names[r]: nodes.get(r, []) for r in sorted(axes)})
 
 
 def _tensor_meta(node: Any) -> Any:
@@ -344,21 +354,36 @@ def _tensors_in(args: Any, state: dict) -> list[Any]:
     return leaves
 
 
-def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> PermutationSpec:
-    """Derive the permutation spec of `model` by tracing it with torch.fx on `example_input`.
+@dataclass
+class Traced:
+    """A model traced for Re-Basin: its spec, its fx GraphModule, and per group the activations it permutes."""
 
-    Raises SpecError naming the fx node of the first construct it cannot handle, or when tracing fails.
-    """
+    spec: PermutationSpec
+    graph_module: torch.fx.GraphModule
+    activations: dict[str, list[tuple[str, int, int]]]
+
+
+def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Traced:
+    """Trace a copy of `model` (eval mode) with torch.fx and derive its spec; SpecError names what fails."""
     args = as_args(example_input)
-    probe_model = copy.deepcopy(model).eval()  # tracing runs the model: keep the caller's buffers untouched
+    copied = copy.deepcopy(model).eval()  # tracing runs the model: keep the caller's buffers untouched
     try:
-        gm = torch.fx.symbolic_trace(probe_model)
+        gm = torch.fx.symbolic_trace(copied)
     except Exception as error:  # fx raises many kinds: data-dependent control flow, unsupported builtins, ...
         raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {error}") from error
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
     derivation = _Derivation(gm)
     derivation.run()
-    spec = PermutationSpec(derivation.spec(), example_input=args)
+    groups, activations = derivation.groups()
+    spec = PermutationSpec(groups, example_input=args)
     spec.sizes(model.state_dict())
-    return spec
+    return Traced(spec, gm, activations)
+
+
+def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> PermutationSpec:
+    """Derive the permutation spec of `model` by tracing it with torch.fx on `example_input`.
+
+    Raises SpecError naming the fx node of the first construct it cannot handle, or when tracing fails.
+    """
+    return trace(model, example_input).spec

@@ -20,14 +20,15 @@ class FunctionChangedError(RuntimeError):
 class Permutation:
     """perms[group][i] = the unit of the original model that becomes unit i (Ainsworth et al. 2023, §3).
 
-    Results of a matching also carry `objective_history` (Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ after each sweep, the first entry
-    before any) and `iterations` (sweeps run).
+    Results of a matching also carry `iterations` (sweeps, or STE steps) and `objective_history`
+    (Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ after each sweep, the first entry before any) or `loss_history` (STE midpoint losses).
     """
 
     spec: PermutationSpec
     perms: dict[str, Tensor]
     objective_history: list[float] = field(default_factory=list)
     iterations: int = 0
+    loss_history: list[float] = field(default_factory=list)
 
     @classmethod
     def identity(cls, spec: PermutationSpec, state: Mapping[str, Tensor]) -> Permutation:
