@@ -59,7 +59,7 @@ def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
     split = {"lap_s": 0.0, "cost_s": 0.0}
     for (file, _, name), (_, _, _, cumulative, _) in stats.items():
-        if "linear_sum_assignment" in name:
+        if "linear_sum_assignment" in name or (name == "solve_lap" and file.endswith("lap.py")):
             split["lap_s"] += cumulative
         elif name == "permutation_cost" or (file.endswith("rebasin_port.py") and name == "cost_matrix"):
             split["cost_s"] += cumulative

@@ -54,10 +54,10 @@ def _port_spec(spec):
     return axes_to_perm
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_same_trajectory_as_the_reference_port(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "width"), [(0, 48), (1, 200)])
+def test_same_trajectory_as_the_reference_port(seed: int, width: int) -> None:
     torch.manual_seed(10 + seed)
-    model_a, model_b = mlp((64, 48, 48, 48, 10)), mlp((64, 48, 48, 48, 10))
+    model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
     spec = permutation_spec(model_a, torch.randn(2, 64))
     params = {n for n, _ in model_a.named_parameters()}
     state_a = {k: v.detach() for k, v in model_a.state_dict().items() if k in params}

@@ -13,7 +13,8 @@ step's result:
   2. C_p is kept across visits (float64) and updated, term by term, only for the units of the neighbouring
      groups that moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product
      instead of the full one;
-  3. when every row's best column is distinct, that is the optimum and the LAP is not called.
+  3. the LAP is solved through a sparse candidate problem with a dual certificate (see `lap.py`), warm-started
+     from the group's previous permutation and prices: the exact optimum at a fraction of a dense solve.
 The objective history is exact: J before the first sweep and at the end are computed directly (float64);
 in between J moves by the LAP gains, which are exact for a linear step.
 """
@@ -22,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..ops import permutation_cost
 from .derive import permutation_spec
+from .lap import solve_lap
 from .permutation import Permutation
 from .spec import Axis, PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
 
@@ -129,14 +129,6 @@ class _Matcher:
         return total
 
 
-def solve_lap(cost: np.ndarray) -> np.ndarray:
-    """argmax_σ Σ_i cost[i, σ(i)]. When every row's best column is distinct that is the optimum (no LAP call)."""
-    best = cost.argmax(axis=1)
-    if np.unique(best).size == best.size:
-        return best
-    return linear_sum_assignment(cost, maximize=True)[1]
-
-
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
@@ -184,6 +176,7 @@ def weight_matching(
     matcher = _Matcher(spec, state_a, state_b, params)
     names = list(spec.groups)
     dirty = set(names)
+    prices: dict[str, Tensor | None] = {}  # per group, the prices that certified its last LAP (a warm start)
     sweeps = 0
     with torch.no_grad():
         for sweep in range(max_iter):
@@ -193,17 +186,16 @@ def weight_matching(
                 group = names[index]
                 if group not in dirty:
                     continue
-                cost = matcher.cost(group, perms).numpy()
-                col = solve_lap(cost)
-                rows = np.arange(cost.shape[0])
-                old, new = cost[rows, perms[group].numpy()].sum(), cost[rows, col].sum()
+                cost = matcher.cost(group, perms)
+                col, prices[group] = solve_lap(cost, prices=prices.get(group), hint=perms[group])
+                old = cost.gather(1, perms[group][:, None]).sum().item()
+                new = cost.gather(1, col[:, None]).sum().item()
                 dirty.discard(group)
-                if not np.array_equal(col, perms[group].numpy()):
-                    perms[group] = torch.as_tensor(col, dtype=torch.long)
+                if not torch.equal(col, perms[group]):
+                    perms[group] = col
                     dirty |= matcher.dependents[group]
-                    gain = float(new - old)
-                    gain_total += gain
-                    progress = progress or gain > 1e-12 * (1.0 + abs(float(new)))
+                    gain_total += new - old
+                    progress = progress or new - old > 1e-12 * (1.0 + abs(new))
             if matcher.self_dependent:
                 history.append(matching_objective(state_a, state_b, start, params))
             else:
