@@ -5,7 +5,14 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from modeconn_fast.rebasin import lap
 from modeconn_fast.rebasin.lap import solve_lap
+
+
+@pytest.fixture(autouse=True)
+def sparse_path(monkeypatch):
+    """Small matrices take the sparse path here (in use, sizes under lap.DENSE_BELOW go to scipy directly)."""
+    monkeypatch.setattr(lap, "DENSE_BELOW", 100)
 
 
 def optimum(cost: torch.Tensor) -> torch.Tensor:
