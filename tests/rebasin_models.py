@@ -87,6 +87,25 @@ class TransformerMLP(nn.Module):
         return self.head(self.norm(x))
 
 
+class Attention(nn.Module):
+    """Patch embedding, pre-LayerNorm self-attention and MLP blocks with residuals, mean pooling, head."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, hidden: int = 24) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.reshape(x.shape[0], 8, 8))  # the 8 rows of an 8×8 image as tokens
+        y = self.norm1(h)
+        h = h + self.attn(y, y, y, need_weights=False)[0]
+        h = h + self.down(F.gelu(self.up(self.norm2(h))))
+        return self.head(h.mean(1))
+
+
 def inputs(model: nn.Module, batch: int = 4, seed: int = 0) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model, TransformerMLP):
@@ -111,5 +130,5 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = {"mlp": mlp, "vgg": VGG, "resnet": ResNet, "transformer": TransformerMLP}[name]()
+    model = {"mlp": mlp, "vgg": VGG, "resnet": ResNet, "transformer": TransformerMLP, "attention": Attention}[name]()
     return randomise_bn(model, seed).eval()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from rebasin_models import build, inputs, mlp
-from test_rebasin_spec import random_permutation
+from test_rebasin_spec import ARCHITECTURES, random_permutation
 
 from modeconn_fast.rebasin import Permutation, SpecError, lap, matching_objective, permutation_spec, weight_matching
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import rebasin_port  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "transformer"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_planted_permutation_is_recovered_exactly(name: str) -> None:
     model_a = build(name, seed=3)
     spec = permutation_spec(model_a, inputs(model_a))
@@ -120,7 +120,7 @@ def test_tensor_with_two_axes_in_one_group() -> None:
     assert all(b >= a - 1e-9 for a, b in zip(result.objective_history, result.objective_history[1:]))
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "transformer"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_activation_matching_recovers_a_planted_permutation(name: str) -> None:
     from modeconn_fast.rebasin import activation_matching
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from modeconn_fast.rebasin import FunctionChangedError, Permutation, PermutationSpec, SpecError, permutation_spec
 
-ARCHITECTURES = ["mlp", "vgg", "resnet", "transformer"]
+ARCHITECTURES = ["mlp", "vgg", "resnet", "transformer", "attention"]
 
 
 def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int = 0) -> Permutation:

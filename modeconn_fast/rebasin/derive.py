@@ -180,6 +180,8 @@ class _Derivation:
                 self.claim(f"{name}.weight", 0, x)
                 self.claim(f"{name}.bias", 0, x)
             return x
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.attention(node, mod)
         if isinstance(mod, nn.Embedding):
             out = Feature(_ndim(node) - 1, self.new_slot(name))
             self.claim(f"{name}.weight", 1, out)
@@ -194,8 +196,35 @@ class _Derivation:
             return x
         raise self.fail(node, f"module type {type(mod).__name__} is not supported")
 
+    def attention(self, node: torch.fx.Node, mod: nn.MultiheadAttention) -> tuple[str, list[Feature]]:
+        """Multi-head attention: its inputs' units (one permutation for query, key and value) permute the input
+        projection's columns; its output projection opens a new group. Units inside the heads stay in place."""
+        if not mod._qkv_same_embed_dim:
+            raise self.fail(node, "attention with separate key/value sizes is not supported")
+        inputs = [self.input(node, i) for i in range(3)]
+        ndim = _ndim(node.args[0])
+        live = [f for f in inputs if f.dim is not None]
+        for f in live:
+            if f.dim != ndim - 1 or f.inner != 1:
+                raise self.fail(node, "attention over an axis that is not the embedding axis")
+            self.union(live[0].slot, f.slot)
+        if live and len(live) < 3:  # a fixed tensor shares the projection's columns
+            self.union(live[0].slot, FIXED)
+        name = node.target
+        if live:
+            self.claim(f"{name}.in_proj_weight", 1, live[0])
+        out = Feature(ndim - 1, self.new_slot(f"{name}.out_proj"))
+        self.claim(f"{name}.out_proj.weight", 0, out)
+        if mod.out_proj.bias is not None:
+            self.claim(f"{name}.out_proj.bias", 0, out)
+        return ("tuple", [out, Feature(None)])
+
     def function(self, node: torch.fx.Node) -> Any:
         target = node.target
+        if target is operator.getitem and isinstance(self.state.get(node.args[0]), tuple):
+            kind, items = self.state[node.args[0]]
+            if kind == "tuple" and isinstance(node.args[1], int):
+                return items[node.args[1]]
         if _tensor_meta(node) is None:  # shapes, sizes, getattr of a non-tensor: nothing to permute
             return None
         if target in _BINARY:
