@@ -132,11 +132,12 @@ class _Matcher:
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
-    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks."""
-    permuted = permutation.permute_state(state_b)
+    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks, one tensor at a time."""
+    permutation.check(state_b)
     total = 0.0
     for key in sorted(params):
-        a, b = state_a[key].detach().reshape(-1), permuted[key].detach().reshape(-1)
+        a = state_a[key].detach().reshape(-1)
+        b = permutation.permute_tensor(key, state_b[key].detach()).reshape(-1)
         for start in range(0, a.numel(), 1 << 22):
             total += torch.dot(a[start : start + (1 << 22)].double(), b[start : start + (1 << 22)].double()).item()
     return total

@@ -43,17 +43,24 @@ class Permutation:
 
     def permute_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A new state dict with every axis of the spec permuted; tensors the spec does not name are shared."""
+        self.check(state)
+        out = dict(state)
+        for tensor in self.spec.tensors():
+            out[tensor] = self.permute_tensor(tensor, state[tensor])
+        return out
+
+    def check(self, state: Mapping[str, Tensor]) -> None:
+        """Raise SpecError unless the spec fits `state` and every permutation has its group's size."""
         sizes = self.spec.sizes(state)
         for group, perm in self.perms.items():
             if group not in sizes or perm.shape != (sizes[group],):
                 raise SpecError(f"permutation of group {group!r} has shape {tuple(perm.shape)}, expected ({sizes.get(group)},)")
-        out = dict(state)
-        for tensor in self.spec.tensors():
-            value = state[tensor]
-            for dim, (group, inner) in self.spec.axes_of(tensor).items():
-                value = value.index_select(dim, unit_index(self.perms[group].to(value.device), inner))
-            out[tensor] = value
-        return out
+
+    def permute_tensor(self, name: str, value: Tensor) -> Tensor:
+        """`value` (the tensor called `name` in the spec) with its permuted axes permuted."""
+        for dim, (group, inner) in self.spec.axes_of(name).items():
+            value = value.index_select(dim, unit_index(self.perms[group].to(value.device), inner))
+        return value
 
     def apply(
         self, model: nn.Module, *, probe: Tensor | Sequence[Tensor] | None = None, rtol: float = 1e-5
