@@ -26,6 +26,7 @@ DENSE_BELOW = 1024  # under this size the dense solver is as fast (read at call 
 CANDIDATES = 32  # entries kept per row at first
 ROUNDS = 4  # candidate enlargements before falling back to the dense solver
 WARM_ROUNDS = 64  # Bellman-Ford rounds allowed to certify the hint
+CHECK_EVERY = 8  # Bellman-Ford rounds between convergence checks
 
 
 def solve_lap(cost: Tensor, *, prices: Tensor | None = None, hint: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -99,14 +100,20 @@ def _prices(c: Tensor, sigma: Tensor, candidates: Tensor, start: Tensor, rounds:
     """Column prices p ≥ start with p_k ≥ p_σ(i) + C[i,k] − C[i,σ(i)] on every candidate (i, k): longest paths
     over the columns (Bellman-Ford, one vectorised relaxation of all candidates per round; a warm start from
     the prices of a similar matrix settles in few rounds). None if they do not settle within `rounds`."""
-    n = c.shape[0]
-    gain = torch.gather(c, 1, candidates) - c[torch.arange(n), sigma][:, None]  # [n, K]
+    n, width = candidates.shape
+    gain = (torch.gather(c, 1, candidates) - c[torch.arange(n), sigma][:, None]).reshape(-1)  # [n·K]
+    source = sigma.repeat_interleave(width)  # the column whose price each candidate's bound starts from
     flat = candidates.reshape(-1)
     p = start - start.min()
-    for _ in range(rounds):
-        bound = (p[sigma][:, None] + gain).reshape(-1)
-        p_new = p.scatter_reduce(0, flat, bound, reduce="amax")
-        if torch.equal(p_new, p):
-            return p
-        p = p_new
-    return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rounds of small ops: waking a second thread costs more than it brings
+    try:
+        for _ in range(0, rounds, CHECK_EVERY):
+            before = p
+            for _ in range(CHECK_EVERY):
+                p = p.scatter_reduce(0, flat, torch.index_select(p, 0, source).add_(gain), reduce="amax")
+            if torch.equal(p, before):
+                return p
+        return None
+    finally:
+        torch.set_num_threads(threads)
