@@ -1,0 +1,133 @@
+"""Weight matching: planted permutations recovered exactly, the reference trajectory kept, bad input refused."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rebasin_models import build, inputs, mlp
+from test_rebasin_spec import ARCHITECTURES, random_permutation
+
+from modeconn_fast.rebasin import Permutation, SpecError, lap, matching_objective, permutation_spec, weight_matching
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.peers import rebasin_port  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_planted_permutation_is_recovered_exactly(name: str) -> None:
+    model_a = build(name, seed=3)
+    spec = permutation_spec(model_a, inputs(model_a))
+    planted = random_permutation(spec, model_a, seed=4)
+    model_b = planted.apply(model_a)
+    result = weight_matching(model_a, model_b, example_input=inputs(model_a))
+    expected = planted.inverse().perms
+    for group in spec.groups:
+        assert torch.equal(result.perms[group], expected[group]), group
+    aligned = result.apply(model_b)
+    for key, value in model_a.state_dict().items():
+        torch.testing.assert_close(aligned.state_dict()[key], value, rtol=0, atol=0)
+    assert result.objective == pytest.approx(sum(p.double().square().sum().item() for p in model_a.parameters()), rel=1e-9)
+
+
+def test_objective_history_never_decreases_and_is_exact() -> None:
+    model_a, model_b = build("resnet", seed=0), build("resnet", seed=1)
+    result = weight_matching(model_a, model_b, example_input=inputs(model_a), seed=5)
+    history = result.objective_history
+    assert len(history) == result.iterations + 1 >= 3
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(history, history[1:]))
+    params = {n for n, _ in model_a.named_parameters()}
+    direct = matching_objective(model_a.state_dict(), model_b.state_dict(), result, params)
+    assert result.objective == pytest.approx(direct, rel=1e-12)
+    start = Permutation.identity(result.spec, model_a.state_dict())
+    assert history[0] == pytest.approx(matching_objective(model_a.state_dict(), model_b.state_dict(), start, params))
+
+
+def _port_spec(spec):
+    axes_to_perm: dict[str, list] = {}
+    for group, axes in spec.groups.items():
+        for axis in axes:
+            assert axis.inner == 1
+            entry = axes_to_perm.setdefault(axis.tensor, [None] * 4)
+            entry[axis.dim] = group
+    return axes_to_perm
+
+
+@pytest.mark.parametrize(("seed", "width"), [(0, 48), (1, 200)])
+def test_same_trajectory_as_the_reference_port(seed: int, width: int, monkeypatch) -> None:
+    monkeypatch.setattr(lap, "DENSE_BELOW", 100)  # width 200 takes the sparse, certified LAP
+    torch.manual_seed(10 + seed)
+    model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
+    spec = permutation_spec(model_a, torch.randn(2, 64))
+    params = {n for n, _ in model_a.named_parameters()}
+    state_a = {k: v.detach() for k, v in model_a.state_dict().items() if k in params}
+    state_b = {k: v.detach() for k, v in model_b.state_dict().items() if k in params}
+    axes_to_perm = {k: tuple(v[: state_a[k].dim()]) for k, v in _port_spec(spec).items()}
+    axes_to_perm.update({k: (None,) * v.dim() for k, v in state_a.items() if k not in axes_to_perm})
+    perm_to_axes = {g: [(a.tensor, a.dim) for a in axes] for g, axes in spec.groups.items()}
+    reference, sweeps = rebasin_port.weight_matching(state_a, state_b, perm_to_axes, axes_to_perm, seed=seed)
+    ours = weight_matching(model_a, model_b, spec=spec, seed=seed)
+    assert ours.iterations == sweeps > 2
+    for group in spec.groups:
+        assert torch.equal(ours.perms[group], reference[group]), group
+
+
+def test_init_is_a_fixed_point_when_already_optimal() -> None:
+    model_a = build("mlp", seed=0)
+    spec = permutation_spec(model_a, inputs(model_a))
+    planted = random_permutation(spec, model_a, seed=1)
+    model_b = planted.apply(model_a)
+    result = weight_matching(model_a, model_b, spec=spec, init=planted.inverse())
+    assert result.iterations == 1
+    assert result.objective_history[0] == pytest.approx(result.objective)
+
+
+def test_different_architectures_are_refused() -> None:
+    with pytest.raises(SpecError, match="different architectures"):
+        weight_matching(mlp((64, 32, 32, 10)), mlp((64, 32, 16, 10)), example_input=torch.randn(2, 64))
+    with pytest.raises(SpecError, match="different architectures"):
+        weight_matching(build("mlp"), build("vgg"), example_input=torch.randn(2, 64))
+
+
+def test_spec_or_example_input_required() -> None:
+    with pytest.raises(SpecError, match="example_input"):
+        weight_matching(build("mlp"), build("mlp", seed=1))
+
+
+class _ResidualLinear(torch.nn.Module):
+    """A residual stream whose inner Linear maps the stream to itself: both axes of res.weight in one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.res, self.out = torch.nn.Linear(8, 12), torch.nn.Linear(12, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + torch.tanh(self.res(h)))
+
+
+def test_tensor_with_two_axes_in_one_group() -> None:
+    torch.manual_seed(0)
+    model_a = _ResidualLinear()
+    example = torch.randn(4, 8)
+    spec = permutation_spec(model_a, example)
+    assert {str(a) for a in spec.groups["inp"]} >= {"res.weight[0]", "res.weight[1]"}
+    planted = random_permutation(spec, model_a, seed=2)
+    model_b = planted.apply(model_a)
+    result = weight_matching(model_a, model_b, spec=spec)
+    assert torch.equal(result.perms["inp"], planted.inverse().perms["inp"])
+    assert all(b >= a - 1e-9 for a, b in zip(result.objective_history, result.objective_history[1:]))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_activation_matching_recovers_a_planted_permutation(name: str) -> None:
+    from modeconn_fast.rebasin import activation_matching
+
+    model_a = build(name, seed=5)
+    x = inputs(model_a, batch=64, seed=6)
+    spec = permutation_spec(model_a, x)
+    planted = random_permutation(spec, model_a, seed=7)
+    result = activation_matching(model_a, planted.apply(model_a), (x, torch.zeros(64)))
+    for group, perm in planted.inverse().perms.items():
+        assert torch.equal(result.perms[group], perm), group

@@ -1,0 +1,149 @@
+"""Permutation specs derived with torch.fx: structure, function preservation, and clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rebasin_models import build, inputs, mlp
+from torch import nn
+
+from modeconn_fast.rebasin import FunctionChangedError, Permutation, PermutationSpec, SpecError, permutation_spec
+
+ARCHITECTURES = ["mlp", "vgg", "resnet", "transformer", "attention"]
+
+
+def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int = 0) -> Permutation:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = spec.sizes(model.state_dict())
+    return Permutation(spec, {g: torch.randperm(n, generator=generator) for g, n in sizes.items()})
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_apply_keeps_function_and_inputs(name: str) -> None:
+    model = build(name)
+    spec = permutation_spec(model, inputs(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    permuted = random_permutation(spec, model).apply(model, probe=inputs(model, batch=16, seed=1))
+    assert permuted is not model
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"apply modified the input model's {key}"
+    changed = [k for k, v in permuted.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed, "the permutation moved nothing"
+    x = inputs(model, batch=16, seed=2)
+    torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_spec_structure() -> None:
+    model = mlp((64, 32, 16, 10))
+    spec = permutation_spec(model, torch.randn(2, 64))
+    assert {g: [str(a) for a in axes] for g, axes in spec.groups.items()} == {
+        "0": ["0.weight[0]", "0.bias[0]", "2.weight[1]"],
+        "2": ["2.weight[0]", "2.bias[0]", "4.weight[1]"],
+    }
+    assert spec.sizes(model.state_dict()) == {"0": 32, "2": 16}
+    assert "0.weight[0]" in str(spec)
+
+
+def test_resnet_residual_groups_are_united_and_bn_statistics_permuted() -> None:
+    model = build("resnet")
+    spec = permutation_spec(model, inputs(model))
+    stream = spec.groups["conv"]
+    named = {str(a) for a in stream}
+    # the stem, both blocks' second convs of layer1 and the projection's input all share one permutation
+    assert {"conv.weight[0]", "layer1.0.conv2.weight[0]", "layer1.1.conv2.weight[0]", "layer2.0.shortcut.0.weight[1]"} <= named
+    assert {"bn.running_mean[0]", "bn.running_var[0]"} <= named
+    projection = {str(a) for a in spec.groups["layer2.0.conv2"]}
+    assert {"layer2.0.shortcut.0.weight[0]", "layer2.0.shortcut.1.running_var[0]", "fc.weight[1]"} <= projection
+
+
+def test_flatten_gives_blocks() -> None:
+    model = build("vgg")
+    spec = permutation_spec(model, inputs(model))
+    assert any(a.tensor == "fc1.weight" and a.dim == 1 and a.inner == 4 for a in spec.groups["features.7"])
+
+
+def test_hand_written_spec_matches_derived() -> None:
+    model = mlp((64, 32, 16, 10))
+    by_hand = PermutationSpec(
+        {"0": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)], "2": [("2.weight", 0), ("2.bias", 0), ("4.weight", 1)]}
+    )
+    assert by_hand.groups == permutation_spec(model, torch.randn(2, 64)).groups
+    permuted = random_permutation(by_hand, model).apply(model, probe=torch.randn(5, 64))
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(permuted(x), model(x))
+
+
+def test_wrong_spec_is_caught_by_apply() -> None:
+    model = mlp((64, 32, 16, 10))
+    incomplete = PermutationSpec({"0": [("0.weight", 0), ("0.bias", 0)]}, example_input=torch.randn(5, 64))
+    with pytest.raises(FunctionChangedError):
+        random_permutation(incomplete, model).apply(model)
+
+
+def test_spec_model_mismatch() -> None:
+    model = mlp((64, 32, 16, 10))
+    with pytest.raises(SpecError, match="no tensor 'fc.weight'"):
+        PermutationSpec({"g": [("fc.weight", 0)]}).sizes(model.state_dict())
+    with pytest.raises(SpecError, match="units"):
+        PermutationSpec({"g": [("0.weight", 0), ("2.weight", 0)]}).sizes(model.state_dict())
+    with pytest.raises(SpecError, match="claimed by groups"):
+        PermutationSpec({"g": [("0.weight", 0)], "h": [("0.weight", 0)]})
+    with pytest.raises(SpecError, match="no probe"):
+        random_permutation(PermutationSpec({"g": [("0.bias", 0)]}), model).apply(model)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.fc(x)
+        return x
+
+
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.fc1(x), self.fc2(x).T)
+
+
+class _Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x)).sum()
+
+
+def test_untraceable_model_is_refused() -> None:
+    with pytest.raises(SpecError, match="torch.fx cannot trace _Untraceable"):
+        permutation_spec(_Untraceable(), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("model", "example", "node"),
+    [(_Bilinear(), torch.randn(3, 4), "matmul"), (_Grouped(), torch.randn(1, 4, 5, 5), "conv")],
+)
+def test_unsupported_construct_names_the_node(model: nn.Module, example: torch.Tensor, node: str) -> None:
+    with pytest.raises(SpecError, match=f"fx node '{node}'"):
+        permutation_spec(model, example)
+
+
+def test_input_residual_is_fixed() -> None:
+    class InputResidual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(x + self.fc1(x))
+
+    spec = permutation_spec(InputResidual(), torch.randn(2, 6))
+    assert spec.groups == {}  # fc1's outputs are added to the (unpermutable) input
