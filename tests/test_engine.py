@@ -236,26 +236,6 @@ def test_batchnorm_without_running_statistics_uses_batch_statistics_in_every_mod
         assert_matches_loop(result, expected)
 
 
-def test_worker_threads_give_the_same_numbers_as_one_thread():
-    images = torch.randn(40, 3, 8, 8)
-    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (3, 4)]
-    data = (torch.randn(24, 3, 8, 8), torch.randint(0, 4, (24,)))
-    coeffs = random_coeffs(9, 2, seed=14)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = evaluate(models[0], models, coeffs, data, bn_data=(images, torch.zeros(40, dtype=torch.long)),
-                         memory_budget=60_000)
-        torch.set_num_threads(2)
-        together = evaluate(models[0], models, coeffs, data, bn_data=(images, torch.zeros(40, dtype=torch.long)),
-                            memory_budget=60_000)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(together["loss"], alone["loss"], rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(together["error"], alone["error"], rtol=0, atol=0)
-
-
 def test_fresh_batch_tensors_never_reuse_another_batchs_first_layer_outputs():
     class FreshBatches:
         """Makes every batch anew on each pass, so freed storage could come back at the same address."""

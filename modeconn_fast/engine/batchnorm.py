@@ -32,8 +32,8 @@ class SubspaceBatchNorm(SubspaceLayer):
         self._samples: Tensor | None = None  # Σ b_i per point
 
     def start_collection(self, points: int) -> None:
-        """Statistics for `points` points will be accumulated, chunk by chunk, batch by batch, in any order and
-        from any thread (each chunk adds to its own rows)."""
+        """Statistics for `points` points will be accumulated, chunk by chunk, batch by batch, in any order
+        (each chunk adds to its own rows)."""
         self.recomputed = None
         if self.tracks_statistics:
             like = self.stacked["running_mean"]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..subspace import Basis, StateLike, as_basis
 from .batches import Batches, move
-from .chunks import ChunkRunner, plan_chunks
+from .chunks import plan_chunks
 from .metrics import LossFn, MetricSums, check_metrics
 from .view import SubspaceView
 
@@ -67,9 +67,7 @@ def evaluate(
     bn_mode = _batchnorm_mode(bn, view, bn_data)
     datasets = _named_datasets(data)
     bn_batches = Batches(bn_data, "bn_data") if bn_mode == "recompute" else None
-    runner = ChunkRunner(device)
-    chunk = runner.plan(coeffs.shape[0], plan_chunks(view, coeffs, list(datasets.values()), bn_batches,
-                                                      memory_budget, device, runner.workers))
+    chunk = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
     points = coeffs.shape[0]
     sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
@@ -77,19 +75,16 @@ def evaluate(
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
     bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
-    with torch.no_grad(), bar, runner as run_chunks:
+    with torch.no_grad(), bar:
         if bn_batches is not None:
-            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunk, run_chunks)
+            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunk)
         else:
             view.use_stored_batchnorm()
         for name, batches in datasets.items():  # each batch is read once, for all chunks of points
             for inputs, targets in batches:
                 inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
-
-                def one_chunk(start: int) -> None:
+                for start in range(0, points, chunk):
                     sums[name].add(view(coeffs[start:start + chunk], inputs, offset=start), targets, start)
-
-                run_chunks(one_chunk, range(0, points, chunk))
                 bar.update()
     values = {f"{name}_{metric}" if name else metric: value
               for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}

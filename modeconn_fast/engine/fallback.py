@@ -6,7 +6,6 @@ subtree included. Correct for any module vmap can trace; slower than the native 
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,7 +22,6 @@ class FallbackModule(SubspaceLayer):
         super().__init__(state, stacked)
         self.module = module
         self.constants = constants
-        self.lock = threading.Lock()  # functional_call swaps the module's tensors while it runs
 
     def forward(self, *args: Any) -> Any:
         state = self.state
@@ -45,9 +43,7 @@ class FallbackModule(SubspaceLayer):
         def one_point(point_weights: dict[str, Tensor], *point_inputs: Any) -> Any:
             return functional_call(self.module, (point_weights, self.constants), point_inputs)
 
-        with self.lock:
-            out = vmap(one_point, in_dims=(0, *in_dims))(weights, *inputs)
-        return _fold(out)
+        return _fold(vmap(one_point, in_dims=(0, *in_dims))(weights, *inputs))
 
     def materialised_bytes_per_point(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.stacked.values())

@@ -42,7 +42,7 @@ class SubspaceLayer(nn.Module):
         if torch.is_grad_enabled() or not state.input_key:
             return None
         key = (state.input_key, tuple(shared.shape), *(t._version for t in self.stacked.values()))
-        entry = self._cache  # read once: chunks of the same batch may run in other threads
+        entry = self._cache
         if entry is None or entry[0] != key:
             entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=shared.dtype, device=shared.device)),
                      state.inputs)  # the inputs are kept alive with their outputs, so no other tensor takes their storage

@@ -6,7 +6,6 @@ unchanged; the view's own layers unfold it to [P, N, ...] where the weights diff
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,9 +15,8 @@ BatchNormPhase = Literal["stored", "collect", "recomputed"]
 
 
 @dataclass
-class ViewState(threading.local):
-    """Shared by a view and its layers; the view fills it before each forward. Thread-local: chunks of points
-    may run in several threads at once, each with its own forward in flight."""
+class ViewState:
+    """Shared by a view and its layers; the view fills it before each forward."""
 
     coeffs: Tensor | None = None  # [P, K]: the points of this forward
     offset: int = 0  # index of its first point among all the points being evaluated

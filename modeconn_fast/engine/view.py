@@ -8,7 +8,7 @@ model's own forward code) runs unchanged on activations whose batch axis holds P
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ class SubspaceView(nn.Module):
     def __init__(self, model: nn.Module, basis: Basis):
         super().__init__()
         self.state = ViewState()
-        self.bn_phase: BatchNormPhase = "stored"  # for every thread; each forward copies it into its state
+        self.bn_phase: BatchNormPhase = "stored"  # each forward copies it into the state
         self.fallback_names: list[str] = []
         self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input, found by a probe on first use
         self.net = self._convert(copy.deepcopy(model).eval().requires_grad_(False), "", basis)
@@ -99,21 +99,19 @@ class SubspaceView(nn.Module):
         """Names of modules run under vmap that contain BatchNorm (their statistics cannot be recomputed)."""
         return [name for name, m in self.net.named_modules() if isinstance(m, FallbackModule) and contains_batchnorm(m.module)]
 
-    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None,
-                            run_chunks: Callable[[Callable[[int], None], range], None] | None = None) -> None:
+    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None) -> None:
         """One pass over `batches` in train-mode BatchNorm, `chunk` points at a time (all by default): every
-        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks; `run_chunks(task,
-        starts)` may run the chunks of a batch in parallel (default: one after another)."""
+        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
         points = coeffs.shape[0]
         chunk = chunk or points
-        run_chunks = run_chunks or _one_after_another
         layers = self.batchnorm_layers()
         for layer in layers:
             layer.start_collection(points)
         self.bn_phase = "collect"
         try:
             for inputs in batches:
-                run_chunks(lambda start: self(coeffs[start:start + chunk], inputs, offset=start), range(0, points, chunk))
+                for start in range(0, points, chunk):
+                    self(coeffs[start:start + chunk], inputs, offset=start)
         finally:
             self.bn_phase = "stored"
         for layer in layers:
@@ -164,11 +162,6 @@ class SubspaceView(nn.Module):
         for name, child in list(module.named_children()):
             module._modules[name] = self._convert(child, f"{prefix}{name}.", basis)
         return module
-
-
-def _one_after_another(task: Callable[[int], None], starts: range) -> None:
-    for start in starts:
-        task(start)
 
 
 def _repeat(x: Tensor, points: int, first_copy_only: bool) -> Tensor:
