@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..subspace import Basis, StateLike, as_basis
 from .batches import Batches, move
 from .chunks import plan_chunks
+from .memory import freed_memory_kept
 from .metrics import LossFn, MetricSums, check_metrics
 from .view import SubspaceView
 
@@ -75,7 +76,7 @@ def evaluate(
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
     bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
-    with torch.no_grad(), bar:
+    with torch.no_grad(), bar, freed_memory_kept():
         if bn_batches is not None:
             view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunk)
         else:
