@@ -6,7 +6,7 @@ output folder). A capability adds its part of the demo by appending its function
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,15 +28,20 @@ class DemoContext:
     digits: Digits
     models: list[nn.Module]  # trained from SEEDS, same architecture
     progress: bool = True
+    straight_paths: dict[str, PathResult] = field(default_factory=dict)  # by split, once a section computed them
+
+    def straight_path(self, split: str) -> PathResult:
+        """The straight line between the two models on one split (computed once)."""
+        if split not in self.straight_paths:
+            self.straight_paths[split] = interpolate(*self.models, getattr(self.digits, split), points=25,
+                                                     progress=self.progress)
+        return self.straight_paths[split]
 
 
 def linear_path_section(ctx: DemoContext) -> Section:
     """Loss and error along the straight line between the two models, on both splits, and their barriers."""
-    model_a, model_b = ctx.models
     started = time.perf_counter()
-    paths: dict[str, PathResult] = {split: interpolate(model_a, model_b, getattr(ctx.digits, split), points=25,
-                                                       progress=ctx.progress)
-                                    for split in ("train", "test")}
+    paths = {split: ctx.straight_path(split) for split in ("train", "test")}
     elapsed = time.perf_counter() - started
     rows = [[split, float(p.loss[0]), float(p.loss[-1]), p.barrier("loss"),
              float(p.error[0]), float(p.error[-1]), p.barrier("error")] for split, p in paths.items()]
@@ -61,7 +66,7 @@ def rebasin_section(ctx: DemoContext) -> Section:
     paths: dict[str, PathResult] = {}
     for split in ("train", "test"):
         data = getattr(ctx.digits, split)
-        paths[f"{split}, original"] = interpolate(model_a, model_b, data, points=25, progress=ctx.progress)
+        paths[f"{split}, original"] = ctx.straight_path(split)
         paths[f"{split}, aligned"] = interpolate(model_a, aligned, data, points=25, progress=ctx.progress)
     rows = [[split, paths[f"{split}, original"].barrier("loss"), paths[f"{split}, aligned"].barrier("loss"),
              paths[f"{split}, original"].barrier("error"), paths[f"{split}, aligned"].barrier("error")]

@@ -33,9 +33,12 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Digits:
 
 
 def mlp(widths: Sequence[int] = (64, 128, 128, 128, 10), seed: int | None = None) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them, initialised from `seed`."""
+    """Linear layers of the given widths with ReLU between them, initialised from `seed` (then torch's global
+    generator is left as it was) or from the global generator."""
     if seed is not None:
-        torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return mlp(widths)
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(fan_in, fan_out))

@@ -17,7 +17,8 @@ def plot_paths(paths: dict[str, PathResult], file: str | Path, *, title: str = "
     for label, path in paths.items():
         style = "--" if "test" in label else "-"
         loss_axis.plot(path.t, path.loss, style, marker=".", label=label)
-        error_axis.plot(path.t, 100 * path.error, style, marker=".", label=label)
+        if path.error is not None:
+            error_axis.plot(path.t, 100 * path.error, style, marker=".", label=label)
     loss_axis.set(xlabel="t", ylabel="loss", title="loss along the path")
     error_axis.set(xlabel="t", ylabel="error (%)", title="error along the path")
     for axis in (loss_axis, error_axis):

@@ -65,18 +65,37 @@ class Basis:
         basis.warn_if_not_finite()
         return basis
 
+    def nonfinite_members(self) -> list[int]:
+        """Indices of the members with NaN or ±inf in some entry."""
+        finite = torch.ones(self.size, dtype=torch.bool)
+        for tensor in self.stacked.values():
+            finite &= torch.isfinite(tensor.reshape(self.size, -1)).all(dim=1).cpu()
+        return (~finite).nonzero().flatten().tolist()
+
+    def with_nonfinite_zeroed(self) -> "Basis":
+        """A copy with NaN and ±inf replaced by 0, so that they do not spread to points that do not use them
+        (0 · NaN is NaN); the engine marks the points that do use such a member as NaN."""
+        stacked = {n: torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for n, t in self.stacked.items()}
+        return Basis(stacked, dict(self.constants))
+
     def warn_if_not_finite(self) -> None:
-        """Warn, naming member and entry, where a basis tensor holds NaN or ±inf (results there will be NaN)."""
+        """Warn, naming member and entry, where a basis tensor holds NaN or ±inf."""
         for name, tensor in self.stacked.items():
             finite = torch.isfinite(tensor.reshape(self.size, -1)).all(dim=1)
             for k in (~finite).nonzero().flatten().tolist():
-                warnings.warn(f"basis member {k} has non-finite values in '{name}': points that use it give NaN")
+                warnings.warn(f"basis member {k} has non-finite values in '{name}': points with a nonzero "
+                              f"coefficient on it give NaN")
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise ValueError naming the entry and both shapes where `model` and this basis disagree."""
         reference = model.state_dict()
         own = {name: t[0] for name, t in self.stacked.items()} | self.constants
         _check_same_entries(reference, own, "the model", "the basis")
+        for name, tensor in self.stacked.items():
+            if (tensor.dtype, tensor.device) != (reference[name].dtype, reference[name].device):
+                raise ValueError(f"'{name}' is {tensor.dtype} on {tensor.device} in the basis but "
+                                 f"{reference[name].dtype} on {reference[name].device} in the model: use "
+                                 f"basis.to(device, dtype) or model.to(...) first")
 
     def transform(self, matrix: Tensor) -> "Basis":
         """The basis whose member j is Σ_k matrix[j, k] θ_k (e.g. (θ_0, θ_1 − θ_0, θ_2 − θ_0) for a plane)."""

@@ -41,3 +41,16 @@ def test_a_path_needs_two_points():
     a = seeded(mlp, 0)
     with pytest.raises(ValueError, match="at least 2"):
         interpolate(a, a, (torch.randn(4, 19), torch.zeros(4, dtype=torch.long)), points=1)
+
+
+def test_basis_point_is_the_mixed_state_dict():
+    from helpers import mixed_state
+    from modeconn_fast import Basis
+
+    models = [seeded(mlp, seed) for seed in range(3)]
+    row = torch.tensor([0.2, -0.5, 1.3])
+    point = Basis.from_members(models).point(row)
+    for name, value in mixed_state(models, row).items():
+        torch.testing.assert_close(point[name], value)
+    with pytest.raises(ValueError, match="needs 3 coefficients"):
+        Basis.from_members(models).point(torch.tensor([1.0, 0.0]))

@@ -1,4 +1,5 @@
-"""Data for the engine: a tuple `(inputs, targets)` of tensors, or any re-iterable of such batches."""
+"""Data for the engine: a tuple `(inputs, targets)` of tensors, or any re-iterable of such batches.
+(`bn_data` may also give inputs alone: a tensor, or batches that are tensors or 1-tuples of one.)"""
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Sequence
@@ -36,11 +37,14 @@ class Batches:
     default) or an iterable of batches such as a DataLoader (a one-shot iterator is read into memory once).
     """
 
-    def __init__(self, data: Any, what: str = "data"):
+    def __init__(self, data: Any, what: str = "data", *, targets_optional: bool = False):
         self.what = what
+        self.targets_optional = targets_optional
         self.tensors: tuple[Inputs, Tensor] | None = None
         self.iterable: Iterable[Batch] | None = None
         self.batch_size: int | None = None
+        if targets_optional and isinstance(data, Tensor):  # inputs alone (bn_data)
+            data = (data, torch.zeros(data.shape[0], dtype=torch.long, device=data.device))
         if isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensors(data[0]) and isinstance(data[1], Tensor):
             inputs = data[0] if isinstance(data[0], Tensor) else tuple(data[0])
             rows = {x.shape[0] for x in ((inputs,) if isinstance(inputs, Tensor) else inputs)}
@@ -79,6 +83,10 @@ class Batches:
                 yield _slice(inputs, start, stop), targets[start:stop]
             return
         for batch in self.iterable:  # type: ignore[union-attr]
+            if self.targets_optional and isinstance(batch, (tuple, list)) and len(batch) == 1:
+                batch = batch[0]  # e.g. a DataLoader over TensorDataset(inputs)
+            if self.targets_optional and isinstance(batch, Tensor):
+                batch = (batch, torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device))
             yield _check_batch(batch, self.what)
 
     def _first_batch(self) -> Batch:
@@ -88,8 +96,10 @@ class Batches:
 
 
 def _check_batch(batch: Any, what: str) -> Batch:
-    if not (isinstance(batch, Sequence) and len(batch) >= 2 and _is_tensors(batch[0]) and isinstance(batch[1], Tensor)):
-        raise TypeError(f"each batch of {what} must be (inputs, targets) tensors, got {type(batch).__name__}")
+    if not (isinstance(batch, Sequence) and len(batch) == 2 and _is_tensors(batch[0]) and isinstance(batch[1], Tensor)):
+        raise TypeError(f"each batch of {what} must be (inputs, targets) tensors, got {type(batch).__name__}"
+                        + (f" of {len(batch)} items" if isinstance(batch, Sequence) else "")
+                        + "; several inputs go as ((x1, x2), targets)")
     inputs = batch[0] if isinstance(batch[0], Tensor) else tuple(batch[0])
     if _rows(inputs) != batch[1].shape[0]:
         raise ValueError(f"a batch of {what} has {_rows(inputs)} input rows but {batch[1].shape[0]} targets")

@@ -53,7 +53,7 @@ class SubspaceBatchNorm(SubspaceLayer):
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
         channels = x.shape[1]
-        values = state.unfold(x).reshape(state.points, state.samples, channels, -1)  # [P, N, C, S]
+        values = x.reshape(state.points, -1, channels, x[0, 0].numel())  # [P, M, C, S]: M = N (or N·positions)
         phase = state.bn_phase
         if phase == "collect" or not self.tracks_statistics:
             mean, var = _batch_statistics(values)

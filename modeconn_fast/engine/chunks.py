@@ -1,6 +1,8 @@
 """Chunks of points: how many run at once, under a memory budget and, on CPU, sized for the cache."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -16,8 +18,8 @@ GPU_MEMORY_FRACTION = 0.25
 
 
 def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batches: Batches | None,
-                memory_budget: int | None, device: torch.device) -> int:
-    """Points per chunk (chunks of even size), and rows per batch of the tensor datasets, so that one chunk fits
+                memory_budget: int | None, device: torch.device) -> list[slice]:
+    """Chunks of points (of even sizes), and rows per batch of the tensor datasets, so that one chunk fits
     the budget.
 
     On CPU both are also sized for the chunk's largest activation to stay near CPU_CACHE_BYTES, with at least
@@ -25,15 +27,25 @@ def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_
     CPU_MIN_ROWS rows (products stay efficient), and enough rows that the activations outweigh the combined
     weights made for every batch (WEIGHT_AMORTISATION). Given batches (iterables, and `bn_data`, whose batches
     define the recomputed statistics) are never split; `bn_data` given as tensors is one batch, split
-    evenly only where one batch would not fit the budget.
+    evenly only where one batch would not fit the budget. Neither is a tensor dataset where BatchNorm layers
+    without running statistics normalise with each batch's own statistics: the results would depend on it.
     """
     budget = memory_budget if memory_budget is not None else _default_budget(device)
-    per_sample = view.activation_bytes_per_sample(coeffs, move(datasets[0].first[0], device))
+    first_inputs = datasets[0].first[0]
+    first_row = first_inputs[:1] if isinstance(first_inputs, Tensor) else tuple(x[:1] for x in first_inputs)
+    per_sample = view.activation_bytes_per_sample(coeffs, move(first_row, device))
     per_point_weights = view.materialised_bytes_per_point()
     working_set = 4  # the largest activation, its input, and temporaries
     cpu = device.type == "cpu"
+    whole_batches = view.has_batch_statistics()
     for source in datasets:
-        if source.rows is not None:
+        if source.rows is not None and whole_batches:
+            source.batch_size = source.rows
+            if source.rows * per_sample * working_set > budget:
+                warnings.warn("BatchNorm without running statistics normalises each batch with its own statistics, "
+                              "and this dataset is larger than the memory budget: it is evaluated in one batch all "
+                              "the same (pass it in batches of your choice to bound memory)", stacklevel=3)
+        elif source.rows is not None:
             fitting = budget // (2 * working_set * per_sample)
             if cpu:
                 fitting = min(fitting, max(CPU_MIN_ROWS, CPU_CACHE_BYTES // (CPU_MIN_CHUNK * per_sample),
@@ -47,8 +59,9 @@ def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_
     if cpu:
         chunk = min(chunk, max(CPU_MIN_CHUNK, CPU_CACHE_BYTES // (rows * per_sample)))
     points = coeffs.shape[0]
-    chunk = int(max(1, min(points, chunk)))
-    return -(-points // -(-points // chunk))  # the same number of chunks, of even sizes
+    count = -(-points // int(max(1, min(points, chunk))))
+    bounds = [i * points // count for i in range(count + 1)]
+    return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def _batch_rows(batches: Batches) -> int:

@@ -7,6 +7,7 @@ dataset) are sized so that activations and combined weights fit `memory_budget`.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any, Literal, Mapping, Sequence
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from ..subspace import Basis, StateLike, as_basis
 from .batches import Batches, move
 from .chunks import plan_chunks
-from .memory import freed_memory_kept
+from .memory import keep_freed_memory
 from .metrics import LossFn, MetricSums, check_metrics
 from .view import SubspaceView
 
@@ -64,32 +65,49 @@ def evaluate(
     device = _device_of(basis)
     coeffs = _check_coeffs(coeffs, basis, device)
     metrics = check_metrics(metrics)
-    view = SubspaceView(model, basis)
-    bn_mode = _batchnorm_mode(bn, view, bn_data)
     datasets = _named_datasets(data)
-    bn_batches = Batches(bn_data, "bn_data") if bn_mode == "recompute" else None
-    chunk = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
+    broken = basis.nonfinite_members()
+    view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis)
+    view.prepare(coeffs, move(_first_rows(datasets), device))
+    bn_mode = _batchnorm_mode(bn, view, bn_data)
+    bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
+    chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
     points = coeffs.shape[0]
     sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
-    bar = tqdm(total=total, desc="evaluate", unit="batch", delay=1.0, disable=progress is False, leave=False)
-    with torch.no_grad(), bar, freed_memory_kept():
+    bar = tqdm(total=total, desc="evaluate", unit="batch", delay=0.0 if progress else 1.0, disable=progress is False,
+               leave=False)
+    if device.type == "cpu":
+        keep_freed_memory()
+    with torch.no_grad(), bar:
         if bn_batches is not None:
-            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunk)
+            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunks)
         else:
             view.use_stored_batchnorm()
+        batch_names = itertools.count()
         for name, batches in datasets.items():  # each batch is read once, for all chunks of points
             for inputs, targets in batches:
                 inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
-                for start in range(0, points, chunk):
-                    sums[name].add(view(coeffs[start:start + chunk], inputs, offset=start), targets, start)
+                batch = next(batch_names)
+                for chunk in chunks:
+                    outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
+                    sums[name].add(outputs, targets, chunk.start)
                 bar.update()
     values = {f"{name}_{metric}" if name else metric: value
               for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}
+    if broken:  # points that use a member with NaN or ±inf weights
+        uses_broken = (coeffs[:, broken] != 0).any(dim=1)
+        values = {name: torch.where(uses_broken, torch.full_like(v, float("nan")), v) for name, v in values.items()}
     return Evaluation(values, bn_mode)
+
+
+def _first_rows(datasets: dict[str, Batches]) -> Any:
+    """A few rows of the first batch: the probe the view checks itself on."""
+    inputs = next(iter(datasets.values())).first[0]
+    return inputs[:2] if isinstance(inputs, Tensor) else tuple(x[:2] for x in inputs)
 
 
 def _named_datasets(data: Any) -> dict[str, Batches]:
@@ -125,10 +143,11 @@ def _check_coeffs(coeffs: Tensor, basis: Basis, device: torch.device) -> Tensor:
 
 
 def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
+    """"none" (no BatchNorm with running statistics), "recompute" or "eval"."""
     if bn not in ("auto", "recompute", "eval"):
         raise ValueError(f"bn must be 'auto', 'recompute' or 'eval', got {bn!r}")
-    has_batchnorm = bool(view.batchnorm_layers() or view.batchnorm_in_fallback())
-    if not has_batchnorm:
+    in_fallback = view.batchnorm_in_fallback()
+    if not (in_fallback or any(layer.tracks_statistics for layer in view.batchnorm_layers())):
         return "none"
     if bn == "recompute" and bn_data is None:
         raise ValueError("bn='recompute' needs bn_data: the batches to recompute BatchNorm statistics from "
@@ -138,7 +157,7 @@ def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
                       "which is only sound close to the basis members; pass bn_data (the training data) to "
                       "recompute them per point", stacklevel=3)
     mode = "recompute" if bn in ("auto", "recompute") and bn_data is not None else "eval"
-    if mode == "recompute" and view.batchnorm_in_fallback():
-        raise ValueError(f"BatchNorm inside {view.batchnorm_in_fallback()}, a module run per point with vmap, cannot "
-                         "have its statistics recomputed; use bn='eval'")
+    if mode == "recompute" and in_fallback:
+        raise ValueError(f"BatchNorm inside {in_fallback}, run per point with vmap, cannot have its statistics "
+                         "recomputed; use bn='eval'")
     return mode

@@ -2,12 +2,15 @@
 
 Any module with parameters (or point-dependent buffers) whose type the view has no native layer for runs as
 `torch.func.vmap` over the point axis of `torch.func.functional_call(module, θ(p), inputs[p])`, its whole
-subtree included. Correct for any module vmap can trace; slower than the native layers.
+subtree included; where vmap cannot batch the module (e.g. nn.LSTM), as a loop over points. Inputs whose
+first axis holds the folded points ([P·M, ...]) are split per point; others are passed to every point as they
+are. Outputs are folded back along their first axis.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -16,48 +19,69 @@ from .state import ViewState
 
 
 class FallbackModule(SubspaceLayer):
-    """Runs `module` (a subtree of the user's model) once per point under vmap, with mixed weights."""
+    """Runs `module` (a subtree of the user's model) once per point, with mixed weights."""
 
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], constants: dict[str, Tensor], module: nn.Module):
         super().__init__(state, stacked)
         self.module = module
         self.constants = constants
 
-    def forward(self, *args: Any) -> Any:
-        state = self.state
-        folded = state.points * state.samples
-        inputs, in_dims = [], []
-        for arg in args:
-            shared = state.shared_rows(arg) if isinstance(arg, Tensor) else None
-            if shared is not None:
-                inputs.append(shared)
-                in_dims.append(None)
-            elif isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == folded:
-                inputs.append(state.unfold(arg))
-                in_dims.append(0)
-            else:
-                inputs.append(arg)
-                in_dims.append(None)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        names = list(kwargs)
+        values, in_dims = zip(*(self._per_point(v) for v in (*args, *kwargs.values()))) if args or kwargs else ((), ())
         weights = {name: self.mixed(name) for name in self.stacked}
 
-        def one_point(point_weights: dict[str, Tensor], *point_inputs: Any) -> Any:
-            return functional_call(self.module, (point_weights, self.constants), point_inputs)
+        def one_point(point_weights: dict[str, Tensor], *point_values: Any) -> Any:
+            point_args, point_kwargs = point_values[:len(args)], dict(zip(names, point_values[len(args):]))
+            return functional_call(self.module, (point_weights, self.constants), point_args, point_kwargs)
 
-        return _fold(vmap(one_point, in_dims=(0, *in_dims))(weights, *inputs))
+        try:
+            out = vmap(one_point, in_dims=(0, *in_dims))(weights, *values)
+        except RuntimeError as error:
+            if "vmap" not in str(error) and "Batching rule" not in str(error):
+                raise
+            out = _stack([one_point({n: w[p] for n, w in weights.items()},
+                                    *(v if d is None else v[p] for v, d in zip(values, in_dims)))
+                          for p in range(self.state.points)])
+        return _fold(out)
+
+    def _per_point(self, value: Any) -> tuple[Any, int | None]:
+        """(value, None) to pass it to every point, or (value split per point, 0)."""
+        state = self.state
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            return value, None
+        shared = state.shared_rows(value)
+        if shared is not None:
+            return shared[1], None
+        folded = state.points * state.samples
+        if value.shape[0] % folded == 0 and value.shape[0] > 0:
+            return state.per_point(value), 0
+        return value, None
 
     def materialised_bytes_per_point(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.stacked.values())
 
 
+def _stack(outputs: list[Any]) -> Any:
+    """Per-point outputs -> one output with a leading point axis (tuples element by element)."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outputs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([o[i] for o in outputs]) for i in range(len(first)))
+    return first
+
+
 def _fold(out: Any) -> Any:
-    """[P, N, ...] -> [P·N, ...] for a tensor or each tensor of a tuple / list."""
+    """[P, M, ...] -> [P·M, ...] for a tensor or each tensor of a tuple / list (None passes through)."""
+    if out is None:
+        return None
     if isinstance(out, Tensor):
         return out.reshape(-1, *out.shape[2:])
     if isinstance(out, (tuple, list)):
         return type(out)(_fold(o) for o in out)
-    raise TypeError(f"a module the view runs with vmap returned {type(out).__name__}; tensors or tuples are supported")
+    raise TypeError(f"a module the view runs per point returned {type(out).__name__}; tensors or tuples are supported")
 
 
 def contains_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-

@@ -23,32 +23,32 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
-        self._cache: tuple[tuple, Tensor, tuple[Tensor, ...]] | None = None
+        self._cache: tuple[tuple, Tensor] | None = None
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
         tensor = self.stacked.get(name)
-        return None if tensor is None else ops.mix(self.state.coeffs, tensor)
+        return None if tensor is None else ops.mix(self.state.coeffs.to(tensor.dtype), tensor)
 
     def materialised_bytes_per_point(self) -> int:
         """Memory that one point's combined weights may take while this layer runs."""
         return 0
 
-    def mixed_per_basis(self, shared: Tensor, per_basis: Callable[[Tensor], Tensor]) -> Tensor | None:
-        """For an input shared by all points: y[p] = Σ_k c[p,k] Y_k with Y_k = layer_k(shared), the K outputs
+    def mixed_per_basis(self, shared: tuple[int, Tensor], per_basis: Callable[[Tensor], Tensor]) -> Tensor | None:
+        """For input i shared by all points: y[p] = Σ_k c[p,k] Y_k with Y_k = layer_k(shared rows), the K outputs
         computed once per batch and kept while chunk after chunk of points runs over it (evaluation only).
-        None where that does not apply (gradients recorded, or inputs not identified)."""
+        None where that does not apply (gradients recorded, or the batch not named by the caller)."""
         state = self.state
-        if torch.is_grad_enabled() or not state.input_key:
+        if torch.is_grad_enabled() or state.batch is None:
             return None
-        key = (state.input_key, tuple(shared.shape), *(t._version for t in self.stacked.values()))
+        index, rows = shared
+        key = (state.batch, index, tuple(rows.shape), *(t._version for t in self.stacked.values()))
         entry = self._cache
         if entry is None or entry[0] != key:
-            entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=shared.dtype, device=shared.device)),
-                     state.inputs)  # the inputs are kept alive with their outputs, so no other tensor takes their storage
+            self._cache = None  # free the old outputs first
+            entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device)))
             self._cache = entry
         return ops.mix(state.coeffs, entry[1])
-
 
 class SubspaceLinear(SubspaceLayer):
     """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
@@ -63,11 +63,12 @@ class SubspaceLinear(SubspaceLayer):
         shared = state.shared_rows(x)
         y = None
         if shared is not None:
-            shared = shared.reshape(-1, self.in_features)
+            shared = (shared[0], shared[1].reshape(-1, self.in_features))
+            rows = shared[1]
             if weight.shape[0] < self.in_features:  # mixing K outputs costs less than one product per point
-                y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(shared, weight, bias, eye))
+                y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(rows, weight, bias, eye))
         if y is None:
-            x_points = shared if shared is not None else x.reshape(state.points, -1, self.in_features)
+            x_points = shared[1] if shared is not None else x.reshape(state.points, -1, self.in_features)
             y = ops.combined_linear(x_points, weight, bias, state.coeffs)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -96,9 +97,10 @@ class SubspaceConv(SubspaceLayer):
         shared = state.shared_rows(x)
         y = None
         if shared is not None and weight.shape[0] < weight[0, 0].numel():  # K < C/groups · kernel size
-            y = self.mixed_per_basis(shared, lambda eye: ops.combined_conv(shared, weight, bias, eye, **options))
+            rows = shared[1]
+            y = self.mixed_per_basis(shared, lambda eye: ops.combined_conv(rows, weight, bias, eye, **options))
         if y is None:
-            x_points = shared if shared is not None else state.unfold(x)
+            x_points = shared[1] if shared is not None else state.per_point(x)
             y = ops.combined_conv(x_points, weight, bias, state.coeffs, **options)
         return y.reshape(-1, *y.shape[2:])
 
@@ -138,7 +140,7 @@ class SubspaceEmbedding(SubspaceLayer):
         state, weight = self.state, self.stacked["weight"]
         shared = state.shared_rows(idx)
         if shared is not None:  # one gather for all points: [K, *idx, D], then mix
-            y = ops.mix(state.coeffs, weight[:, shared])
+            y = ops.mix(state.coeffs, weight[:, shared[1]])
         else:  # per point: gather [K, P, M, D], then y[p] = Σ_k c[p,k] g[k, p]
             rows = weight[:, idx.reshape(state.points, -1)]
             y = torch.einsum("pk,kpmd->pmd", state.coeffs, rows)

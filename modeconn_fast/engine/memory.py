@@ -1,46 +1,37 @@
-"""Keep freed memory in the process while an evaluation runs (glibc on Linux).
+"""Keep freed memory in the process (glibc on Linux), for evaluations on CPU.
 
-Chunk after chunk, the engine allocates and frees the same few megabytes of activations. glibc serves large
-blocks with fresh mmap pages and hands freed heap tops back to the system, so every chunk pays page faults
-again; on this project's 2-core machine that made B1 up to 2× slower and its timings erratic. For the
-duration of a call the allocator is told to serve blocks up to 32 MiB from its heap and to keep what is
-freed; afterwards the usual thresholds come back and the heap is trimmed.
+Chunk after chunk, the engine allocates and frees the same few megabytes of activations. By default glibc
+serves such blocks with fresh mmap pages and hands freed heap tops back to the system, so every chunk pays
+page faults again; on this project's 2-core machine that made B1 up to 2× slower and its timings erratic.
+The first evaluation on CPU therefore tells the allocator (mallopt) to serve blocks up to 32 MiB from its heap
+and to keep up to 1 GiB of freed memory. This lasts for the rest of the process (glibc's adaptive threshold
+stays off); set MODECONN_KEEP_FREED_MEMORY=0 to leave the allocator alone.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
-from typing import Iterator
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 KEEP_TRIM, KEEP_MMAP = 1 << 30, 32 << 20
-DEFAULT_TRIM = DEFAULT_MMAP = 128 << 10  # glibc's defaults
+
+_done = False
 
 
-def _glibc() -> ctypes.CDLL | None:
+def keep_freed_memory() -> None:
+    """Once per process: large blocks from the heap, freed memory kept (no-op without glibc or when opted out)."""
+    global _done
+    if _done:
+        return
+    _done = True
+    if os.environ.get("MODECONN_KEEP_FREED_MEMORY", "1") == "0":
+        return
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _glibc()
-
-
-@contextlib.contextmanager
-def freed_memory_kept() -> Iterator[None]:
-    """Inside: large blocks come from the heap and freed memory stays in the process (no-op without glibc)."""
-    if _LIBC is None:
-        yield
         return
-    _LIBC.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP)
-    _LIBC.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM)
-    try:
-        yield
-    finally:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP)
-        _LIBC.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
-        _LIBC.malloc_trim(0)
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP)
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM)

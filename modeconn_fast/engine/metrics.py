@@ -35,7 +35,7 @@ class MetricSums:
         self.loss = torch.zeros(points, dtype=torch.float64, device=device)
         self.wrong = torch.zeros(points, dtype=torch.float64, device=device)
         self.finite = torch.ones(points, dtype=torch.bool, device=device)
-        self.targets = 0  # per point
+        self.target_count = 0  # targets seen by each point
         self.loss_weight = 0
 
     def add(self, outputs: Tensor, targets: Tensor, start: int) -> None:
@@ -48,10 +48,10 @@ class MetricSums:
         flat_outputs = outputs.reshape(-1, *outputs.shape[2:])
         flat_targets = targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:])
         if start == 0:
-            self.targets += targets.numel()
+            self.target_count += targets.numel()
         if "loss" in self.metrics:
             loss, weight = self._loss_sums(outputs, targets, flat_outputs, flat_targets)
-            self.loss[where] += loss.double()
+            self.loss[where] += loss
             self.finite[where] &= torch.isfinite(loss)  # NaN or +inf in the outputs make the loss NaN
             if start == 0:
                 self.loss_weight += weight
@@ -68,16 +68,20 @@ class MetricSums:
     def _loss_sums(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor) -> tuple[Tensor, int]:
         points = outputs.shape[0]
         if self.loss_fn is None:
-            losses = F.cross_entropy(flat_outputs, flat_targets, reduction="none")
-            return losses.reshape(points, -1).sum(dim=1), losses.numel() // points
+            if outputs.dim() < 3:
+                raise ValueError("the default loss, cross-entropy, needs outputs with a class axis (axis 1 of the "
+                                 "model's output, e.g. logits [N, classes]); pass loss_fn for other outputs")
+            at_least_fp32 = torch.promote_types(flat_outputs.dtype, torch.float32)  # fp16 / bf16 logits in fp32
+            losses = F.cross_entropy(flat_outputs.to(at_least_fp32), flat_targets, reduction="none")
+            return losses.reshape(points, -1).sum(dim=1, dtype=torch.float64), losses.numel() // points
         if not self.per_point_calls:
             losses = self.loss_fn(flat_outputs, flat_targets)
             if losses.dim() > 0 and losses.numel() % points == 0:
                 self.per_point_calls = False
-                return losses.reshape(points, -1).sum(dim=1), losses.numel() // points
+                return losses.reshape(points, -1).sum(dim=1, dtype=torch.float64), losses.numel() // points
             self.per_point_calls = True
         samples = targets.shape[0]
-        sums = torch.stack([self.loss_fn(outputs[p], targets).reshape(()) * samples for p in range(points)])
+        sums = torch.stack([self.loss_fn(outputs[p], targets).reshape(()).double() * samples for p in range(points)])
         return sums, samples
 
     def result(self) -> dict[str, Tensor]:
@@ -85,7 +89,7 @@ class MetricSums:
         if "loss" in self.metrics:
             values["loss"] = self.loss / self.loss_weight
         if "error" in self.metrics:
-            error = self.wrong / self.targets
+            error = self.wrong / self.target_count
             values["error"] = torch.where(self.finite, error, torch.full_like(error, float("nan")))
         return {name: values[name] for name in self.metrics}
 

@@ -4,11 +4,17 @@ A copy of the model in which Linear, Conv1d/2d, BatchNorm1d/2d, LayerNorm and Em
 layers that take their weights from a `Basis` and coefficient rows (DESIGN §2); other modules with
 parameters run per point under vmap (`fallback.py`); everything else (activations, pooling, reshapes, the
 model's own forward code) runs unchanged on activations whose batch axis holds P·N rows.
+
+Before its first forward the view checks, on two points of a probe batch, that folding points into the batch
+axis gives every point what it gives alone. A forward that moves or mixes the batch axis (transposes it,
+concatenates or reduces along it) or reaches into a swapped layer fails that check; the view then warns and
+runs the whole model per point under vmap, which is always right.
 """
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+import warnings
+from typing import Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +28,7 @@ from .pooling import faster_pooling
 from .state import BatchNormPhase, ViewState
 
 Inputs = Tensor | Sequence[Tensor]
+WHOLE_MODEL = "<the model itself>"
 
 # Exact types only: a subclass may override forward.
 NATIVE_LAYERS: dict[type, type[SubspaceLayer]] = {
@@ -36,82 +43,135 @@ NATIVE_LAYERS: dict[type, type[SubspaceLayer]] = {
 _NATIVE_PARAMETERS = {"weight", "bias"}
 
 
+class ModelOutputError(TypeError):
+    """The model's output is not one tensor with the batch axis first."""
+
+
 class SubspaceView(nn.Module):
-    """`view(coeffs [P, K], inputs [N, ...]) -> outputs [P, N, ...]`: the model at P points of `basis`."""
+    """`view(coeffs [P, K], inputs [N, ...]) -> outputs [P, N, ...]`: the model at P points of `basis`.
+
+    The model runs in eval mode (Dropout off); BatchNorm follows `bn_phase` (see `batchnorm.py`).
+    """
 
     def __init__(self, model: nn.Module, basis: Basis):
         super().__init__()
         self.state = ViewState()
-        self.bn_phase: BatchNormPhase = "stored"  # each forward copies it into the state
+        self.bn_phase: BatchNormPhase = "stored"
         self.fallback_names: list[str] = []
-        self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input, found by a probe on first use
-        self.net = self._convert(copy.deepcopy(model).eval().requires_grad_(False), "", basis)
+        self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input; set by `prepare`
+        self._model, self._basis = model, basis
+        self.net = self._convert(_frozen_copy(model), "", basis, {})
 
-    def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0) -> Tensor:
+    def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0, batch: Hashable | None = None) -> Tensor:
         """The outputs at the points `coeffs`, which are points offset … offset+P−1 of the whole evaluation
-        (BatchNorm statistics are kept per point of the whole evaluation)."""
+        (BatchNorm statistics are kept per point of the whole evaluation). `batch` names the batch of `inputs`
+        when the same batch comes back for further chunks of points: layers then reuse what does not depend
+        on the points (e.g. a first layer's products with the shared input)."""
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if self.reads_shared_rows_only is None:
-            self.reads_shared_rows_only = self._probe_shared_rows_only(coeffs, inputs)
+            self.prepare(coeffs, inputs)
+        assert self.reads_shared_rows_only is not None
         repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
-        self.state.inputs = inputs
-        self.state.input_key = tuple((x.data_ptr(), tuple(x.shape), x.stride(), x._version) for x in inputs)
-        return self._run(coeffs, inputs[0].shape[0], repeated, offset, self.bn_phase)
+        return self._run(coeffs, repeated, samples=inputs[0].shape[0], offset=offset, batch=batch, phase=self.bn_phase)
 
-    def _run(self, coeffs: Tensor, samples: int, repeated: list[Tensor], offset: int, phase: BatchNormPhase) -> Tensor:
+    def _run(self, coeffs: Tensor, repeated: list[Tensor], *, samples: int, offset: int = 0,
+             batch: Hashable | None = None, phase: BatchNormPhase = "stored") -> Tensor:
         points = coeffs.shape[0]
         state = self.state
-        state.coeffs, state.samples, state.offset, state.bn_phase = coeffs, samples, offset, phase
+        state.coeffs, state.samples, state.offset, state.batch, state.bn_phase = coeffs, samples, offset, batch, phase
         state.shared_inputs = [(r.data_ptr(), r.numel(), r._version) for r in repeated]
         try:
             out = self.net(*repeated)
         finally:
             state.shared_inputs = []
         if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != points * samples:
-            raise TypeError("the model must return one tensor with the batch axis first (e.g. logits [N, classes]); "
-                            "wrap a model that returns a tuple or dict so that it returns that tensor")
+            raise ModelOutputError("the model must return one tensor with the batch axis first (e.g. logits [N, "
+                                   "classes]); wrap a model that returns a tuple or dict so that it returns that tensor")
         return out.reshape(points, samples, *out.shape[1:])
 
-    def _probe_shared_rows_only(self, coeffs: Tensor, inputs: tuple[Tensor, ...]) -> tuple[bool, ...]:
+    # --- checks on a probe batch -----------------------------------------------------------------------------
+    def prepare(self, coeffs: Tensor, inputs: Inputs) -> None:
+        """Once, on two points and two samples of a probe batch: (1) points folded into the batch axis must
+        each give what they give alone, else the whole model runs per point under vmap; (2) which inputs are
+        read only by native layers (then only one copy of them is written)."""
+        inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        probe = tuple(x[:2] for x in inputs)
+        with torch.no_grad():
+            problem = self._folding_problem(_two_points(coeffs), probe)
+            if problem is not None and self.fallback_names != [WHOLE_MODEL]:
+                warnings.warn(f"{problem}; running the whole model per point with vmap instead (slower). Keep the "
+                              "batch axis first and do not mix samples along it to get the fast path.", stacklevel=4)
+                self.net = FallbackModule(self.state, dict(self._basis.stacked), dict(self._basis.constants),
+                                          _frozen_copy(self._model))
+                self.fallback_names = [WHOLE_MODEL]
+                problem = self._folding_problem(_two_points(coeffs), probe)
+            if problem is not None:
+                raise RuntimeError(f"the model cannot be evaluated at several points at once: {problem}")
+            self.reads_shared_rows_only = self._shared_rows_only(coeffs[:1].expand(2, -1), probe)
+
+    def _folding_problem(self, points: Tensor, probe: tuple[Tensor, ...]) -> str | None:
+        """None if running both points together equals running each alone, else what went wrong."""
+        samples = probe[0].shape[0]
+        try:
+            together = self._run(points, [_repeat(x, 2, False) for x in probe], samples=samples)
+            alone = [self._run(points[i:i + 1], list(probe), samples=samples) for i in range(2)]
+        except ModelOutputError:
+            if self.fallback_names == [WHOLE_MODEL]:  # the model's own output, not the view's doing
+                raise
+            return "its output came out of the subspace view in another shape"
+        except (AttributeError, TypeError, RuntimeError, StopIteration, ValueError, IndexError) as error:
+            return f"its forward failed in the subspace view ({type(error).__name__}: {error})"
+        for i in range(2):
+            scale = float(alone[i].abs().nan_to_num(0, 0, 0).max()) + 1.0
+            tolerance = scale * torch.finfo(together.dtype).eps ** 0.5 if together.is_floating_point() else 0.0
+            difference = (together[i] - alone[i][0]).abs().nan_to_num(0, 0, 0)
+            if not (difference.max() <= tolerance and torch.equal(together[i].isnan(), alone[i][0].isnan())):
+                return "its forward mixes samples along the batch axis (several points give other outputs together " \
+                       "than alone)"
+        return None
+
+    def _shared_rows_only(self, points: Tensor, probe: tuple[Tensor, ...]) -> tuple[bool, ...]:
         """For each input: does the model read only the first copy of it (every consumer a native layer that
         uses its shared rows)? Then the other P − 1 copies need not be written. Tested by running two equal
         points with the second copy replaced by noise: the outputs must not change."""
-        points = coeffs[:1].expand(2, -1)
-        probe = [x[:2] for x in inputs]
-        self.state.inputs, self.state.input_key = (), ()  # no caching across these runs
-        with torch.no_grad():
-            truth = self._run(points, probe[0].shape[0], [_repeat(x, 2, False) for x in probe], 0, "stored")
-            answers = []
-            for i, x in enumerate(probe):
-                if not torch.is_floating_point(x):
-                    answers.append(False)
-                    continue
-                noisy = [_repeat(y, 2, False) for y in probe]
-                noisy[i][x.shape[0]:] = torch.randn_like(x) * 3 + 1
-                answers.append(bool(torch.equal(self._run(points, x.shape[0], noisy, 0, "stored"), truth)))
+        samples = probe[0].shape[0]
+        truth = self._run(points, [_repeat(x, 2, False) for x in probe], samples=samples)
+        answers = []
+        for i, x in enumerate(probe):
+            if not torch.is_floating_point(x):
+                answers.append(False)
+                continue
+            noisy = [_repeat(y, 2, False) for y in probe]
+            noisy[i][samples:] = torch.randn_like(x) * 3 + 1
+            answers.append(bool(torch.equal(self._run(points, noisy, samples=samples), truth)))
         return tuple(answers)
 
     # --- BatchNorm -------------------------------------------------------------------------------------------
     def batchnorm_layers(self) -> list[SubspaceBatchNorm]:
         return [m for m in self.net.modules() if isinstance(m, SubspaceBatchNorm)]
 
+    def has_batch_statistics(self) -> bool:
+        """Whether some BatchNorm normalises with each batch's own statistics (no running statistics)."""
+        return any(not layer.tracks_statistics for layer in self.batchnorm_layers())
+
     def batchnorm_in_fallback(self) -> list[str]:
         """Names of modules run under vmap that contain BatchNorm (their statistics cannot be recomputed)."""
-        return [name for name, m in self.net.named_modules() if isinstance(m, FallbackModule) and contains_batchnorm(m.module)]
+        return [name or WHOLE_MODEL for name, m in self.net.named_modules()
+                if isinstance(m, FallbackModule) and contains_batchnorm(m.module)]
 
-    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunk: int | None = None) -> None:
-        """One pass over `batches` in train-mode BatchNorm, `chunk` points at a time (all by default): every
-        point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
+    def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunks: Sequence[slice] | None = None) -> None:
+        """One pass over `batches` in train-mode BatchNorm, chunk by chunk of points (all at once by default):
+        every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
         points = coeffs.shape[0]
-        chunk = chunk or points
+        chunks = chunks or [slice(0, points)]
         layers = self.batchnorm_layers()
         for layer in layers:
             layer.start_collection(points)
         self.bn_phase = "collect"
         try:
-            for inputs in batches:
-                for start in range(0, points, chunk):
-                    self(coeffs[start:start + chunk], inputs, offset=start)
+            for index, inputs in enumerate(batches):
+                for chunk in chunks:
+                    self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
         finally:
             self.bn_phase = "stored"
         for layer in layers:
@@ -147,21 +207,40 @@ class SubspaceView(nn.Module):
         return max(largest[0], input_bytes)
 
     # --- construction ----------------------------------------------------------------------------------------
-    def _convert(self, module: nn.Module, prefix: str, basis: Basis) -> nn.Module:
+    def _convert(self, module: nn.Module, prefix: str, basis: Basis, done: dict[int, nn.Module]) -> nn.Module:
+        """The view's stand-in for `module` (named `prefix`); a module reached under several names is
+        converted once (`done`, by identity)."""
+        if id(module) in done:
+            return done[id(module)]
         native = _native_layer(module)
         if native is not None:
-            return native(self.state, _entries(basis.stacked, prefix, direct=True), module)
-        pooling = faster_pooling(module)
-        if pooling is not None:
-            return pooling
-        if _needs_fallback(module, prefix, basis):
-            self.fallback_names.append(prefix.rstrip(".") or "<the model itself>")
-            return FallbackModule(self.state, _entries(basis.stacked, prefix, direct=False),
-                                  _entries(basis.constants, prefix, direct=False), module)
-        _load_fixed_buffers(module, prefix, basis)
-        for name, child in list(module.named_children()):
-            module._modules[name] = self._convert(child, f"{prefix}{name}.", basis)
-        return module
+            converted: nn.Module = native(self.state, _entries(basis.stacked, prefix, direct=True), module)
+        elif (pooling := faster_pooling(module)) is not None:
+            converted = pooling
+        elif _needs_fallback(module, prefix, basis):
+            self.fallback_names.append(prefix.rstrip(".") or WHOLE_MODEL)
+            converted = FallbackModule(self.state, _entries(basis.stacked, prefix, direct=False),
+                                       _entries(basis.constants, prefix, direct=False), module)
+        else:
+            _load_fixed_buffers(module, prefix, basis)
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    module._modules[name] = self._convert(child, f"{prefix}{name}.", basis, done)
+            converted = module
+        done[id(module)] = converted
+        return converted
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def _two_points(coeffs: Tensor) -> Tensor:
+    """Two different rows of `coeffs` (points being evaluated), or a second point made from the first."""
+    different = (coeffs != coeffs[:1]).any(dim=1).nonzero()
+    if len(different):
+        return torch.stack([coeffs[0], coeffs[int(different[0])]])
+    return torch.stack([coeffs[0], coeffs[0] * 0.5])
 
 
 def _repeat(x: Tensor, points: int, first_copy_only: bool) -> Tensor:
