@@ -9,7 +9,8 @@ timed for K ∈ {2, 3}, P ∈ {1, 64, 1024}, a small and a large layer, fp32 and
 materialise W(p) then `F.linear` point by point; `vmap` of `functional_call` over the materialised weights;
 and cuBLAS on one GEMM of the same size ([P·N, Din] @ [Din, Dout], the ceiling). Times are medians of
 `triton.testing.do_bench`; TFLOP/s counts 2·P·N·Din·Dout; "of GEMM" is the fraction of the ceiling's rate.
-fp32 runs at torch's default matmul precision ("highest": no TF32), for the kernels and cuBLAS alike.
+fp32 runs at torch's default matmul precision, "highest": plain fp32 in cuBLAS, three-pass TF32 ("tf32x3",
+an error at fp32's level) in the kernels' dot products.
 Contenders whose materialised weights would not fit in memory are reported as skipped.
 """
 from __future__ import annotations
@@ -158,6 +159,9 @@ def time_permutation_cost(device: str, timer: Timer, widths: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in Triton's interpreter")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="the dtypes timed (all are checked)")
+    parser.add_argument("--points", nargs="+", type=int, default=[1, 64, 1024], help="the values of P timed")
     args = parser.parse_args()
     if args.smoke:
         if "triton" in sys.modules:
@@ -176,8 +180,8 @@ def main() -> None:
         print("benchmarks.gpu_kernels: triton is not installed (pip install triton), nothing to measure")
         return
     check_ops("cuda")
-    time_linear("cuda", timer, [1, 64, 1024], [("small 64×64×64", 64, 64, 64), ("large 256×2048×2048", 256, 2048, 2048)],
-                [torch.float32, torch.bfloat16])
+    time_linear("cuda", timer, args.points, [("small 64×64×64", 64, 64, 64), ("large 256×2048×2048", 256, 2048, 2048)],
+                [getattr(torch, name) for name in args.dtypes])
     time_permutation_cost("cuda", timer, [2048, 8192])
 
 

@@ -28,14 +28,14 @@ _CONFIGS = configs(("BLOCK_M", "BLOCK_C", "BLOCK_R"), (64, 16, 16), [
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, c_ptr, y_ptr,
-    M, COUT_G, R, K, GROUPS, CIN_G, H, W, OH, OW, KH, KW,
+    M, COUT_G, R, GROUPS, CIN_G, H, W, OH, OW, KH, KW,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     stride_xp, stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wo, stride_wc, stride_wh, stride_ww,
     stride_bk, stride_bo,
     stride_cp, stride_ck,
     stride_yp, stride_yn, stride_yo, stride_yh, stride_yw,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -97,13 +97,13 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor, stri
     grid = lambda meta: (P * groups * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_C"]),)
     _forward_kernel[grid](
         x, weight, b, coeffs, y,
-        M, cout_g, R, K, groups, cin_g, H, W, OH, OW, KH, KW,
+        M, cout_g, R, groups, cin_g, H, W, OH, OW, KH, KW,
         *stride, *padding, *dilation,
         stride_xp, *x.stride()[-4:],
         *weight.stride(),
         b.stride(0), b.stride(1),
         *coeffs.stride(),
         *y.stride(),
-        HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=dot_precision(),
+        K=K, HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(x.dtype), PRECISION=dot_precision(),
     )
     return y.squeeze(-2) if one_d else y

@@ -30,12 +30,12 @@ def compile_for_sm90(kernel, constexprs: dict, dtype: str) -> None:
 
 def main() -> None:
     for dtype, fp32 in (("fp32", True), ("bf16", False)):
-        dots = {"DOT_FP32": fp32, "PRECISION": "tf32"}
-        compile_for_sm90(combined_linear._forward_kernel, {"HAS_BIAS": True, **dots}, dtype)
+        dots = {"DOT_FP32": fp32, "PRECISION": "tf32x3"}
+        compile_for_sm90(combined_linear._forward_kernel, {"K": 3, "HAS_BIAS": True, **dots}, dtype)
         compile_for_sm90(combined_linear._grad_params_kernel, {
             "NEED_WEIGHT": True, "NEED_COEFFS": True, "K_BLOCK": 4, "BLOCK_N": 64, "BLOCK_O": 32, "BLOCK_I": 32,
             **dots}, dtype)
-        compile_for_sm90(combined_conv._forward_kernel, {"HAS_BIAS": True, **dots}, dtype)
+        compile_for_sm90(combined_conv._forward_kernel, {"K": 3, "HAS_BIAS": True, **dots}, dtype)
         compile_for_sm90(permutation_cost._cost_kernel, {"HAS_PERM": True, **dots}, dtype)
 
 

@@ -249,3 +249,20 @@ def test_fresh_batch_tensors_never_reuse_another_batchs_first_layer_outputs():
     coeffs = random_coeffs(8, 3, seed=15)
     result = evaluate(models[0], models, coeffs, FreshBatches(), memory_budget=30_000)
     assert_matches_loop(result, plain_loop(models[0], models, coeffs, list(FreshBatches())))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bn", ["recompute", "eval"])
+def test_evaluate_on_gpu_matches_cpu(bn, monkeypatch):
+    """Models, basis and data on the GPU (the ops take their Triton path there): the CPU's numbers."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN's default would round to TF32
+    images = torch.randn(50, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (10, 11)]
+    inputs, targets = torch.randn(37, 3, 8, 8), torch.randint(0, 4, (37,))
+    coeffs = torch.rand(9, 2, generator=torch.Generator().manual_seed(3))  # convex: mixed variances stay positive
+    on_cpu = evaluate(models[0], models, coeffs, (inputs, targets), bn=bn, bn_data=images)
+    gpu_models = [m.cuda() for m in models]
+    on_gpu = evaluate(gpu_models[0], gpu_models, coeffs.cuda(), (inputs.cuda(), targets.cuda()), bn=bn,
+                      bn_data=images.cuda())
+    torch.testing.assert_close(on_gpu["loss"].cpu(), on_cpu["loss"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(on_gpu["error"].cpu(), on_cpu["error"], rtol=0, atol=1 / 37 + 1e-9)

@@ -110,3 +110,44 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     assert result.returncode == 0, result.stderr[-4000:]
     assert "checks against the float64 reference: passed" in result.stdout, result.stdout
     assert result.stdout.count("triton kernel") == 5, result.stdout  # 4 linear rows and 1 permutation_cost row
+
+
+def _gpu_args(op: str) -> tuple:
+    """Small random arguments of each custom op on the GPU, forced onto the Triton path."""
+    leaf = lambda *shape: torch.randn(*shape, device="cuda", requires_grad=True)
+    if op == "linear":
+        return leaf(3, 37, 19), leaf(2, 23, 19), leaf(2, 23), leaf(3, 2), "triton"
+    if op == "conv":
+        return leaf(3, 2, 4, 9, 7), leaf(2, 6, 2, 3, 2), leaf(2, 6), leaf(3, 2), [1, 2], [1, 0], [1, 1], 2, "triton"
+    perms = [torch.randperm(19, device="cuda"), torch.empty(0, dtype=torch.long, device="cuda")]
+    return [leaf(23, 19), leaf(23, 5)], [leaf(23, 19), leaf(23, 5)], perms, "triton"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton path is opchecked on a GPU (test_ops.py opchecks the torch path)")
+@pytest.mark.parametrize("op", ["linear", "conv", "cost"])
+def test_opcheck_triton_path_on_gpu(op):
+    custom_op = {"linear": ops._combined_linear, "conv": ops._combined_conv, "cost": ops._permutation_cost}[op]
+    torch.library.opcheck(custom_op, _gpu_args(op))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="inductor compiles Triton code on a GPU only")
+@pytest.mark.parametrize("op", ["linear", "conv", "cost"])
+def test_inductor_fullgraph_on_gpu(op):
+    """torch.compile with its default backend (inductor) over each op: same values and gradients as eager."""
+    args = _gpu_args(op)
+    call = {
+        "linear": lambda x, w, b, c: torch.relu(ops.combined_linear(x, w, b, c)),
+        "conv": lambda x, w, b, c: ops.combined_conv2d(x, w, b, c, stride=(1, 2), padding=(1, 0), groups=2).tanh(),
+        "cost": lambda a0, a1, b0, b1: ops.permutation_cost([a0, a1], [b0, b1], [args[2][0], None]) * 2,
+    }[op]
+    leaves = list(args[:4]) if op != "cost" else [*args[0], *args[1]]
+    compiled = torch.compile(call, fullgraph=True)
+    results = []
+    for run in (call, compiled):
+        for t in leaves:
+            t.grad = None
+        y = run(*leaves)
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in leaves])
+    for eager, inductor in zip(*results):
+        torch.testing.assert_close(inductor, eager, rtol=1e-4, atol=1e-4)
