@@ -266,3 +266,13 @@ def test_evaluate_on_gpu_matches_cpu(bn, monkeypatch):
                       bn_data=images.cuda())
     torch.testing.assert_close(on_gpu["loss"].cpu(), on_cpu["loss"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(on_gpu["error"].cpu(), on_cpu["error"], rtol=0, atol=1 / 37 + 1e-9)
+
+
+def test_eval_mode_warns_where_mixed_variances_turn_negative():
+    images = torch.randn(50, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (10, 11)]
+    inputs, targets = torch.randn(20, 3, 8, 8), torch.randint(0, 4, (20,))
+    coeffs = torch.tensor([[1.0, 0.0], [0.5, 0.5], [-3.0, 1.0]])  # the last: −3 σ²_0 + σ²_1 < 0 somewhere
+    with pytest.warns(UserWarning, match="at 1 of 3 points a BatchNorm layer's mixed running variance"):
+        result = evaluate(models[0], models, coeffs, (inputs, targets), bn="eval")
+    assert torch.isfinite(result["loss"][:2]).all() and torch.isnan(result["loss"][2])

@@ -70,6 +70,8 @@ def evaluate(
     view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis)
     view.prepare(coeffs, move(_first_rows(datasets), device))
     bn_mode = _batchnorm_mode(bn, view, bn_data)
+    if bn_mode == "eval":
+        _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
     chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
@@ -140,6 +142,21 @@ def _check_coeffs(coeffs: Tensor, basis: Basis, device: torch.device) -> Tensor:
         raise ValueError("coeffs has no rows: there are no points to evaluate")
     dtype = next(iter(basis.stacked.values())).dtype if basis.stacked else torch.get_default_dtype()
     return coeffs.to(device=device, dtype=dtype)
+
+
+def _warn_of_negative_variances(view: SubspaceView, coeffs: Tensor) -> None:
+    """bn="eval" mixes running variances linearly, σ²(p) = Σ_k c[p,k] σ²_k: away from the members' convex hull
+    the mix can fall to zero or below, where BatchNorm divides by the square root of a negative number."""
+    negative = torch.zeros(coeffs.shape[0], dtype=torch.bool, device=coeffs.device)
+    for layer in view.batchnorm_layers():
+        if layer.tracks_statistics:
+            variances = coeffs @ layer.stacked["running_var"].to(coeffs.dtype)  # [P, C]
+            negative |= (variances + layer.eps <= 0).any(dim=1)
+    count = int(negative.sum())
+    if count:
+        warnings.warn(f"bn='eval': at {count} of {len(negative)} points a BatchNorm layer's mixed running variance "
+                      "is not positive (coefficients far outside the members' convex hull), so their loss and "
+                      "error are NaN; pass bn_data to recompute the statistics per point", stacklevel=3)
 
 
 def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
