@@ -337,12 +337,16 @@ def combined_conv(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor
     return _combined_conv(x, weight, bias, coeffs, stride_, padding_, dilation_, groups, backend)
 
 
+def _check_rank(op: str, weight: Tensor, layout: str) -> None:
+    if weight.dim() != layout.count(",") + 1:
+        raise ValueError(f"{op}: weight must be {layout}; got {_shape(weight)}")
+
+
 def combined_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor, *,
                     stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0,
                     dilation: int | Sequence[int] = 1, groups: int = 1, backend: str | None = None) -> Tensor:
     """`combined_conv` for a weight [K, Cout, C/groups, L]: x [N, C, L] or [P, N, C, L] -> [P, N, Cout, L_out]."""
-    if weight.dim() != 4:
-        raise ValueError(f"combined_conv1d: weight must be [K, Cout, C/groups, L]; got {_shape(weight)}")
+    _check_rank("combined_conv1d", weight, "[K, Cout, C/groups, L]")
     return combined_conv(x, weight, bias, coeffs, stride=stride, padding=padding, dilation=dilation, groups=groups,
                          backend=backend)
 
@@ -351,8 +355,7 @@ def combined_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tens
                     stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0,
                     dilation: int | Sequence[int] = 1, groups: int = 1, backend: str | None = None) -> Tensor:
     """`combined_conv` for a weight [K, Cout, C/groups, H, W]: x [N, C, H, W] or [P, N, C, H, W] -> [P, N, Cout, H', W']."""
-    if weight.dim() != 5:
-        raise ValueError(f"combined_conv2d: weight must be [K, Cout, C/groups, H, W]; got {_shape(weight)}")
+    _check_rank("combined_conv2d", weight, "[K, Cout, C/groups, H, W]")
     return combined_conv(x, weight, bias, coeffs, stride=stride, padding=padding, dilation=dilation, groups=groups,
                          backend=backend)
 

@@ -52,7 +52,8 @@ def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_
                                            WEIGHT_AMORTISATION * per_point_weights // per_sample))
             source.batch_size = max(2, min(source.rows, fitting))
     if bn_batches is not None and bn_batches.rows is not None:  # one batch (population statistics) if it fits
-        bn_batches.batch_size = max(2, min(bn_batches.rows, budget // (working_set * per_sample)))
+        fitting = budget // (working_set * per_sample)
+        bn_batches.batch_size = bn_batches.rows if whole_batches else max(2, min(bn_batches.rows, fitting))
     sources = [*datasets, *([bn_batches] if bn_batches is not None else [])]
     rows = max(_batch_rows(source) for source in sources)
     chunk = budget // (rows * per_sample * working_set + per_point_weights)

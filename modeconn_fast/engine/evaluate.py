@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..ops import mix
 from ..subspace import Basis, StateLike, as_basis
 from .batches import Batches, move
 from .chunks import plan_chunks
@@ -150,7 +151,7 @@ def _warn_of_negative_variances(view: SubspaceView, coeffs: Tensor) -> None:
     negative = torch.zeros(coeffs.shape[0], dtype=torch.bool, device=coeffs.device)
     for layer in view.batchnorm_layers():
         if layer.tracks_statistics:
-            variances = coeffs @ layer.stacked["running_var"].to(coeffs.dtype)  # [P, C]
+            variances = mix(coeffs, layer.stacked["running_var"].to(coeffs.dtype))  # [P, C]
             negative |= (variances + layer.eps <= 0).any(dim=1)
     count = int(negative.sum())
     if count:

@@ -96,15 +96,16 @@ class SubspaceView(nn.Module):
         read only by native layers (then only one copy of them is written)."""
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         probe = tuple(x[:2] for x in inputs)
+        two = _two_points(coeffs)
         with torch.no_grad():
-            problem = self._folding_problem(_two_points(coeffs), probe)
+            problem = self._folding_problem(two, probe)
             if problem is not None and self.fallback_names != [WHOLE_MODEL]:
                 warnings.warn(f"{problem}; running the whole model per point with vmap instead (slower). Keep the "
                               "batch axis first and do not mix samples along it to get the fast path.", stacklevel=4)
                 self.net = FallbackModule(self.state, dict(self._basis.stacked), dict(self._basis.constants),
                                           _frozen_copy(self._model))
                 self.fallback_names = [WHOLE_MODEL]
-                problem = self._folding_problem(_two_points(coeffs), probe)
+                problem = self._folding_problem(two, probe)
             if problem is not None:
                 raise RuntimeError(f"the model cannot be evaluated at several points at once: {problem}")
             self.reads_shared_rows_only = self._shared_rows_only(coeffs[:1].expand(2, -1), probe)

@@ -78,13 +78,20 @@ def _dense(c: Tensor) -> Tensor:
     return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
 
 
+def _unique(candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's candidate columns sorted, and a mask keeping the first of each repeat (rows without
+    violations carry their own entry many times over)."""
+    cols, _ = torch.sort(candidates, dim=1)
+    keep = torch.ones_like(cols, dtype=torch.bool)
+    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]
+    return cols, keep
+
+
 def _sparse(c: Tensor, p: Tensor, candidates: Tensor) -> Tensor | None:
     """Exact optimum over the candidate entries ([n, K] column indices, repeats allowed), or None when they
     hold no full matching."""
     n = c.shape[0]
-    cols, _ = torch.sort(candidates, dim=1)
-    keep = torch.ones_like(cols, dtype=torch.bool)
-    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]
+    cols, keep = _unique(candidates)
     values = (torch.gather(c, 1, cols) - p[cols])[keep]
     weights = (values.max() - values + 1.0).numpy()  # min-weight form, all weights ≥ 1 (zero means no edge)
     indptr = np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())])
@@ -101,10 +108,11 @@ def _prices(c: Tensor, sigma: Tensor, candidates: Tensor, start: Tensor, rounds:
     over the columns (Bellman-Ford, one vectorised relaxation of all candidates per round; a warm start from
     the prices of a similar matrix settles in few rounds). Settled: no price rose by more than `tolerance` in
     the last rounds (rounding can make a zero-weight cycle creep). None if they do not settle within `rounds`."""
-    n, width = candidates.shape
-    gain = (torch.gather(c, 1, candidates) - c[torch.arange(n), sigma][:, None]).reshape(-1)  # [n·K]
-    source = sigma.repeat_interleave(width)  # the column whose price each candidate's bound starts from
-    flat = candidates.reshape(-1)
+    n = candidates.shape[0]
+    cols, keep = _unique(candidates)
+    gain = (torch.gather(c, 1, cols) - c[torch.arange(n), sigma][:, None])[keep]  # one per distinct candidate
+    source = sigma.repeat_interleave(keep.sum(dim=1))  # the column whose price each candidate's bound starts from
+    flat = cols[keep]
     p = start - start.min()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # rounds of small ops: waking a second thread costs more than it brings

@@ -189,10 +189,10 @@ def weight_matching(
                     continue
                 cost = matcher.cost(group, perms)
                 col, prices[group] = solve_lap(cost, prices=prices.get(group), hint=perms[group])
-                old = cost.gather(1, perms[group][:, None]).sum().item()
-                new = cost.gather(1, col[:, None]).sum().item()
                 dirty.discard(group)
                 if not torch.equal(col, perms[group]):
+                    old = cost.gather(1, perms[group][:, None]).sum().item()
+                    new = cost.gather(1, col[:, None]).sum().item()
                     perms[group] = col
                     dirty |= matcher.dependents[group]
                     gain_total += new - old
@@ -203,5 +203,6 @@ def weight_matching(
                 history.append(history[-1] + gain_total)
             if not progress:
                 break
-    history[-1] = matching_objective(state_a, state_b, start, params)
+    if not matcher.self_dependent:  # else the last sweep computed it directly already
+        history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
