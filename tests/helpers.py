@@ -51,13 +51,25 @@ def reset_and_recompute_batchnorm(net: nn.Module, bn_batches: Iterable[Tensor]) 
     net.eval()
 
 
+def model_at(model: nn.Module, members: Sequence[nn.Module], row: Tensor) -> nn.Module:
+    """A copy of `model` holding the weights Σ_k row[k] · members[k]."""
+    net = copy.deepcopy(model)
+    net.load_state_dict(mixed_state(members, row))
+    return net
+
+
+def assert_same_loss_and_error(result, expected) -> None:
+    """The engine's loss and error against a plain loop's, at the tolerances of the engine tests."""
+    torch.testing.assert_close(result["loss"], expected["loss"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result["error"], expected["error"], rtol=0, atol=1e-12)
+
+
 def plain_loop(model: nn.Module, members: Sequence[nn.Module], coeffs: Tensor, batches: Sequence[tuple[Tensor, Tensor]],
                *, bn: str = "eval", bn_batches: Sequence[Tensor] = ()) -> dict[str, Tensor]:
     """Per point: copy the model, load the mixed weights, (recompute BN), forward every batch."""
     losses, errors = [], []
     for row in coeffs:
-        net = copy.deepcopy(model)
-        net.load_state_dict(mixed_state(members, row))
+        net = model_at(model, members, row)
         if bn == "recompute":
             reset_and_recompute_batchnorm(net, bn_batches)
         net.eval()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, mlp, plain_loop, seeded,
-                     settle_batchnorm)
+from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, assert_same_loss_and_error, mlp,
+                     plain_loop, seeded, settle_batchnorm)
 from modeconn_fast import Basis, SubspaceView, evaluate
 from modeconn_fast.engine.fallback import FallbackModule
 from modeconn_fast.engine.pooling import MaxPool2dFastCPU
@@ -25,11 +25,6 @@ def batches_of(inputs: torch.Tensor, targets: torch.Tensor, size: int) -> list[t
     return [(inputs[i:i + size], targets[i:i + size]) for i in range(0, len(targets), size)]
 
 
-def assert_matches_loop(result, expected) -> None:
-    torch.testing.assert_close(result["loss"], expected["loss"], rtol=RTOL, atol=1e-7)
-    torch.testing.assert_close(result["error"], expected["error"], rtol=0, atol=1e-12)
-
-
 @pytest.mark.parametrize("members", [1, 2, 3])
 def test_mlp_matches_plain_loop(members):
     models = [seeded(mlp, seed) for seed in range(members)]
@@ -37,7 +32,7 @@ def test_mlp_matches_plain_loop(members):
     coeffs = random_coeffs(7, members, seed=members)
     result = evaluate(models[0], models, coeffs, (inputs, targets))
     assert result.bn_mode == "none"
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
 
 
 def test_chunking_and_batching_do_not_change_results():
@@ -63,7 +58,7 @@ def test_cnn_with_batchnorm_matches_plain_loop(bn):
     options = {"bn": bn, "bn_data": [(x, torch.zeros(len(x), dtype=torch.long)) for x in bn_batches]}
     result = evaluate(models[0], models, coeffs, data, **options)
     assert result.bn_mode == bn
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, data, bn=bn, bn_batches=bn_batches))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, data, bn=bn, bn_batches=bn_batches))
 
 
 def test_recomputed_statistics_do_not_depend_on_chunking():
@@ -87,7 +82,7 @@ def test_conv1d_with_batchnorm1d_matches_plain_loop(bn):
     result = evaluate(models[0], models, coeffs, (inputs, targets), bn=bn,
                       bn_data=[(x, torch.zeros(len(x), dtype=torch.long)) for x in bn_batches])
     expected = plain_loop(models[0], models, coeffs, [(inputs, targets)], bn=bn, bn_batches=bn_batches)
-    assert_matches_loop(result, expected)
+    assert_same_loss_and_error(result, expected)
 
 
 def test_layernorm_and_embedding_match_plain_loop():
@@ -95,7 +90,7 @@ def test_layernorm_and_embedding_match_plain_loop():
     tokens, targets = torch.randint(0, 11, (29, 7)), torch.randint(0, 3, (29,))
     coeffs = random_coeffs(6, 3, seed=5)
     result = evaluate(models[0], models, coeffs, (tokens, targets))
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(tokens, targets)]))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(tokens, targets)]))
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -104,7 +99,7 @@ def test_unknown_modules_fall_back_to_vmap_and_match_plain_loop():
     inputs, targets = torch.randn(33, 19), torch.randint(0, 5, (33,))
     coeffs = random_coeffs(5, 2, seed=6)
     result = evaluate(models[0], models, coeffs, (inputs, targets))
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
 
     view = SubspaceView(models[0], Basis.from_members(models))
     assert sorted(view.fallback_names) == ["normed", "scale"]
@@ -125,7 +120,7 @@ def test_whole_model_fallback_when_the_root_holds_a_parameter():
     inputs, targets = torch.randn(21, 19), torch.randint(0, 5, (21,))
     coeffs = random_coeffs(4, 2, seed=8)
     result = evaluate(models[0], models, coeffs, (inputs, targets))
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
 
 
 def test_plane_through_differences_equals_mixing_the_models():
@@ -169,7 +164,7 @@ def test_outputs_with_a_class_axis_and_positions_match_plain_loop():
     inputs, targets = torch.randn(17, 4, 9), torch.randint(0, 5, (17, 9))
     coeffs = random_coeffs(4, 2, seed=3)
     result = evaluate(models[0], models, coeffs, (inputs, targets))
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
 
 
 def test_inputs_are_left_untouched_and_unread_copies_are_detected():
@@ -194,7 +189,7 @@ def test_inputs_are_left_untouched_and_unread_copies_are_detected():
             view(coeffs, inputs)
         assert view.reads_shared_rows_only == (only_first_copy,)
         result = evaluate(models[0], models, coeffs, (inputs, targets))
-        assert_matches_loop(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
+        assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
         assert torch.equal(inputs, original)
 
 
@@ -233,7 +228,7 @@ def test_batchnorm_without_running_statistics_uses_batch_statistics_in_every_mod
     expected = plain_loop(models[0], models, coeffs, [data])
     for bn in ("eval", "recompute"):
         result = evaluate(models[0], models, coeffs, data, bn=bn, bn_data=data)
-        assert_matches_loop(result, expected)
+        assert_same_loss_and_error(result, expected)
 
 
 def test_fresh_batch_tensors_never_reuse_another_batchs_first_layer_outputs():
@@ -248,7 +243,7 @@ def test_fresh_batch_tensors_never_reuse_another_batchs_first_layer_outputs():
     models = [seeded(mlp, seed) for seed in range(3)]
     coeffs = random_coeffs(8, 3, seed=15)
     result = evaluate(models[0], models, coeffs, FreshBatches(), memory_budget=30_000)
-    assert_matches_loop(result, plain_loop(models[0], models, coeffs, list(FreshBatches())))
+    assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, list(FreshBatches())))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import mlp, plain_loop, seeded
+from helpers import assert_same_loss_and_error, mlp, model_at, plain_loop, seeded
 from modeconn_fast import Basis, SubspaceView, evaluate, interpolate
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import plan_chunks
@@ -25,9 +25,7 @@ def assert_matches_loop(model_factory, inputs, targets, *, expect_warning: bool 
             result = evaluate(models[0], models, COEFFS, (inputs, targets), **options)
     else:
         result = evaluate(models[0], models, COEFFS, (inputs, targets), **options)
-    expected = plain_loop(models[0], models, COEFFS, [(inputs, targets)])
-    torch.testing.assert_close(result["loss"], expected["loss"], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(result["error"], expected["error"], rtol=0, atol=1e-12)
+    assert_same_loss_and_error(result, plain_loop(models[0], models, COEFFS, [(inputs, targets)]))
 
 
 class Siamese(nn.Module):
@@ -164,11 +162,7 @@ def test_one_layer_on_two_inputs_of_the_same_shape():
 
 
 def _at(models, row):
-    from helpers import mixed_state
-    import copy
-    net = copy.deepcopy(models[0])
-    net.load_state_dict(mixed_state(models, row))
-    return net.eval()
+    return model_at(models[0], models, row).eval()
 
 
 def test_a_module_under_two_names_is_converted_everywhere():
