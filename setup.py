@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "numba",
         "scipy",
         "matplotlib",
         "tqdm",

@@ -1,4 +1,4 @@
-"""The sparse, certified LAP returns the dense optimum, cold and warm-started."""
+"""The warm-started, certified LAP returns the dense optimum, cold and warm-started."""
 from __future__ import annotations
 
 import pytest
@@ -24,24 +24,38 @@ def test_matches_the_dense_solver_cold_and_warm(n: int, rank: int, seed: int) ->
     generator = torch.Generator().manual_seed(seed)
     a, b = torch.randn(n, rank, generator=generator), torch.randn(n, rank, generator=generator)
     cost = (a @ b.T).double()
-    sigma, prices = solve_lap(cost)
+    sigma, warm = solve_lap(cost)
     assert torch.equal(sigma, optimum(cost))
     for step in range(3):  # a sequence of nearby matrices, as the sweeps of weight matching produce
         moved = torch.randperm(rank, generator=generator)[: max(1, rank // 8)]
         b[:, moved] += 0.3 * torch.randn(n, len(moved), generator=generator)
         cost = (a @ b.T).double()
-        sigma, prices = solve_lap(cost, prices=prices, hint=sigma)
+        sigma, warm = solve_lap(cost, warm)
+        assert warm is not None, "fell back to the dense solver"
         assert torch.equal(sigma, optimum(cost)), step
 
 
 def test_certificate_holds() -> None:
     generator = torch.Generator().manual_seed(3)
     cost = torch.randn(400, 400, generator=generator, dtype=torch.float64)
-    sigma, prices = solve_lap(cost)
-    assert prices is not None
-    reduced = cost - prices
+    sigma, warm = solve_lap(cost)
+    assert warm is not None and torch.equal(warm.sigma, sigma)
+    reduced = cost - warm.prices
     rows = torch.arange(400)
     assert torch.all(reduced.max(dim=1).values <= reduced[rows, sigma] + 1e-9)
+
+
+def test_candidates_without_a_full_matching() -> None:
+    """Every row ranks the same 40 columns first, so the candidates alone hold no perfect matching: the
+    augmenting paths must search whole rows."""
+    generator = torch.Generator().manual_seed(4)
+    n = 300
+    popularity = torch.zeros(n, dtype=torch.float64)
+    popularity[: lap.CANDIDATES + 8] = 10.0  # every row's candidates lie among these columns
+    cost = popularity + torch.rand(n, n, generator=generator, dtype=torch.float64)
+    sigma, warm = solve_lap(cost)
+    assert warm is not None, "fell back to the dense solver"
+    assert torch.equal(sigma, optimum(cost))
 
 
 def test_ties_and_small_sizes() -> None:

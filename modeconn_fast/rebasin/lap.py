@@ -1,128 +1,189 @@
-"""Exact dense linear assignment through a sparse one, with a dual certificate.
+"""Exact dense linear assignment, warm-started from the last solve of a similar matrix, with a dual certificate.
 
-maximise Σ_i C[i, σ(i)] over permutations σ. A dense solver (`scipy.optimize.linear_sum_assignment`) spends
-O(n³) on matrices whose optimum uses, row by row, only a few of the best entries. So:
-  1. keep, per row, the k best entries of C − p (p: column prices, e.g. from the last solve of a similar
-     matrix) and the entry of a hint assignment (the previous σ, which keeps the sparse problem feasible);
-  2. solve that sparse problem exactly (LAPJVsp, `scipy.sparse.csgraph.min_weight_full_bipartite_matching`);
-  3. compute prices p certifying σ on the candidate graph: p_k ≥ p_j + C[i,k] − C[i,j] for every candidate
-     (i, k) with j = σ(i) — longest paths over the columns (Bellman-Ford, vectorised over the candidates);
-  4. check the prices on the dense matrix (LP duality): if max_k (C[i,k] − p_k) = C[i,σ(i)] − p_σ(i) for every
-     row, then Σ_i C[i,τ(i)] ≤ Σ_i (C[i,σ(i)] − p_σ(i)) + Σ_k p_k = Σ_i C[i,σ(i)] for every τ: σ is optimal.
-     Rows that violate it get their best entries added, and the loop repeats.
-Any failure (no full matching among the candidates, prices that do not settle, no certificate after a few rounds) falls
-back to the dense solver, so the answer is always an exact optimum.
+maximise Σ_i C[i, σ(i)] over permutations σ. Duals: row values a and column prices p with
+
+    C[i, k] ≤ a_i + p_k for every (i, k),   equality on (i, σ(i)).
+
+Then for every permutation τ, Σ_i C[i, τ(i)] ≤ Σ_i a_i + Σ_k p_k = Σ_i C[i, σ(i)] (LP duality): σ is optimal.
+Weight matching solves one such problem per group visit, each a small change of the last one, so:
+  1. start from the last visit's σ and p; a dense pass finds the rows whose σ(i) is no longer a best entry of
+     C − p; they (or, cold, all rows) are freed and given a_i = max_k (C[i, k] − p_k), which keeps the duals
+     feasible;
+  2. each free row is assigned by a shortest augmenting path (Dijkstra on the reduced costs a_i + p_k − C[i, k]
+     ≥ 0, then a dual update that keeps them ≥ 0 and makes the path tight; the Hungarian method as in
+     Jonker & Volgenant 1987) over candidate entries only: per row, its best entries of C − p at the last time
+     it was freed, and σ(i);
+  3. the check of step 1 runs again on the rows whose value a_i the paths changed (prices only rise, so no
+     other row can fail); rows that fail are freed with fresh candidates, until none fails: the certificate.
+Only the freed rows cost work beyond one dense pass. A row whose candidates hold no augmenting path stays free
+for fresh candidates in the first rounds, later its search runs over whole rows. Cold, the prices start at the
+column maxima, so that every column is some row's best entry. If the rounds do not settle, the dense solver
+(`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
 """
 from __future__ import annotations
 
+import heapq
+from dataclasses import dataclass
+
+import numba
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from torch import Tensor
 
 DENSE_BELOW = 1024  # under this size the dense solver is as fast (read at call time: tests lower it)
-CANDIDATES = 32  # entries kept per row at first
-ROUNDS = 16  # candidate enlargements before falling back to the dense solver (4 fell back 22 times at width 4096)
-WARM_ROUNDS = 64  # Bellman-Ford rounds allowed to certify the hint
-CHECK_EVERY = 8  # Bellman-Ford rounds between convergence checks
+CANDIDATES = 32  # best entries of C − p kept per freed row
+ROUNDS = 16  # check-and-repair rounds before falling back to the dense solver
+WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
-def solve_lap(cost: Tensor, *, prices: Tensor | None = None, hint: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """(σ, p): an optimal assignment of `cost` ([n, n], maximised) and column prices certifying it (None when
-    the dense solver answered). `prices` (from a similar matrix) and `hint` (e.g. the previous σ) only make it
-    faster."""
+@dataclass
+class WarmStart:
+    """What a solve leaves for the next solve of a similar matrix: the assignment σ (row i → column σ(i)), the
+    column prices p certifying it, and each row's candidate columns ([n, CANDIDATES])."""
+
+    sigma: Tensor
+    prices: Tensor
+    candidates: Tensor
+
+
+def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
+    """(σ, warm start): an optimal assignment of `cost` ([n, n], maximised), and what it leaves for the next
+    solve (None when the dense solver answered). `warm` only makes it faster."""
     n = cost.shape[0]
     c = cost.double()
     if n < DENSE_BELOW:
         return _dense(c), None
-    work = torch.empty_like(c)  # one n×n buffer for every dense pass
-    p = torch.zeros(n, dtype=torch.float64) if prices is None else prices.double()
-    candidates = torch.topk(torch.sub(c, p, out=work), min(CANDIDATES, n), dim=1, sorted=False).indices
-    if hint is not None:
-        candidates = torch.cat([candidates, hint[:, None]], dim=1)
-    tolerance = 1e-12 * n * max(torch.gather(c, 1, candidates).abs().max().item(), 1.0)
-    if hint is not None:
-        certified = _certify(c, hint, candidates, p, tolerance, WARM_ROUNDS, work)
-        if certified is not None and certified[1].numel() == 0:
-            return hint, certified[0]
-    for _ in range(ROUNDS):
-        sigma = _sparse(c, p, candidates)
-        if sigma is None:
-            return _dense(c), None
-        certified = _certify(c, sigma, candidates, p, tolerance, n, work)
-        if certified is None:
-            return _dense(c), None
-        p, bad = certified
-        if bad.numel() == 0:
-            return sigma, p
-        extra = sigma[:, None].repeat(1, CANDIDATES)  # rows without violations repeat their own entry (a no-op)
-        extra[bad] = torch.topk(work[bad], CANDIDATES, dim=1, sorted=False).indices  # work holds c − p
-        candidates = torch.cat([candidates, extra], dim=1)
+    if warm is None:
+        sigma = torch.full((n,), -1, dtype=torch.long)
+        prices = c.amax(dim=0)
+        candidates = torch.empty(n, 0, dtype=torch.long)
+    else:
+        sigma, prices, candidates = warm.sigma.clone(), warm.prices.double().clone(), warm.candidates.clone()
+    extra: list[Tensor] = []  # the candidates before each round of this solve, kept until it ends
+    a = torch.zeros(n, dtype=torch.float64)  # row values; the paths keep them up to date between checks
+    check = torch.arange(n)  # rows to check: all at first, then those whose value the paths changed
+    tolerance = None
+    for round_ in range(ROUNDS):
+        best = torch.from_numpy(_row_best(c.numpy(), prices.numpy(), check.numpy()))
+        assigned = sigma[check] >= 0
+        matched = sigma[check].clamp(min=0)
+        values = torch.where(assigned, c[check, matched] - prices[matched], best)
+        if tolerance is None:
+            tolerance = 1e-12 * n * max((best + prices.max()).abs().max().item(), 1.0)
+        bad = ~assigned | (best > values + tolerance)
+        a[check] = torch.where(bad, best, values)
+        if not bad.any():
+            return sigma, WarmStart(sigma, prices - prices.min(), candidates)
+        free = check[bad]
+        fresh = torch.topk(c[free] - prices, min(CANDIDATES, n), dim=1, sorted=False).indices
+        if candidates.shape[1] == 0:
+            candidates = torch.empty(n, fresh.shape[1], dtype=torch.long)
+        else:
+            extra.append(candidates.clone())
+        candidates[free] = fresh
+        column = torch.where(sigma >= 0, sigma, candidates[:, 0])[:, None]
+        sigma[free] = -1
+        graph = torch.cat([candidates, column, *extra], dim=1)  # repeats are harmless
+        row_of_column = torch.full((n,), -1, dtype=torch.long)
+        row_of_column[sigma[sigma >= 0]] = torch.nonzero(sigma >= 0).flatten()
+        changed = _augment(
+            graph.numpy(), torch.gather(c, 1, graph).numpy(), c.numpy(), free.numpy(), sigma.numpy(),
+            row_of_column.numpy(), a.numpy(), prices.numpy(), round_ >= WHOLE_ROWS_FROM,
+        )  # fmt: skip
+        check = torch.nonzero(torch.from_numpy(changed)).flatten()
     return _dense(c), None
-
-
-def _certify(c: Tensor, sigma: Tensor, candidates: Tensor, start: Tensor, tolerance: float, rounds: int, work: Tensor):
-    """Prices for σ on the candidates (from `start`) and the rows where they fail on the dense matrix, or None
-    when the prices do not settle within `rounds` (σ is not optimal on the candidates). Leaves c − p in work."""
-    p = _prices(c, sigma, candidates, start, rounds, tolerance)
-    if p is None:
-        return None
-    reduced = torch.sub(c, p, out=work)
-    slack = reduced.amax(dim=1) - reduced.gather(1, sigma[:, None]).squeeze(1)
-    return p, torch.nonzero(slack > tolerance).flatten()
 
 
 def _dense(c: Tensor) -> Tensor:
     return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
 
 
-def _unique(candidates: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's candidate columns sorted, and a mask keeping the first of each repeat (rows without
-    violations carry their own entry many times over)."""
-    cols, _ = torch.sort(candidates, dim=1)
-    keep = torch.ones_like(cols, dtype=torch.bool)
-    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]
-    return cols, keep
+@numba.njit(parallel=True, cache=True)
+def _row_best(c, p, rows):  # pragma: no cover - compiled
+    """max_k (C[i, k] − p_k) for each i in rows: one read of those rows, no n×n temporary."""
+    best = np.empty(rows.shape[0])
+    for t in numba.prange(rows.shape[0]):
+        i = rows[t]
+        m = -np.inf
+        for k in range(c.shape[1]):
+            m = max(m, c[i, k] - p[k])
+        best[t] = m
+    return best
 
 
-def _sparse(c: Tensor, p: Tensor, candidates: Tensor) -> Tensor | None:
-    """Exact optimum over the candidate entries ([n, K] column indices, repeats allowed), or None when they
-    hold no full matching."""
+@numba.njit(cache=True)
+def _augment(cols, values, c, free_rows, row_to_col, col_to_row, a, p, whole_rows):  # pragma: no cover - compiled
+    """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
+    values[i, e]; where the candidates hold no path, all of row i of c if `whole_rows`, else the row stays
+    free); updates the assignment and the duals a (rows), p (columns) in place. Returns the rows whose value changed: elsewhere the rise of the prices
+    cannot break C[i, k] ≤ a_i + p_k."""
     n = c.shape[0]
-    cols, keep = _unique(candidates)
-    values = (torch.gather(c, 1, cols) - p[cols])[keep]
-    weights = (values.max() - values + 1.0).numpy()  # min-weight form, all weights ≥ 1 (zero means no edge)
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())])
-    graph = csr_matrix((weights, cols[keep].numpy(), indptr), shape=(n, n))
-    try:
-        _, col = min_weight_full_bipartite_matching(graph)
-    except ValueError:
-        return None
-    return torch.as_tensor(col, dtype=torch.long)
+    changed = np.zeros(n, dtype=np.bool_)
+    dist = np.full(n, np.inf)
+    done = np.zeros(n, dtype=np.bool_)
+    pred = np.full(n, -1, dtype=np.int64)  # the row before column k on the shortest path
+    scanned = np.empty(n, dtype=np.int64)
+    for s in free_rows:
+        sink, length, n_scanned = _shortest_path(s, cols, values, c, False, col_to_row, a, p, dist, done, pred, scanned)
+        if sink < 0:
+            changed[s] = True
+            if not whole_rows:
+                continue
+            sink, length, n_scanned = _shortest_path(s, cols, values, c, True, col_to_row, a, p, dist, done, pred, scanned)
+        for t in range(n_scanned):  # p_k += D − d_k on the scanned columns, the matched rows follow
+            k = scanned[t]
+            delta = length - dist[k]
+            p[k] += delta
+            if col_to_row[k] >= 0:
+                a[col_to_row[k]] -= delta
+                changed[col_to_row[k]] = True
+        a[s] -= length
+        changed[s] = True
+        j = sink
+        while True:  # flip the path
+            i = pred[j]
+            nxt = row_to_col[i]
+            row_to_col[i] = j
+            col_to_row[j] = i
+            if i == s:
+                break
+            j = nxt
+    return changed
 
 
-def _prices(c: Tensor, sigma: Tensor, candidates: Tensor, start: Tensor, rounds: int, tolerance: float) -> Tensor | None:
-    """Column prices p ≥ start with p_k ≥ p_σ(i) + C[i,k] − C[i,σ(i)] on every candidate (i, k): longest paths
-    over the columns (Bellman-Ford, one vectorised relaxation of all candidates per round; a warm start from
-    the prices of a similar matrix settles in few rounds). Settled: no price rose by more than `tolerance` in
-    the last rounds (rounding can make a zero-weight cycle creep). None if they do not settle within `rounds`."""
-    n = candidates.shape[0]
-    cols, keep = _unique(candidates)
-    gain = (torch.gather(c, 1, cols) - c[torch.arange(n), sigma][:, None])[keep]  # one per distinct candidate
-    source = sigma.repeat_interleave(keep.sum(dim=1))  # the column whose price each candidate's bound starts from
-    flat = cols[keep]
-    p = start - start.min()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # rounds of small ops: waking a second thread costs more than it brings
-    try:
-        for _ in range(0, rounds, CHECK_EVERY):
-            before = p
-            for _ in range(CHECK_EVERY):
-                p = p.scatter_reduce(0, flat, torch.index_select(p, 0, source).add_(gain), reduce="amax")
-            if (p - before).max().item() <= tolerance:
-                return p
-        return None
-    finally:
-        torch.set_num_threads(threads)
+@numba.njit(cache=True)
+def _shortest_path(s, cols, values, c, dense, col_to_row, a, p, dist, done, pred, scanned):  # pragma: no cover
+    """Dijkstra from free row s over the columns, reduced costs a_i + p_k − C[i, k]: (sink, its distance,
+    number of scanned columns, listed in `scanned`); sink −1 when no free column is reachable."""
+    dist[:] = np.inf
+    done[:] = False
+    heap = [(0.0, np.int64(0))]
+    heap.pop()
+    n_scanned = 0
+    i, d = s, 0.0
+    while True:
+        width = c.shape[1] if dense else cols.shape[1]
+        for e in range(width):  # relax the edges of row i, reached at distance d
+            k = e if dense else cols[i, e]
+            if done[k]:
+                continue
+            nd = d + a[i] + p[k] - (c[i, k] if dense else values[i, e])
+            if nd < dist[k]:
+                dist[k] = nd
+                pred[k] = i
+                heapq.heappush(heap, (nd, k))
+        j = -1
+        while heap:
+            d, k = heapq.heappop(heap)
+            if not done[k] and d <= dist[k]:
+                j = k
+                break
+        if j < 0:
+            return -1, 0.0, n_scanned
+        done[j] = True
+        scanned[n_scanned] = j
+        n_scanned += 1
+        if col_to_row[j] < 0:
+            return j, d, n_scanned
+        i = col_to_row[j]

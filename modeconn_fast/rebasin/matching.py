@@ -13,8 +13,9 @@ step's result:
   2. C_p is kept across visits (float64) and updated, term by term, only for the units of the neighbouring
      groups that moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product
      instead of the full one;
-  3. the LAP is solved through a sparse candidate problem with a dual certificate (see `lap.py`), warm-started
-     from the group's previous permutation and prices: the exact optimum at a fraction of a dense solve.
+  3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
+     `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
+     paths, and the same check certifies the exact optimum.
 The objective history is exact: J before the first sweep and at the end are computed directly (float64);
 in between J moves by the LAP gains, which are exact for a linear step.
 """
@@ -28,9 +29,12 @@ from torch import Tensor, nn
 
 from ..ops import permutation_cost
 from .derive import permutation_spec
-from .lap import solve_lap
+from .lap import WarmStart, solve_lap
 from .permutation import Permutation
 from .spec import Axis, PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
+
+
+SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -114,7 +118,10 @@ class _Matcher:
                     continue
                 a = term.a.index_select(0, moved).reshape(-1, n)
                 b = (term.b.index_select(0, now[moved]) - term.b.index_select(0, term.seen[moved])).reshape(-1, n)
-            cache += permutation_cost([a.T], [b.T], [None])
+            if a.shape[0] <= SMALL_UPDATE:
+                cache.addmm_(a.T.double(), b.double())
+            else:
+                cache += permutation_cost([a.T], [b.T], [None])
             term.seen = now
         if not self.generic[group]:
             return cache
@@ -177,7 +184,7 @@ def weight_matching(
     matcher = _Matcher(spec, state_a, state_b, params)
     names = list(spec.groups)
     dirty = set(names)
-    prices: dict[str, Tensor | None] = {}  # per group, the prices that certified its last LAP (a warm start)
+    warm: dict[str, WarmStart | None] = {}  # per group, what its last LAP leaves for the next
     sweeps = 0
     with torch.no_grad():
         for sweep in range(max_iter):
@@ -188,7 +195,7 @@ def weight_matching(
                 if group not in dirty:
                     continue
                 cost = matcher.cost(group, perms)
-                col, prices[group] = solve_lap(cost, prices=prices.get(group), hint=perms[group])
+                col, warm[group] = solve_lap(cost, warm.get(group))
                 dirty.discard(group)
                 if not torch.equal(col, perms[group]):
                     old = cost.gather(1, perms[group][:, None]).sum().item()
