@@ -3,11 +3,11 @@
 Both runs visit the groups in the same random order, so they must reach the same objective (relative difference
 ≤ 1e-6, computed by one function for both). The ceiling is one LAP of size h (scipy) measured in the same run.
 The two models are trained here from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64).
-Where time goes is split with cProfile: cost matrices (every `permutation_cost` call, or the port's products),
+Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of two runs
 up to width 2048 in the full run (one in --quick), for both implementations alike.
 
-    python -m benchmarks.b4_rebasin [--quick]
+    python -m benchmarks.b4_rebasin [--quick] [--widths 8192]
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
             certified_lap += cumulative
         elif "linear_sum_assignment" in name:
             split["lap_s"] += cumulative
-        elif name == "permutation_cost" or (file.endswith("rebasin_port.py") and name == "cost_matrix"):
+        elif (file.endswith("matching.py") and name == "cost") or (file.endswith("rebasin_port.py") and name == "cost_matrix"):
             split["cost_s"] += cumulative
     split["lap_s"] = certified_lap or split["lap_s"]
     split["other_s"] = seconds - split["lap_s"] - split["cost_s"]
@@ -120,17 +120,19 @@ def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
     return table
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+def run(quick: bool = False, widths: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """One row per width: our seconds, the port's, the ratio, the LAP ceiling, both objectives and agreement."""
     torch.set_grad_enabled(False)
-    widths = (512, 2048) if quick else WIDTHS
+    widths = widths or ((512, 2048) if quick else WIDTHS)
     return [run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=1 if quick or w > 2048 else 2) for w in widths]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="widths 512 and 2048 only")
-    rows = run(quick=parser.parse_args().quick)
+    parser.add_argument("--widths", type=int, nargs="+", help=f"these widths instead (the port runs up to {PORT_MAX_WIDTH})")
+    args = parser.parse_args()
+    rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None)
     columns = ["width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
                "port_objective", "same_objective", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
                "port_cost_s", "port_other_s"]  # fmt: skip
