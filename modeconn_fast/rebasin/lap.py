@@ -6,9 +6,8 @@ maximise Σ_i C[i, σ(i)] over permutations σ. Duals: row values a and column p
 
 Then for every permutation τ, Σ_i C[i, τ(i)] ≤ Σ_i a_i + Σ_k p_k = Σ_i C[i, σ(i)] (LP duality): σ is optimal.
 Weight matching solves one such problem per group visit, each a small change of the last one, so:
-  1. start from the last visit's σ and p (cold: from an auction, below); a
-     dense pass finds the rows whose σ(i) is no longer a best entry of C − p; they are freed and given
-     a_i = max_k (C[i, k] − p_k), which keeps the duals feasible;
+  1. start from the last visit's σ and p; a dense pass finds the rows whose σ(i) is no longer a best entry
+     of C − p; they are freed and given a_i = max_k (C[i, k] − p_k), which keeps the duals feasible;
   2. each free row is assigned by a shortest augmenting path (Dijkstra on the reduced costs a_i + p_k − C[i, k]
      ≥ 0, then a dual update that keeps them ≥ 0 and makes the path tight; the Hungarian method as in
      Jonker & Volgenant 1987) over candidate entries only: per row, its best entries of C − p at the last time
@@ -16,10 +15,11 @@ Weight matching solves one such problem per group visit, each a small change of 
   3. the check of step 1 runs again on the rows whose value a_i the paths changed (prices only rise, so no
      other row can fail); rows that fail are freed with fresh candidates, until none fails: the certificate.
 Only the freed rows cost work beyond one dense pass. A row whose candidates hold no augmenting path stays free
-for fresh candidates in the first rounds, later its search runs over whole rows. Cold, prices close to the
-final ones come from an ε-scaling auction over whole rows (Bertsekas 1988) started at the column maxima; its
-assignment is only a start, the checks decide. If the rounds do not settle, the dense solver
-(`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
+for fresh candidates in the first rounds, later its search runs over whole rows. Cold (prices start at the
+column maxima), and where most rows fail the first check (the matrix moved far), an ε-scaling auction over
+whole rows (Bertsekas 1988) first brings the prices close to the final ones; its assignment is only a start,
+the checks decide. If the rounds do not settle, the dense solver (`scipy.optimize.linear_sum_assignment`)
+answers instead: the result is always an exact optimum.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-DENSE_BELOW = 1024  # under this size the dense solver is as fast (read at call time: tests lower it)
+DENSE_BELOW = 256  # under this size the dense solver is as fast (read at call time: tests lower it)
 CANDIDATES = 32  # best entries of C − p kept per freed row
 ROUNDS = 16  # check-and-repair rounds before falling back to the dense solver
-EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # a cold start's auction: first and last ε, relative to the candidates' spread
+AUCTION_ABOVE = 0.5  # fraction of rows failing the first check above which an auction starts afresh
+EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
@@ -66,9 +67,8 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, Warm
         sigma, prices, candidates = warm.sigma.clone(), warm.prices.double().clone(), warm.candidates.clone()
     chosen = torch.gather(c, 1, candidates)
     tolerance = 1e-12 * n * max(chosen.abs().max().item(), 1.0)
-    if warm is None:
-        spread = (chosen.max() - chosen.min()).item()
-        _auction(c.numpy(), sigma.numpy(), prices.numpy(), spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
+    spread = (chosen.max() - chosen.min()).item()
+    auctioned = False
     extra: list[Tensor] = []  # the candidates before each round of this solve, kept until it ends
     a = torch.zeros(n, dtype=torch.float64)  # row values; the paths keep them up to date between checks
     check = torch.arange(n)  # rows to check: all at first, then those whose value the paths changed
@@ -81,13 +81,15 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, Warm
         a[check] = torch.where(bad, best, values)
         if not bad.any():
             return sigma, WarmStart(sigma, prices - prices.min(), candidates)
+        if not auctioned and bad.sum() > AUCTION_ABOVE * n:  # cold, or far from the last matrix
+            auctioned = True
+            sigma.fill_(-1)
+            _auction(c.numpy(), sigma.numpy(), prices.numpy(), spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
+            check = torch.arange(n)
+            continue
         free = check[bad]
-        fresh = torch.topk(c[free] - prices, min(CANDIDATES, n), dim=1, sorted=False).indices
-        if candidates.shape[1] == 0:
-            candidates = torch.empty(n, fresh.shape[1], dtype=torch.long)
-        else:
-            extra.append(candidates.clone())
-        candidates[free] = fresh
+        extra.append(candidates.clone())
+        candidates[free] = torch.topk(c[free] - prices, min(CANDIDATES, n), dim=1, sorted=False).indices
         column = torch.where(sigma >= 0, sigma, candidates[:, 0])[:, None]
         sigma[free] = -1
         graph = torch.cat([candidates, column, *extra], dim=1)  # repeats are harmless
@@ -120,8 +122,8 @@ def _row_best(c, p, rows):  # pragma: no cover - compiled
 
 @numba.njit(cache=True)
 def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - compiled
-    """A cold start's assignment and prices: the auction algorithm with ε-scaling (Bertsekas 1988) over whole
-    rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it ε short
+    """An assignment and prices near the optimum's: the auction algorithm with ε-scaling (Bertsekas 1988) over
+    whole rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it ε short
     of indifferent to its second best; the previous owner is freed and bids in turn. Each phase ends with every
     row assigned within ε of its best; ε shrinks by SCALING per phase down to eps_end. Stops early after
     `budget` bids in one phase."""
