@@ -64,3 +64,10 @@ def test_ties_and_small_sizes() -> None:
     assert torch.equal(torch.sort(sigma).values, torch.arange(200))
     small = torch.randn(5, 5, dtype=torch.float64)
     assert torch.equal(solve_lap(small)[0], optimum(small))
+
+
+def test_non_finite_entries_raise() -> None:
+    cost = torch.randn(300, 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cost[5, :] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        solve_lap(cost)

@@ -90,6 +90,15 @@ def test_different_architectures_are_refused() -> None:
         weight_matching(build("mlp"), build("vgg"), example_input=torch.randn(2, 64))
 
 
+def test_non_finite_weights_are_refused() -> None:
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
+    name, weight = next(iter(model_b.named_parameters()))
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"model_b's {name} holds NaN"):
+        weight_matching(model_a, model_b, example_input=inputs(model_a))
+
+
 def test_spec_or_example_input_required() -> None:
     with pytest.raises(SpecError, match="example_input"):
         weight_matching(build("mlp"), build("mlp", seed=1))

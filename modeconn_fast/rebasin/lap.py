@@ -181,6 +181,8 @@ def _augment(cols, values, c, free_rows, row_to_col, col_to_row, a, p, whole_row
             if not whole_rows:
                 continue
             sink, length, n_scanned = _shortest_path(s, cols, values, c, True, col_to_row, a, p, dist, done, pred, scanned)
+            if sink < 0:
+                raise ValueError("no augmenting path over whole rows: the cost matrix holds NaN or infinite entries")
         for t in range(n_scanned):  # p_k += D − d_k on the scanned columns, the matched rows follow
             k = scanned[t]
             delta = length - dist[k]

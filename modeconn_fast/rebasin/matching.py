@@ -175,6 +175,10 @@ def weight_matching(
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     spec.sizes(state_b)
     params = parameter_names(model_a)
+    for label, state in (("model_a", state_a), ("model_b", state_b)):
+        bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
+        if bad is not None:
+            raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
     start = Permutation.identity(spec, state_a)
     if init is not None:
         perms = init.perms if isinstance(init, Permutation) else init
