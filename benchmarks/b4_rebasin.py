@@ -65,7 +65,7 @@ def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
             certified_lap += cumulative
         elif "linear_sum_assignment" in name:
             split["lap_s"] += cumulative
-        elif (file.endswith("matching.py") and name == "cost") or (file.endswith("rebasin_port.py") and name == "cost_matrix"):
+        elif name == "cost_matrix" or (name == "cost" and file.endswith("matching.py")):
             split["cost_s"] += cumulative
     split["lap_s"] = certified_lap or split["lap_s"]
     split["other_s"] = seconds - split["lap_s"] - split["cost_s"]
@@ -132,7 +132,8 @@ def run(quick: bool = False, widths: tuple[int, ...] | None = None) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="widths 512 and 2048 only")
-    parser.add_argument("--widths", type=int, nargs="+", help=f"these widths instead (the port runs up to {PORT_MAX_WIDTH})")
+    parser.add_argument("--widths", type=int, nargs="+",
+                        help=f"these widths instead (the port runs up to {PORT_MAX_WIDTH})")
     args = parser.parse_args()
     rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None)
     columns = ["width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",

@@ -1,4 +1,4 @@
-"""The warm-started, certified LAP returns the dense optimum, cold and warm-started."""
+"""The certified LAP returns the dense optimum, cold and warm-started."""
 from __future__ import annotations
 
 import pytest

@@ -74,8 +74,9 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, Warm
     check = torch.arange(n)  # rows to check: all at first, then those whose value the paths changed
     for round_ in range(ROUNDS):
         best = torch.from_numpy(_row_best(c.numpy(), prices.numpy(), check.numpy()))
-        assigned = sigma[check] >= 0
-        matched = sigma[check].clamp(min=0)
+        current = sigma[check]
+        assigned = current >= 0
+        matched = current.clamp(min=0)
         values = torch.where(assigned, c[check, matched] - prices[matched], best)
         bad = ~assigned | (best > values + tolerance)
         a[check] = torch.where(bad, best, values)
@@ -93,11 +94,9 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, Warm
         column = torch.where(sigma >= 0, sigma, candidates[:, 0])[:, None]
         sigma[free] = -1
         graph = torch.cat([candidates, column, *extra], dim=1)  # repeats are harmless
-        row_of_column = torch.full((n,), -1, dtype=torch.long)
-        row_of_column[sigma[sigma >= 0]] = torch.nonzero(sigma >= 0).flatten()
         changed = _augment(
-            graph.numpy(), torch.gather(c, 1, graph).numpy(), c.numpy(), free.numpy(), sigma.numpy(),
-            row_of_column.numpy(), a.numpy(), prices.numpy(), round_ >= WHOLE_ROWS_FROM,
+            graph.numpy(), torch.gather(c, 1, graph).numpy(), c.numpy(), free.numpy(), sigma.numpy(), a.numpy(),
+            prices.numpy(), round_ >= WHOLE_ROWS_FROM,
         )  # fmt: skip
         check = torch.nonzero(torch.from_numpy(changed)).flatten()
     return _dense(c), None
@@ -123,10 +122,10 @@ def _row_best(c, p, rows):  # pragma: no cover - compiled
 @numba.njit(cache=True)
 def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - compiled
     """An assignment and prices near the optimum's: the auction algorithm with ε-scaling (Bertsekas 1988) over
-    whole rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it ε short
-    of indifferent to its second best; the previous owner is freed and bids in turn. Each phase ends with every
-    row assigned within ε of its best; ε shrinks by SCALING per phase down to eps_end. Stops early after
-    `budget` bids in one phase."""
+    whole rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it
+    ε short of indifferent to its second best; the previous owner is freed and bids in turn. Each phase ends
+    with every row assigned within ε of its best; ε shrinks by SCALING per phase down to eps_end. Stops early
+    after `budget` bids in one phase."""
     n = c.shape[0]
     col_to_row = np.full(n, -1, dtype=np.int64)
     queue = np.empty(n + budget, dtype=np.int64)
@@ -163,24 +162,29 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True)
-def _augment(cols, values, c, free_rows, row_to_col, col_to_row, a, p, whole_rows):  # pragma: no cover - compiled
+def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragma: no cover - compiled
     """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
     values[i, e]; where the candidates hold no path, all of row i of c if `whole_rows`, else the row stays
-    free); updates the assignment and the duals a (rows), p (columns) in place. Returns the rows whose value changed: elsewhere the rise of the prices
-    cannot break C[i, k] ≤ a_i + p_k."""
+    free); updates the assignment row_to_col (−1: free) and the duals a (rows), p (columns) in place. Returns
+    the rows whose value changed: elsewhere the rise of the prices cannot break C[i, k] ≤ a_i + p_k."""
     n = c.shape[0]
+    col_to_row = np.full(n, -1, dtype=np.int64)
+    for i in range(n):
+        if row_to_col[i] >= 0:
+            col_to_row[row_to_col[i]] = i
     changed = np.zeros(n, dtype=np.bool_)
     dist = np.full(n, np.inf)
     done = np.zeros(n, dtype=np.bool_)
     pred = np.full(n, -1, dtype=np.int64)  # the row before column k on the shortest path
     scanned = np.empty(n, dtype=np.int64)
     for s in free_rows:
-        sink, length, n_scanned = _shortest_path(s, cols, values, c, False, col_to_row, a, p, dist, done, pred, scanned)
+        search = (cols, values, c, col_to_row, a, p, dist, done, pred, scanned)
+        sink, length, n_scanned = _shortest_path(s, False, *search)
         if sink < 0:
             changed[s] = True
             if not whole_rows:
                 continue
-            sink, length, n_scanned = _shortest_path(s, cols, values, c, True, col_to_row, a, p, dist, done, pred, scanned)
+            sink, length, n_scanned = _shortest_path(s, True, *search)
             if sink < 0:
                 raise ValueError("no augmenting path over whole rows: the cost matrix holds NaN or infinite entries")
         for t in range(n_scanned):  # p_k += D − d_k on the scanned columns, the matched rows follow
@@ -205,7 +209,7 @@ def _augment(cols, values, c, free_rows, row_to_col, col_to_row, a, p, whole_row
 
 
 @numba.njit(cache=True)
-def _shortest_path(s, cols, values, c, dense, col_to_row, a, p, dist, done, pred, scanned):  # pragma: no cover
+def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred, scanned):  # pragma: no cover
     """Dijkstra from free row s over the columns, reduced costs a_i + p_k − C[i, k]: (sink, its distance,
     number of scanned columns, listed in `scanned`); sink −1 when no free column is reachable."""
     dist[:] = np.inf
@@ -213,9 +217,9 @@ def _shortest_path(s, cols, values, c, dense, col_to_row, a, p, dist, done, pred
     heap = [(0.0, np.int64(0))]
     heap.pop()
     n_scanned = 0
+    width = c.shape[1] if dense else cols.shape[1]
     i, d = s, 0.0
     while True:
-        width = c.shape[1] if dense else cols.shape[1]
         for e in range(width):  # relax the edges of row i, reached at distance d
             k = e if dense else cols[i, e]
             if done[k]:

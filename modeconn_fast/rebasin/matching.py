@@ -22,16 +22,18 @@ in between J moves by the LAP gains, which are exact for a linear step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import permutation_cost
 from .derive import permutation_spec
-from .lap import WarmStart, solve_lap
 from .permutation import Permutation
 from .spec import Axis, PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
+
+if TYPE_CHECKING:
+    from .lap import WarmStart
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
@@ -165,6 +167,8 @@ def weight_matching(
     The spec is derived from model_a and `example_input` unless given. Returns a Permutation whose `apply(model_b)`
     gives the aligned model; `objective_history` and `iterations` (sweeps) record the run.
     """
+    from .lap import solve_lap  # here, not at the top: numba's import (0.4 s) only when matching runs
+
     check_same_architecture(model_a, model_b)
     if spec is None:
         if example_input is None:
