@@ -3,13 +3,17 @@
     evaluate(model, basis, coeffs, data)   metrics at many points Σ_k coeffs[p,k] basis[k], in one pass
     interpolate(model_a, model_b, data)    loss and error along the straight line, with barriers
     barrier(model_a, model_b, data)        the loss (or error) barrier of that line
+    BezierCurve(a, b), PolyChain(a, b)     trainable curves between two models (their control points)
+    train_curve(curve, data, ...)          minimise E_t L(θ(t)); evaluate_curve(curve, data) -> CurveResult
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
 """
 from . import rebasin
+from .curves import BezierCurve, CurveHistory, CurveResult, PolyChain, evaluate_curve, train_curve
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "Evaluation", "PathResult", "SubspaceView", "barrier", "evaluate", "interpolate", "linear_coeffs",
-           "rebasin"]
+__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "PathResult", "PolyChain",
+           "SubspaceView", "barrier", "evaluate", "evaluate_curve", "interpolate", "linear_coeffs", "rebasin",
+           "train_curve"]

@@ -132,6 +132,12 @@ def as_basis(basis: "Basis | Sequence[StateLike]", model: nn.Module) -> Basis:
     return Basis.from_members(list(basis), like=model)
 
 
+def check_same_architecture(model_a: StateLike, model_b: StateLike, name_a: str = "model_a",
+                            name_b: str = "model_b") -> None:
+    """Raise ValueError naming the entry (and both shapes) where two models' state dicts differ."""
+    _check_same_entries(_state_dict(model_a), _state_dict(model_b), name_a, name_b)
+
+
 def _check_same_entries(reference: Mapping[str, Tensor], other: Mapping[str, Tensor], ref_name: str, other_name: str) -> None:
     missing = [n for n in reference if n not in other]
     extra = [n for n in other if n not in reference]

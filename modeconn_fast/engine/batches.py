@@ -1,5 +1,6 @@
 """Data for the engine: a tuple `(inputs, targets)` of tensors, or any re-iterable of such batches.
-(`bn_data` may also give inputs alone: a tensor, or batches that are tensors or 1-tuples of one.)"""
+(`bn_data` may also give inputs alone: a tensor, or batches that are tensors or 1-tuples of one; a list of
+tensors is always batches of inputs there, never an (inputs, targets) pair.)"""
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Sequence
@@ -45,7 +46,9 @@ class Batches:
         self.batch_size: int | None = None
         if targets_optional and isinstance(data, Tensor):  # inputs alone (bn_data)
             data = (data, torch.zeros(data.shape[0], dtype=torch.long, device=data.device))
-        if isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensors(data[0]) and isinstance(data[1], Tensor):
+        batches_of_inputs = targets_optional and isinstance(data, list) and all(isinstance(x, Tensor) for x in data)
+        if (not batches_of_inputs and isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensors(data[0])
+                and isinstance(data[1], Tensor)):
             inputs = data[0] if isinstance(data[0], Tensor) else tuple(data[0])
             rows = {x.shape[0] for x in ((inputs,) if isinstance(inputs, Tensor) else inputs)}
             if len(rows) != 1 or rows != {data[1].shape[0]}:

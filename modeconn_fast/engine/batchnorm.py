@@ -8,6 +8,8 @@ engine offers two modes (DESIGN §2):
   b after n samples), the result is the sample-weighted average of the batch means and of the unbiased batch
   variances: μ = Σ_i b_i μ_i / Σ_i b_i, σ² = Σ_i b_i σ²_i / Σ_i b_i. While collecting, each point's batch
   is normalised with its own biased batch statistics, exactly as in train mode.
+- training ("batch" phase): each point's minibatch is normalised with its own batch statistics, as in train
+  mode, and nothing is accumulated (a curve's running statistics mean nothing; they are recomputed afterwards).
 - "eval": each point mixes the stored statistics of the basis members: μ(p) = Σ_k c[p,k] μ_k (likewise σ²).
   Exact at the members themselves, only sound for points close to them.
 """
@@ -55,7 +57,7 @@ class SubspaceBatchNorm(SubspaceLayer):
         channels = x.shape[1]
         values = x.reshape(state.points, -1, channels, x[0, 0].numel())  # [P, M, C, S]: M = N (or N·positions)
         phase = state.bn_phase
-        if phase == "collect" or not self.tracks_statistics:
+        if phase in ("collect", "batch") or not self.tracks_statistics:
             mean, var = _batch_statistics(values)
             if phase == "collect" and self.tracks_statistics:
                 self._accumulate(mean, var, per_channel=values.shape[1] * values.shape[3])
@@ -94,4 +96,5 @@ def _batch_statistics(values: Tensor) -> tuple[Tensor, Tensor]:
     """
     mean = values.mean(dim=3).mean(dim=1)
     deviation = values - mean[:, None, :, None]
-    return mean, deviation.square_().mean(dim=3).mean(dim=1)
+    squares = deviation.square() if deviation.requires_grad else deviation.square_()
+    return mean, squares.mean(dim=3).mean(dim=1)

@@ -42,7 +42,7 @@ class SubspaceLayer(nn.Module):
         if torch.is_grad_enabled() or state.batch is None:
             return None
         index, rows = shared
-        key = (state.batch, index, tuple(rows.shape), *(t._version for t in self.stacked.values()))
+        key = (state.batch, index, tuple(rows.shape), *((t.data_ptr(), t._version) for t in self.stacked.values()))
         entry = self._cache
         if entry is None or entry[0] != key:
             self._cache = None  # free the old outputs first

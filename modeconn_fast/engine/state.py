@@ -12,7 +12,10 @@ from typing import Hashable, Literal
 
 from torch import Tensor
 
-BatchNormPhase = Literal["stored", "collect", "recomputed"]
+# "stored": mix the members' running statistics; "collect": normalise each point's batch with its own statistics
+# and accumulate them (recomputation); "recomputed": use the accumulated ones; "batch": train mode, each point's
+# batch normalised with its own statistics, nothing accumulated (training through the view).
+BatchNormPhase = Literal["stored", "collect", "recomputed", "batch"]
 
 
 @dataclass

@@ -50,7 +50,10 @@ class ModelOutputError(TypeError):
 class SubspaceView(nn.Module):
     """`view(coeffs [P, K], inputs [N, ...]) -> outputs [P, N, ...]`: the model at P points of `basis`.
 
-    The model runs in eval mode (Dropout off); BatchNorm follows `bn_phase` (see `batchnorm.py`).
+    In eval mode (the default) Dropout is off and BatchNorm follows `bn_phase` (see `batchnorm.py`). In train
+    mode (`view.train()`, for training through the view) Dropout is on and every point normalises its batch
+    with its own statistics. Gradients reach the basis tensors and the coefficient rows; `rebind` points the
+    view at new basis tensors (e.g. a curve's control points after an optimiser step).
     """
 
     def __init__(self, model: nn.Module, basis: Basis):
@@ -60,7 +63,23 @@ class SubspaceView(nn.Module):
         self.fallback_names: list[str] = []
         self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input; set by `prepare`
         self._model, self._basis = model, basis
+        self._bindings: list[tuple[SubspaceLayer, str]] = []  # every layer holding basis tensors, with its prefix
         self.net = self._convert(_frozen_copy(model), "", basis, {})
+        self.eval()
+
+    def train(self, mode: bool = True) -> "SubspaceView":
+        """Train mode: Dropout on, BatchNorm normalising each point's batch with its own statistics."""
+        super().train(mode)
+        self.bn_phase = "batch" if mode else "stored"
+        return self
+
+    def rebind(self, stacked: dict[str, Tensor]) -> None:
+        """Use `stacked` (the same entries and shapes as the basis, e.g. tensors that record gradients) from
+        the next forward on."""
+        for layer, prefix in self._bindings:
+            for name in layer.stacked:
+                layer.stacked[name] = stacked[prefix + name]
+        self._basis = Basis(stacked, self._basis.constants)
 
     def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0, batch: Hashable | None = None) -> Tensor:
         """The outputs at the points `coeffs`, which are points offset … offset+P−1 of the whole evaluation
@@ -96,14 +115,24 @@ class SubspaceView(nn.Module):
         read only by native layers (then only one copy of them is written)."""
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         probe = tuple(x[:2] for x in inputs)
-        two = _two_points(coeffs)
+        two = _two_points(coeffs.detach())
+        training, phase = self.training, self.bn_phase
+        self.eval()
+        try:
+            self._check_folding(coeffs.detach(), two, probe)
+        finally:
+            self.train(training)
+            self.bn_phase = phase
+
+    def _check_folding(self, coeffs: Tensor, two: Tensor, probe: tuple[Tensor, ...]) -> None:
         with torch.no_grad():
             problem = self._folding_problem(two, probe)
             if problem is not None and self.fallback_names != [WHOLE_MODEL]:
                 warnings.warn(f"{problem}; running the whole model per point with vmap instead (slower). Keep the "
-                              "batch axis first and do not mix samples along it to get the fast path.", stacklevel=4)
+                              "batch axis first and do not mix samples along it to get the fast path.", stacklevel=5)
                 self.net = FallbackModule(self.state, dict(self._basis.stacked), dict(self._basis.constants),
                                           _frozen_copy(self._model))
+                self._bindings = [(self.net, "")]
                 self.fallback_names = [WHOLE_MODEL]
                 problem = self._folding_problem(two, probe)
             if problem is not None:
@@ -182,6 +211,17 @@ class SubspaceView(nn.Module):
     def use_stored_batchnorm(self) -> None:
         self.bn_phase = "stored"
 
+    def recomputed_batchnorm_state(self, point: int) -> dict[str, Tensor]:
+        """The running statistics `recompute_batchnorm` gave point `point`, as state-dict entries of the model
+        (`"<module>.running_mean"`, `"<module>.running_var"`), for a plain model at that point."""
+        state = {}
+        for name, layer in self.net.named_modules():
+            if isinstance(layer, SubspaceBatchNorm) and layer.recomputed is not None:
+                prefix = f"{name}." if name else ""
+                state[prefix + "running_mean"] = layer.recomputed[0][point].clone()
+                state[prefix + "running_var"] = layer.recomputed[1][point].clone()
+        return state
+
     # --- memory ----------------------------------------------------------------------------------------------
     def materialised_bytes_per_point(self) -> int:
         """The largest combined weights one point may need at a time (layers run one after another)."""
@@ -216,12 +256,14 @@ class SubspaceView(nn.Module):
         native = _native_layer(module)
         if native is not None:
             converted: nn.Module = native(self.state, _entries(basis.stacked, prefix, direct=True), module)
+            self._bindings.append((converted, prefix))
         elif (pooling := faster_pooling(module)) is not None:
             converted = pooling
         elif _needs_fallback(module, prefix, basis):
             self.fallback_names.append(prefix.rstrip(".") or WHOLE_MODEL)
             converted = FallbackModule(self.state, _entries(basis.stacked, prefix, direct=False),
                                        _entries(basis.constants, prefix, direct=False), module)
+            self._bindings.append((converted, prefix))
         else:
             _load_fixed_buffers(module, prefix, basis)
             for name, child in list(module._modules.items()):

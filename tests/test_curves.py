@@ -1,0 +1,198 @@
+"""Curves: coefficients against the formulas, exact ends, gradients against a float64 plain-autograd reference,
+evaluate_curve against a per-point loop, BatchNorm recomputation, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import modeconn_fast as mc
+from modeconn_fast.curves import garipov_schedule
+from tests.helpers import SmallCNN, mlp, plain_loop, reset_and_recompute_batchnorm, seeded, settle_batchnorm
+
+
+def cnn_pair() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(24, 3, 8, 8), torch.randint(0, 4, (24,))
+    a = settle_batchnorm(seeded(SmallCNN, 1), inputs)
+    b = settle_batchnorm(seeded(SmallCNN, 2), inputs * 0.5)
+    return a, b, inputs, targets
+
+
+@pytest.mark.parametrize("bends", [1, 2])
+def test_bezier_coefficients_are_bernstein_polynomials(bends):
+    curve = mc.BezierCurve(mlp(), mlp(), bends=bends)
+    t = torch.tensor([0.0, 0.13, 0.5, 0.77, 1.0], dtype=torch.float64)
+    n = bends + 1
+    expected = torch.tensor([[math.comb(n, k) * float(s) ** k * (1 - float(s)) ** (n - k) for k in range(n + 1)]
+                             for s in t], dtype=torch.float64)
+    torch.testing.assert_close(curve.coefficients(t), expected, rtol=1e-12, atol=0)
+    if bends == 1:  # (1 − t)², 2t(1 − t), t²
+        torch.testing.assert_close(curve.coefficients(t)[:, 1], 2 * t * (1 - t), rtol=1e-12, atol=0)
+
+
+def test_polychain_coefficients_are_hat_functions():
+    chain = mc.PolyChain(mlp(), mlp(), bends=2)  # knots at 0, 1/3, 2/3, 1
+    t = torch.tensor([0.0, 1 / 6, 1 / 3, 0.5, 0.9, 1.0], dtype=torch.float64)
+    expected = torch.tensor([[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0.3, 0.7],
+                             [0, 0, 0, 1]], dtype=torch.float64)
+    torch.testing.assert_close(chain.coefficients(t), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [mc.BezierCurve, mc.PolyChain])
+def test_curve_ends_are_the_models_exactly(kind):
+    a, b, inputs, _ = cnn_pair()
+    curve = kind(a, b, bends=2)
+    for t, model in ((0.0, a), (1.0, b)):
+        at = curve.model_at(t)
+        for name, value in model.state_dict().items():
+            assert torch.equal(at.state_dict()[name], value), name
+        torch.testing.assert_close(curve.eval()(inputs, t), model(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_free_control_points_are_the_only_trainable_parameters():
+    a, b = seeded(mlp, 0), seeded(mlp, 1)
+    curve = mc.BezierCurve(a, b, bends=2)
+    free = {name.split(".")[1] for name, p in curve.named_parameters() if p.requires_grad}
+    assert free == {"1", "2"}
+    loose = mc.PolyChain(a, b, fix_end=False)
+    assert {name.split(".")[1] for name, p in loose.named_parameters() if p.requires_grad} == {"1", "2"}
+
+
+def reference_loss(curve: mc.BezierCurve, inputs, targets, t, weight_decay):
+    """Plain autograd in float64: per t, θ(t) = Σ_k c_k θ_k as one state dict, the model in train mode."""
+    states = [dict(point.named_parameters()) | dict(point.named_buffers()) for point in curve.control_points]
+    rows = curve.coefficients(t)
+    total = 0.0
+    for row in rows:
+        weights = {name: sum(float(c) * s[name] for c, s in zip(row, states)) if torch.is_floating_point(value)
+                   else value.clone() for name, value in states[0].items()}
+        model = curve.architecture.train()
+        outputs = functional_call(model, weights, (inputs,))
+        norm = sum((weights[name] ** 2).sum() for name, _ in model.named_parameters())
+        total = total + F.cross_entropy(outputs, targets) + 0.5 * weight_decay * norm
+    curve.architecture.eval()
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
+def test_control_point_gradients_match_plain_autograd(factory):
+    from modeconn_fast.curves.train import _step_loss
+
+    torch.manual_seed(3)
+    if factory is mlp:
+        inputs, targets = torch.randn(9, 19, dtype=torch.float64), torch.randint(0, 5, (9,))
+    else:
+        inputs, targets = torch.randn(9, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
+    a, b = seeded(factory, 0).double(), seeded(factory, 1).double()
+    curve = mc.BezierCurve(a, b, bends=2, fix_end=False).double().train()
+    with torch.no_grad():  # move the bends off the straight line
+        for point in curve.control_points[1:3]:
+            for p in point.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    t = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64)
+    free = [p for p in curve.parameters() if p.requires_grad]
+
+    ours = _step_loss(curve, inputs, targets, t, F.cross_entropy, weight_decay=0.01)
+    ours_grads = torch.autograd.grad(ours, free)
+    expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
+    expected_grads = torch.autograd.grad(expected, free)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored-bn", "recomputed-bn"])
+def test_evaluate_curve_equals_a_per_point_loop(recompute):
+    a, b, inputs, targets = cnn_pair()
+    curve = mc.BezierCurve(a, b)
+    with torch.no_grad():
+        for p in curve.control_points[1].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    bn_data = [inputs[:12], inputs[12:]] if recompute else None
+    result = mc.evaluate_curve(curve, (inputs, targets), points=7, bn_data=bn_data, bn="recompute" if recompute else "eval",
+                               progress=False)
+    assert result.bn_mode == ("recompute" if recompute else "eval")
+    rows = curve.coefficients(result.t).float()
+    expected = plain_loop(curve.architecture, list(curve.control_points), rows, [(inputs, targets)],
+                          bn="recompute" if recompute else "eval", bn_batches=bn_data or ())
+    torch.testing.assert_close(result.loss, expected["loss"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.error, expected["error"], rtol=0, atol=1e-12)
+
+
+def test_evaluate_curve_columns_and_summary():
+    a, b, inputs, targets = cnn_pair()
+    curve = mc.PolyChain(a, b)
+    data = {"train": (inputs[:16], targets[:16]), "test": (inputs[16:], targets[16:])}
+    result = mc.evaluate_curve(curve, data, points=5, bn_data=inputs, progress=False)
+    assert set(result.columns) == {"train_loss", "train_error", "test_loss", "test_error"}
+    assert torch.equal(result.loss, result["train_loss"])
+    # the chain's segments: straight lines, so the length is ‖θ_1 − θ_A‖ + ‖θ_B − θ_1‖
+    points = [dict(p.named_parameters()) for p in curve.control_points]
+    direct = sum(math.sqrt(sum(float(((points[k + 1][n] - points[k][n]) ** 2).sum()) for n in points[0]))
+                 for k in range(2))
+    assert result.length == pytest.approx(direct, rel=1e-6)
+    assert curve.length() == pytest.approx(direct, rel=1e-6)
+    summary = result.summary()["test_loss"]
+    values = result["test_loss"]
+    assert summary["max"] == pytest.approx(float(values.max())) and summary["min"] == pytest.approx(float(values.min()))
+    assert summary["min"] <= summary["int"] <= summary["max"]
+    line = (1 - result.t) * values[0] + result.t * values[-1]
+    assert result.barrier("loss", dataset="test") == pytest.approx(float((values - line).max()))
+
+
+def test_model_at_recomputes_batchnorm_like_the_reference():
+    a, b, inputs, _ = cnn_pair()
+    curve = mc.BezierCurve(a, b)
+    batches = [inputs[:10], inputs[10:]]
+    ours = curve.model_at(0.3, bn_data=batches)
+    plain = curve.model_at(0.3)
+    reset_and_recompute_batchnorm(plain, batches)
+    for name, value in plain.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.eval()(inputs), plain.eval()(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_several_t_in_one_pass_equal_each_t_alone():
+    a, b, inputs, _ = cnn_pair()
+    curve = mc.BezierCurve(a, b).train()
+    t = torch.tensor([0.1, 0.6, 0.8])
+    together = curve(inputs, t)
+    for i, value in enumerate(t):
+        torch.testing.assert_close(together[i], curve(inputs, value), rtol=1e-5, atol=1e-5)
+
+
+def test_garipov_schedule_and_history():
+    assert [garipov_schedule(1.0, e, 10) for e in (0, 5, 7, 9)] == pytest.approx([1.0, 1.0, 1 - 0.5 * 0.99, 0.01])
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(40, 19), torch.randint(0, 5, (40,))
+    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
+    history = mc.train_curve(curve, (inputs, targets), epochs=4, lr=0.1, batch_size=16, t_per_step=2, progress=False)
+    assert history.lr == pytest.approx([garipov_schedule(0.1, e, 4) for e in range(4)])
+    assert len(history.loss) == 4 and len(history.step_loss) == 4 * 3
+    assert history.loss[-1] < history.loss[0]
+
+
+def test_bad_input_raises_before_training():
+    a = seeded(mlp, 0)
+    other = nn.Sequential(nn.Linear(19, 24), nn.ReLU(), nn.Linear(24, 17), nn.Tanh(), nn.Linear(17, 5))
+    with pytest.raises(ValueError, match=r"'0.weight'.*\(23, 19\).*\(24, 19\)"):
+        mc.BezierCurve(a, other)
+    with pytest.raises(ValueError, match="bends"):
+        mc.BezierCurve(a, seeded(mlp, 1), bends=0)
+    curve = mc.PolyChain(a, seeded(mlp, 1))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        curve.coefficients(torch.tensor([0.5, 1.2]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        curve.model_at(-0.1)
+    before = [p.clone() for p in curve.parameters()]
+    with pytest.raises(ValueError, match="empty"):
+        mc.train_curve(curve, (torch.zeros(0, 19), torch.zeros(0, dtype=torch.long)), epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="t_per_step"):
+        mc.train_curve(curve, (torch.randn(4, 19), torch.zeros(4, dtype=torch.long)), epochs=1, lr=0.1, t_per_step=0)
+    assert all(torch.equal(p, q) for p, q in zip(before, curve.parameters()))
