@@ -28,6 +28,7 @@ WORKLOADS = [
     ("B3", "b3_curve_bn", False, _own_rows),
     ("B4", "b4_rebasin", False, b4_rows),
     ("B5", "gpu_kernels", True, b5_rows),
+    ("B6", "b6_curve_train", False, _own_rows),
 ]
 
 

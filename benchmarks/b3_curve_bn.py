@@ -1,8 +1,8 @@
 """B3 curve-bn: a small CNN with BatchNorm on the 8×8 digits, a quadratic Bezier curve over three trained models,
 61 points, BatchNorm statistics recomputed per point on the training split, then train and test loss and error.
 
-The project runs what a user runs: one `evaluate` call over both splits, {"train": ..., "test": ...}, with
-bn="recompute" on the training batches. The peer is the 2018 reference algorithm (`peers/reference_bn.py`). Both see the training split in the
+The project runs what a user runs: one `evaluate_curve` call over both splits, {"train": ..., "test": ...},
+with BatchNorm recomputed on the training batches. The peer is the 2018 reference algorithm (`peers/reference_bn.py`). Both see the training split in the
 reference's loader batches of 128, unshuffled, so the recomputed statistics are the same numbers. The middle
 control point θ_1 is a third independently trained model (this measures evaluation, not curve training).
 """
@@ -51,12 +51,6 @@ def cnn(seed: int) -> nn.Sequential:
     )
 
 
-def bernstein(points: int) -> Tensor:
-    """Rows ((1−t)², 2t(1−t), t²) at `points` evenly spaced t ∈ [0, 1]."""
-    t = torch.linspace(0, 1, points)[:, None]
-    return torch.cat([(1 - t) ** 2, 2 * t * (1 - t), t**2], dim=1)
-
-
 def batches(data: tuple[Tensor, Tensor]) -> Batches:
     inputs, targets = data
     return [(inputs[i:i + BATCH], targets[i:i + BATCH]) for i in range(0, len(targets), BATCH)]
@@ -65,19 +59,19 @@ def batches(data: tuple[Tensor, Tensor]) -> Batches:
 @dataclass
 class Curve:
     models: list[nn.Module]
-    basis: modeconn_fast.Basis
+    curve: modeconn_fast.BezierCurve
     train: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
-    coeffs: Tensor
+    coeffs: Tensor  # the curve's rows at the evaluated t
 
-    def ours(self, coeffs: Tensor) -> dict[str, Tensor]:
-        """One evaluate call over both splits: BatchNorm recomputed once per point on the training batches."""
-        result = modeconn_fast.evaluate(self.models[0], self.basis, coeffs, {"train": self.train, "test": self.test},
-                                        bn="recompute", bn_data=batches(self.train), progress=False)
-        return dict(result)
+    def ours(self, points: int) -> dict[str, Tensor]:
+        """One evaluate_curve call over both splits: BatchNorm recomputed once per point on the training batches."""
+        result = modeconn_fast.evaluate_curve(self.curve, {"train": self.train, "test": self.test}, points=points,
+                                              bn_data=batches(self.train), progress=False)
+        return dict(result.columns)
 
     def reference(self, coeffs: Tensor) -> dict[str, Tensor]:
-        members = [m.state_dict() for m in self.models]
+        members = [m.state_dict() for m in self.models]  # the control points A, θ_1, B
         return curve_metrics(self.models[0], members, coeffs, batches(self.train), batches(self.test))
 
 
@@ -86,15 +80,17 @@ def prepare(size: CurveSize) -> Curve:
     images = [(x.reshape(-1, 1, 8, 8), y) for x, y in (digits.train, digits.test)]
     with threads(1):
         models = [train_classifier(cnn(s), images[0], epochs=size.epochs, seed=s, progress=False) for s in (0, 1, 2)]
-    basis = modeconn_fast.Basis.from_members(models)
-    return Curve(models, basis, images[0], images[1], bernstein(size.points))
+    curve = modeconn_fast.BezierCurve(models[0], models[2], bends=1)
+    curve.control_points[1].load_state_dict(models[1].state_dict())
+    coeffs = curve.coefficients(torch.linspace(0, 1, size.points, dtype=torch.float64)).float()
+    return Curve(models, curve, images[0], images[1], coeffs)
 
 
 def contenders(curve: Curve, size: CurveSize) -> tuple[Contender, Contender, Tensor]:
     """(ours on all points, the reference on at most size.peer_points of them, those points' indices)."""
     total = curve.coeffs.shape[0]
     index = subset(total, size.peer_points)
-    ours = Contender("ours", lambda: curve.ours(curve.coeffs), total, total)
+    ours = Contender("ours", lambda: curve.ours(total), total, total)
     peer = Contender("2018 reference", lambda: curve.reference(curve.coeffs[index]), len(index), total)
     return ours, peer, index
 

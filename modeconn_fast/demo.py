@@ -12,6 +12,7 @@ from typing import Callable
 
 from torch import nn
 
+from .curves import BezierCurve, evaluate_curve, train_curve
 from .digits import Digits, load_digits_split, mlp, train_classifier
 from .paths import PathResult, interpolate
 from .plot import plot_paths
@@ -28,7 +29,9 @@ class DemoContext:
     digits: Digits
     models: list[nn.Module]  # trained from SEEDS, same architecture
     progress: bool = True
+    epochs: int = 40  # of each model's training; the curve trains for ¾ of that
     straight_paths: dict[str, PathResult] = field(default_factory=dict)  # by split, once a section computed them
+    curve: BezierCurve | None = None  # the trained curve between the two models, once its section ran
 
     def straight_path(self, split: str) -> PathResult:
         """The straight line between the two models on one split (computed once)."""
@@ -84,14 +87,50 @@ def rebasin_section(ctx: DemoContext) -> Section:
     return Section("Re-Basin: aligning the two models", body, [figure.name])
 
 
-SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section]
+def curve_section(ctx: DemoContext) -> Section:
+    """A quadratic Bezier curve trained between the two models (Garipov et al. 2018), against the straight line."""
+    model_a, model_b = ctx.models
+    started = time.perf_counter()
+    curve = BezierCurve(model_a, model_b, bends=1)
+    epochs = max(2, ctx.epochs * 3 // 4)
+    history = train_curve(curve, ctx.digits.train, epochs=epochs, lr=0.1, weight_decay=1e-4, batch_size=64,
+                          progress=ctx.progress)
+    training_s = time.perf_counter() - started
+    result = evaluate_curve(curve, {"train": ctx.digits.train, "test": ctx.digits.test}, points=25,
+                            progress=ctx.progress)
+    ctx.curve = curve
+    paths = {"train, straight line": ctx.straight_path("train"), "test, straight line": ctx.straight_path("test"),
+             "train, Bezier curve": PathResult(result.t, result["train_loss"], result["train_error"], result.bn_mode),
+             "test, Bezier curve": PathResult(result.t, result["test_loss"], result["test_error"], result.bn_mode)}
+    figure = plot_paths(paths, ctx.out / "curve_path.png", title="straight line and trained Bezier curve")
+    summary, line = result.summary(), {split: ctx.straight_path(split) for split in ("train", "test")}
+    rows = [[f"{split} {metric}", summary[f"{split}_{metric}"]["max"], summary[f"{split}_{metric}"]["mean"],
+             summary[f"{split}_{metric}"]["int"], float(getattr(line[split], metric).max())]
+            for split in ("train", "test") for metric in ("loss", "error")]
+    body = (
+        "A quadratic Bezier curve θ(t) = (1 − t)² θ_A + 2t(1 − t) θ_1 + t² θ_B with its middle control point θ_1 "
+        f"trained for {epochs} epochs (SGD, E_t L(θ(t)) with one t ~ U[0, 1] per minibatch, the learning-rate "
+        "schedule of Garipov et al. 2018), through the unchanged MLP.
+
+"
+        + table(["column", "max on the curve", "mean", "length-weighted mean", "max on the line"], rows)
+        + f"
+
+Loss barrier of the curve on train: {result.barrier('loss', dataset='train'):.4f} (straight line: "
+        f"{ctx.straight_path('train').barrier('loss'):.4f}). Curve length in weight space {result.length:.1f}; training "
+        f"took {training_s:.1f} s ({len(history.step_loss)} steps), final epoch loss {history.loss[-1]:.4f}."
+    )
+    return Section("A low-loss curve between the two models", body, [figure.name])
+
+
+SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section, curve_section]
 
 
 def prepare(out: Path, progress: bool = True, epochs: int = 40) -> DemoContext:
     digits = load_digits_split()
     models = [train_classifier(mlp(WIDTHS, seed=seed), digits.train, epochs=epochs, seed=seed, progress=progress)
               for seed in SEEDS]
-    return DemoContext(out=out, digits=digits, models=models, progress=progress)
+    return DemoContext(out=out, digits=digits, models=models, progress=progress, epochs=epochs)
 
 
 def run_demo(out: str | Path = "demo_output", progress: bool = True, epochs: int = 40) -> Path:

@@ -16,6 +16,8 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Re-Basin" in report and "loss barrier after" in report
     assert (tmp_path / "rebasin_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Bezier curve" in report and "max on the line" in report
+    assert (tmp_path / "curve_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_module_entry_point_shows_help():

@@ -110,7 +110,8 @@ class Curve(nn.Module):
         inputs = (x,) if isinstance(x, Tensor) else tuple(x)
         view = self._subspace_view(rows, inputs)
         view.rebind(stacked)
-        view.train(self.training)
+        if view.training != self.training:
+            view.train(self.training)
         return view(rows, inputs)
 
     def _subspace_view(self, rows: Tensor, inputs: tuple[Tensor, ...]) -> SubspaceView:

@@ -16,6 +16,7 @@ engine offers two modes (DESIGN §2):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import SubspaceLayer
@@ -54,10 +55,12 @@ class SubspaceBatchNorm(SubspaceLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
+        phase = state.bn_phase
+        if phase == "batch":
+            return self._batch_normalised(x)
         channels = x.shape[1]
         values = x.reshape(state.points, -1, channels, x[0, 0].numel())  # [P, M, C, S]: M = N (or N·positions)
-        phase = state.bn_phase
-        if phase in ("collect", "batch") or not self.tracks_statistics:
+        if phase == "collect" or not self.tracks_statistics:
             mean, var = _batch_statistics(values)
             if phase == "collect" and self.tracks_statistics:
                 self._accumulate(mean, var, per_channel=values.shape[1] * values.shape[3])
@@ -76,6 +79,20 @@ class SubspaceBatchNorm(SubspaceLayer):
             shift = shift + bias
         y = torch.addcmul(shift[:, None, :, None], values, scale[:, None, :, None])
         return y.reshape(x.shape)
+
+    def _batch_normalised(self, x: Tensor) -> Tensor:
+        """Each point's batch normalised with its own (biased) batch statistics, by torch's fused batch_norm:
+        the points become channel groups of one [M, P·C, S] tensor (one point needs no rearranging)."""
+        points, channels = self.state.points, x.shape[1]
+        weight, bias = self.mixed("weight"), self.mixed("bias")
+        weight = None if weight is None else weight.reshape(-1)
+        bias = None if bias is None else bias.reshape(-1)
+        if points == 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        values = x.reshape(points, -1, channels, x[0, 0].numel()).transpose(0, 1)  # [M, P, C, S]
+        y = F.batch_norm(values.reshape(values.shape[0], points * channels, -1), None, None, weight, bias, True, 0.0,
+                         self.eps)
+        return y.reshape(values.shape).transpose(0, 1).reshape(x.shape)
 
     def _accumulate(self, mean: Tensor, var: Tensor, per_channel: int) -> None:
         if per_channel < 2:
