@@ -4,12 +4,15 @@
     interpolate(model_a, model_b, data)    loss and error along the straight line, with barriers
     barrier(model_a, model_b, data)        the loss (or error) barrier of that line
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
+    fge(model, train_data, ...)            Fast Geometric Ensembling: snapshots of a cyclic-rate SGD run
+    Ensemble(models)                       members evaluated in one pass: probabilities, uncertainty, calibration
 """
 from . import rebasin
+from .curves import Ensemble, EnsembleEvaluation, EnsemblePrediction, fge
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "Evaluation", "PathResult", "SubspaceView", "barrier", "evaluate", "interpolate", "linear_coeffs",
-           "rebasin"]
+__all__ = ["Basis", "Ensemble", "EnsembleEvaluation", "EnsemblePrediction", "Evaluation", "PathResult", "SubspaceView",
+           "barrier", "evaluate", "fge", "interpolate", "linear_coeffs", "rebasin"]
