@@ -32,6 +32,10 @@ class ReliabilityBins:
             return torch.zeros(*leading, bins, dtype=torch.float64, device=device)
         return cls(zero(), zero(), zero())
 
+    def __getitem__(self, index: int | slice) -> "ReliabilityBins":
+        """The bins of one classifier (or several) along the first leading axis, e.g. one ensemble member."""
+        return ReliabilityBins(self.count[index], self.confidence_sum[index], self.correct[index])
+
     @property
     def bins(self) -> int:
         return self.count.shape[-1]
