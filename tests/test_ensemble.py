@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers import SmallCNN, mixed_state, mlp, model_at, reset_and_recompute_batchnorm, seeded, settle_batchnorm
+from helpers import (SmallCNN, mixed_state, mlp, model_at, one_thread, reset_and_recompute_batchnorm,  # noqa: F401
+                     seeded, settle_batchnorm)  # one_thread: a fixture, active here
 from modeconn_fast import Basis, Ensemble, evaluate
 from modeconn_fast.curves import ReliabilityBins
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import SmallCNN, mlp, seeded, settle_batchnorm
+from helpers import SmallCNN, mlp, one_thread, seeded, settle_batchnorm  # noqa: F401 (one_thread: a fixture)
 from modeconn_fast import Ensemble, fge
 from modeconn_fast.curves import fge_learning_rate
 from modeconn_fast.digits import load_digits_split, train_classifier
@@ -19,15 +20,6 @@ def garipov_rate(epoch: int, i: int, n: int, c: int, a1: float, a2: float) -> fl
     """DESIGN §5, written out again: τ = ((epoch mod c) + i/N)/c, linear down to α₂ at τ = ½ and back up."""
     tau = ((epoch % c) + i / n) / c
     return a1 * (1 - 2 * tau) + a2 * 2 * tau if tau < 0.5 else a1 * (2 * tau - 1) + a2 * (2 - 2 * tau)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny SGD steps only lose time splitting work across threads (on a busy 2-core machine, 80× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_schedule_function_equals_the_formula():

@@ -22,11 +22,12 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..engine import SubspaceView
 from ..engine.batches import Batches, Inputs, move
@@ -159,7 +160,8 @@ class Ensemble:
         """Probabilities and uncertainties on `inputs` ([N, ...], or a tuple of tensors for several inputs)."""
         rows = (inputs if isinstance(inputs, Tensor) else inputs[0]).shape[0]
         batches = Batches((inputs, torch.zeros(rows, dtype=torch.long)), "inputs")
-        log_probs = torch.cat([lp for lp, _ in self._member_log_probs(batches)], dim=1)  # [M, N, C]
+        view, chunks = self._plan(batches)
+        log_probs = torch.cat([self._log_probs(view, chunks, x) for x, _ in batches], dim=1)  # [M, N, C]
         member_probs = log_probs.exp()
         probs = member_probs.mean(dim=0)
         mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(len(self))
@@ -168,13 +170,15 @@ class Ensemble:
         variance = member_probs.var(dim=0, unbiased=False).mean(dim=1)
         return EnsemblePrediction(probs=probs, member_probs=member_probs, entropy=entropy,
                                   mutual_information=(entropy - member_entropy).clamp_min(0), variance=variance,
-                                  bn_mode=self.bn_mode or "none")
+                                  bn_mode=self._bn_mode_known())
 
     @torch.no_grad()
-    def evaluate(self, data: Any) -> EnsembleEvaluation:
+    def evaluate(self, data: Any, *, progress: bool | None = None) -> EnsembleEvaluation:
         """Loss, error and ECE of the ensemble and of every member over all batches of `data`: `(inputs,
-        targets)` tensors or an iterable of such batches (integer class targets)."""
+        targets)` tensors or an iterable of such batches (integer class targets). progress: show a progress
+        bar (default: when the work lasts more than a second)."""
         batches = Batches(data, "data")
+        view, chunks = self._plan(batches)
         members = len(self)
         member_loss = torch.zeros(members, dtype=torch.float64, device=self.device)
         member_wrong = torch.zeros_like(member_loss)
@@ -182,36 +186,46 @@ class Ensemble:
         count = 0
         reliability = ReliabilityBins.zeros(device=self.device)
         member_reliability = ReliabilityBins.zeros(members, device=self.device)
-        for log_probs, targets in self._member_log_probs(batches):
-            if torch.is_floating_point(targets) or targets.dim() != 1:
-                raise ValueError("Ensemble.evaluate needs integer class targets [N]")
-            picked = log_probs.gather(2, targets.expand(members, -1).unsqueeze(2)).squeeze(2)  # [M, N]
-            member_loss -= picked.sum(dim=1, dtype=torch.float64)
-            member_wrong += (log_probs.argmax(dim=2) != targets).sum(dim=1)
-            mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(members)  # log p̄ [N, C]
-            loss -= float(mean_log_probs.gather(1, targets.unsqueeze(1)).sum(dtype=torch.float64))
-            wrong += int((mean_log_probs.argmax(dim=1) != targets).sum())
-            count += targets.shape[0]
-            reliability.add(mean_log_probs.exp(), targets)
-            member_reliability.add(log_probs.exp(), targets)
+        total = len(batches) if batches.has_length() else None
+        with tqdm(total=total, desc="ensemble", unit="batch", delay=0.0 if progress else 1.0,
+                  disable=progress is False, leave=False) as bar:
+            for inputs, targets in batches:
+                if torch.is_floating_point(targets) or targets.dim() != 1:
+                    raise ValueError("Ensemble.evaluate needs integer class targets [N]")
+                log_probs, targets = self._log_probs(view, chunks, inputs), targets.to(self.device)
+                picked = log_probs.gather(2, targets.expand(members, -1).unsqueeze(2)).squeeze(2)  # [M, N]
+                member_loss -= picked.sum(dim=1, dtype=torch.float64)
+                member_wrong += (log_probs.argmax(dim=2) != targets).sum(dim=1)
+                mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(members)  # log p̄ [N, C]
+                loss -= float(mean_log_probs.gather(1, targets.unsqueeze(1)).sum(dtype=torch.float64))
+                wrong += int((mean_log_probs.argmax(dim=1) != targets).sum())
+                count += targets.shape[0]
+                reliability.add(mean_log_probs.exp(), targets)
+                member_reliability.add(log_probs.exp(), targets)
+                bar.update()
         return EnsembleEvaluation(loss=loss / count, error=wrong / count, ece=float(reliability.ece()),
                                   member_loss=(member_loss / count).cpu(), member_error=(member_wrong / count).cpu(),
                                   member_ece=member_reliability.ece().cpu(), reliability=reliability,
-                                  member_reliability=member_reliability, bn_mode=self.bn_mode or "none")
+                                  member_reliability=member_reliability, bn_mode=self._bn_mode_known())
 
     # --- the pass through the view ---------------------------------------------------------------------------
-    def _member_log_probs(self, batches: Batches) -> Iterator[tuple[Tensor, Tensor]]:
-        """For each batch: every member's log-probabilities [M, B, C] and the targets [B]."""
+    def _plan(self, batches: Batches) -> tuple[SubspaceView, list[slice]]:
+        """The view and the chunks of members (and rows per batch of tensors) under the memory budget."""
         view = self._ready(batches)
-        chunks = plan_chunks(view, self.coeffs, [batches], None, self.memory_budget, self.device)
-        for inputs, targets in batches:
-            inputs, name = move(inputs, self.device), ("ensemble", next(self._batch_names))
-            outputs = torch.cat([view(self.coeffs[chunk], inputs, offset=chunk.start, batch=name) for chunk in chunks])
-            if outputs.dim() != 3:
-                raise ValueError(f"an ensemble needs class scores [N, classes] from the model, got outputs of shape "
-                                 f"{tuple(outputs.shape[1:])}")
-            yield F.log_softmax(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), dim=2), \
-                targets.to(self.device)
+        return view, plan_chunks(view, self.coeffs, [batches], None, self.memory_budget, self.device)
+
+    def _log_probs(self, view: SubspaceView, chunks: list[slice], inputs: Inputs) -> Tensor:
+        """Every member's log-probabilities [M, B, C] on one batch, chunk by chunk of members."""
+        inputs, name = move(inputs, self.device), ("ensemble", next(self._batch_names))
+        outputs = torch.cat([view(self.coeffs[chunk], inputs, offset=chunk.start, batch=name) for chunk in chunks])
+        if outputs.dim() != 3:
+            raise ValueError(f"an ensemble needs class scores [N, classes] from the model, got outputs of shape "
+                             f"{tuple(outputs.shape[1:])}")
+        return F.log_softmax(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), dim=2)
+
+    def _bn_mode_known(self) -> str:
+        assert self.bn_mode is not None, "the view is built before any result"
+        return self.bn_mode
 
     def _ready(self, probe: Batches | None) -> SubspaceView:
         """The view, built at first use: checked on a probe batch, BatchNorm statistics recomputed if asked."""
