@@ -2,8 +2,9 @@
 classifiers trained on them in seconds, for the demo, the tests and the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,24 +48,30 @@ def mlp(widths: Sequence[int] = (64, 128, 128, 128, 10), seed: int | None = None
     return nn.Sequential(*layers)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run a block on one intra-op thread: steps this small only lose time splitting work across threads (and
+    far more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_classifier(model: nn.Module, data: tuple[Tensor, Tensor], *, epochs: int = 40, batch_size: int = 32,
                      lr: float = 1e-3, seed: int = 0, progress: bool = True) -> nn.Module:
-    """Adam on cross-entropy, minibatches shuffled from `seed`. Returns the model in eval mode.
-
-    Runs on one intra-op thread: steps this small only lose time splitting work across threads (and far
-    more on a busy machine)."""
+    """Adam on cross-entropy, minibatches shuffled from `seed`, on one intra-op thread. Returns the model in eval
+    mode."""
     inputs, targets = data
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for _ in tqdm(range(epochs), desc=f"train (seed {seed})", unit="epoch", disable=not progress, leave=False):
             for rows in torch.randperm(len(targets), generator=generator).split(batch_size):
                 optimizer.zero_grad()
                 F.cross_entropy(model(inputs[rows]), targets[rows]).backward()
                 optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 import modeconn_fast as mc
 from modeconn_fast.digits import load_digits_split, mlp, train_classifier
+from tests.helpers import one_thread  # noqa: F401 (an autouse fixture: these small steps run on one thread)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,19 @@ def test_curve_trains_with_batchnorm(digits, factory):
         a_error = float((a(digits.test[0]).argmax(1) != digits.test[1]).double().mean())
     assert abs(start_error - a_error) <= 0.005
     assert abs(float(result["test_error"][0]) - start_error) <= 1e-9
+
+
+def test_ensemble_from_a_trained_curve_equals_its_points(digits):
+    a = train_classifier(small_cnn(0), digits.train, epochs=3, seed=0, progress=False)
+    b = train_classifier(small_cnn(1), digits.train, epochs=3, seed=1, progress=False)
+    curve = mc.BezierCurve(a, b)
+    mc.train_curve(curve, digits.train, epochs=1, lr=0.05, progress=False)
+    ts = torch.tensor([0.0, 0.4, 1.0])
+    bn_data = digits.train[0][:256]
+    ensemble = mc.Ensemble.from_curve(curve, ts, bn_data=bn_data)
+    inputs = digits.test[0][:50]
+    prediction = ensemble.predict(inputs)
+    for index, t in enumerate(ts):
+        member = curve.model_at(float(t), bn_data=bn_data).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(prediction.member_probs[index], member(inputs).softmax(dim=1), rtol=1e-4, atol=1e-5)

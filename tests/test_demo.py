@@ -18,6 +18,8 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert (tmp_path / "rebasin_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Bezier curve" in report and "max on the line" in report
     assert (tmp_path / "curve_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Fast Geometric Ensembling" in report and "| **FGE ensemble**" in report and "ECE (15 bins)" in report
+    assert (tmp_path / "fge_calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_module_entry_point_shows_help():

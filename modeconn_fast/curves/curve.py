@@ -140,7 +140,7 @@ class Curve(nn.Module):
             view = SubspaceView(self.architecture, basis)
             view.prepare(row.to(device), move(batches.first[0], device))
             view.recompute_batchnorm(row.to(device), (move(inputs, device) for inputs, _ in batches))
-            state |= view.recomputed_batchnorm_state(0)
+            state |= {name: value[0] for name, value in view.recomputed_batchnorm_state().items()}
         model = copy.deepcopy(self.architecture)
         model.load_state_dict(state)
         return model.requires_grad_(True)

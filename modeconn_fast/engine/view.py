@@ -211,15 +211,14 @@ class SubspaceView(nn.Module):
     def use_stored_batchnorm(self) -> None:
         self.bn_phase = "stored"
 
-    def recomputed_batchnorm_state(self, point: int) -> dict[str, Tensor]:
-        """The running statistics `recompute_batchnorm` gave point `point`, as state-dict entries of the model
-        (`"<module>.running_mean"`, `"<module>.running_var"`), for a plain model at that point."""
+    def recomputed_batchnorm_state(self) -> dict[str, Tensor]:
+        """The running statistics `recompute_batchnorm` gave every point, as state-dict entries of the model with
+        a leading point axis (`"<module>.running_mean"`, `"<module>.running_var"`: [P, C]); {} before any."""
         state = {}
         for name, layer in self.net.named_modules():
             if isinstance(layer, SubspaceBatchNorm) and layer.recomputed is not None:
                 prefix = f"{name}." if name else ""
-                state[prefix + "running_mean"] = layer.recomputed[0][point].clone()
-                state[prefix + "running_var"] = layer.recomputed[1][point].clone()
+                state[prefix + "running_mean"], state[prefix + "running_var"] = layer.recomputed
         return state
 
     # --- memory ----------------------------------------------------------------------------------------------
