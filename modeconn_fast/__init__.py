@@ -5,15 +5,17 @@
     barrier(model_a, model_b, data)        the loss (or error) barrier of that line
     BezierCurve(a, b), PolyChain(a, b)     trainable curves between two models (their control points)
     train_curve(curve, data, ...)          minimise E_t L(θ(t)); evaluate_curve(curve, data) -> CurveResult
+    train_simplex(model, data, ...)        a low-loss simplex grown from a model (SPRO); espro(models, data, ...)
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
 """
 from . import rebasin
-from .curves import BezierCurve, CurveHistory, CurveResult, PolyChain, evaluate_curve, train_curve
+from .curves import (BezierCurve, CurveHistory, CurveResult, PolyChain, Simplex, SimplexHistory, espro, evaluate_curve,
+                     train_curve, train_simplex)
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "PathResult", "PolyChain",
-           "SubspaceView", "barrier", "evaluate", "evaluate_curve", "interpolate", "linear_coeffs", "rebasin",
-           "train_curve"]
+__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "PathResult", "PolyChain", "Simplex",
+           "SimplexHistory", "SubspaceView", "barrier", "espro", "evaluate", "evaluate_curve", "interpolate",
+           "linear_coeffs", "rebasin", "train_curve", "train_simplex"]

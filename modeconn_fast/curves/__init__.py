@@ -1,9 +1,12 @@
-"""Curves between models and the ensembles they give (Garipov et al. 2018): each a basis + coefficient rows."""
+"""Curves between models and the ensembles they give (Garipov et al. 2018), low-loss simplexes (Benton et al.
+2021): each a trainable basis + coefficient rows."""
 from .bezier import BezierCurve
 from .curve import Curve
 from .evaluate import CurveResult, evaluate_curve
 from .polychain import PolyChain
+from .simplex import Simplex, SimplexHistory, espro, train_simplex
 from .train import CurveHistory, garipov_schedule, train_curve
+from .trainable import TrainableSubspace
 
-__all__ = ["BezierCurve", "Curve", "CurveHistory", "CurveResult", "PolyChain", "evaluate_curve", "garipov_schedule",
-           "train_curve"]
+__all__ = ["BezierCurve", "Curve", "CurveHistory", "CurveResult", "PolyChain", "Simplex", "SimplexHistory",
+           "TrainableSubspace", "espro", "evaluate_curve", "garipov_schedule", "train_curve", "train_simplex"]
