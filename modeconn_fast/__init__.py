@@ -6,16 +6,17 @@
     BezierCurve(a, b), PolyChain(a, b)     trainable curves between two models (their control points)
     train_curve(curve, data, ...)          minimise E_t L(θ(t)); evaluate_curve(curve, data) -> CurveResult
     train_simplex(model, data, ...)        a low-loss simplex grown from a model (SPRO); espro(models, data, ...)
+    autoneb(model_a, model_b, data, ...)   a low-loss path by nudged elastic band with pivot insertion -> NEBResult
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
 """
 from . import rebasin
-from .curves import (BezierCurve, CurveHistory, CurveResult, PolyChain, Simplex, SimplexHistory, espro, evaluate_curve,
-                     train_curve, train_simplex)
+from .curves import (BezierCurve, CurveHistory, CurveResult, NEBResult, PolyChain, Simplex, SimplexHistory, autoneb,
+                     espro, evaluate_curve, train_curve, train_simplex)
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "PathResult", "PolyChain", "Simplex",
-           "SimplexHistory", "SubspaceView", "barrier", "espro", "evaluate", "evaluate_curve", "interpolate",
+__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "NEBResult", "PathResult", "PolyChain",
+           "Simplex", "SimplexHistory", "SubspaceView", "autoneb", "barrier", "espro", "evaluate", "evaluate_curve", "interpolate",
            "linear_coeffs", "rebasin", "train_curve", "train_simplex"]
