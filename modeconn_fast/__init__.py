@@ -18,5 +18,5 @@ from .subspace import Basis
 
 __version__ = "0.1.0"
 __all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Evaluation", "NEBResult", "PathResult", "PolyChain",
-           "Simplex", "SimplexHistory", "SubspaceView", "autoneb", "barrier", "espro", "evaluate", "evaluate_curve", "interpolate",
-           "linear_coeffs", "rebasin", "train_curve", "train_simplex"]
+           "Simplex", "SimplexHistory", "SubspaceView", "autoneb", "barrier", "espro", "evaluate", "evaluate_curve",
+           "interpolate", "linear_coeffs", "rebasin", "train_curve", "train_simplex"]

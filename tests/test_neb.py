@@ -51,7 +51,8 @@ def test_neb_force_matches_plain_autograd():
             ours = torch.cat([state[n].grad.reshape(-1) for n in names])
             torch.testing.assert_close(ours, force, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(losses, torch.stack(expected_losses), rtol=1e-10, atol=1e-12)
-    assert all(p.grad is None for point in (chain.control_points[0], chain.control_points[-1]) for p in point.parameters())
+    ends = (chain.control_points[0], chain.control_points[-1])
+    assert all(p.grad is None for point in ends for p in point.parameters())
 
 
 def test_pivot_insertion_where_the_dense_loss_bulges():

@@ -9,5 +9,6 @@ from .simplex import Simplex, SimplexHistory, espro, train_simplex
 from .train import CurveHistory, garipov_schedule, train_curve
 from .trainable import TrainableSubspace
 
-__all__ = ["BezierCurve", "Curve", "CurveHistory", "CurveResult", "NEBResult", "PolyChain", "Simplex", "SimplexHistory",
-           "TrainableSubspace", "autoneb", "espro", "evaluate_curve", "garipov_schedule", "train_curve", "train_simplex"]
+__all__ = ["BezierCurve", "Curve", "CurveHistory", "CurveResult", "NEBResult", "PolyChain", "Simplex",
+           "SimplexHistory", "TrainableSubspace", "autoneb", "espro", "evaluate_curve", "garipov_schedule",
+           "train_curve", "train_simplex"]

@@ -137,7 +137,7 @@ def train_simplex(model: nn.Module, train_data: Any, *, vertices: int = 3, epoch
     outputs [B, ...] against targets (default cross-entropy). The result's `history` has the per-epoch losses.
     """
     if not isinstance(vertices, int) or vertices < 2:
-        raise ValueError(f"vertices must be an integer ≥ 2 (the starting model and at least one more), got {vertices!r}")
+        raise ValueError(f"vertices must be an integer ≥ 2 (the starting model plus one or more), got {vertices!r}")
     _check_training(epochs, lr, reg, samples_per_step, batch_size)
     data = Batches(train_data, "train_data")
     simplex = Simplex(model)
@@ -148,7 +148,8 @@ def train_simplex(model: nn.Module, train_data: Any, *, vertices: int = 3, epoch
         free = list(simplex.add_vertex().parameters())
         optimizer = torch.optim.SGD(free, lr=lr, momentum=momentum, weight_decay=0.0)
         losses = []
-        for epoch in tqdm(range(epochs), desc=f"simplex vertex {vertex}", unit="epoch", disable=not progress, leave=False):
+        bar = tqdm(range(epochs), desc=f"simplex vertex {vertex}", unit="epoch", disable=not progress, leave=False)
+        for epoch in bar:
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
             loss_sum, samples = 0.0, 0
