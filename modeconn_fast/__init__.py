@@ -5,18 +5,22 @@
     barrier(model_a, model_b, data)        the loss (or error) barrier of that line
     BezierCurve(a, b), PolyChain(a, b)     trainable curves between two models (their control points)
     train_curve(curve, data, ...)          minimise E_t L(θ(t)); evaluate_curve(curve, data) -> CurveResult
+    train_simplex(model, data, ...)        a low-loss simplex grown from a model (SPRO); espro(models, data, ...)
+    autoneb(model_a, model_b, data, ...)   a low-loss path by nudged elastic band with pivot insertion -> NEBResult
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
     fge(model, train_data, ...)            Fast Geometric Ensembling: snapshots of a cyclic-rate SGD run
     Ensemble(models)                       members evaluated in one pass: probabilities, uncertainty, calibration
 """
 from . import rebasin
-from .curves import (BezierCurve, CurveHistory, CurveResult, Ensemble, EnsembleEvaluation, EnsemblePrediction, PolyChain,
-                     evaluate_curve, fge, train_curve)
+from .curves import (BezierCurve, CurveHistory, CurveResult, Ensemble, EnsembleEvaluation, EnsemblePrediction,
+                     NEBResult, PolyChain, Simplex, SimplexHistory, autoneb, espro, evaluate_curve, fge, train_curve,
+                     train_simplex)
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
 from .subspace import Basis
 
 __version__ = "0.1.0"
 __all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Ensemble", "EnsembleEvaluation", "EnsemblePrediction",
-           "Evaluation", "PathResult", "PolyChain", "SubspaceView", "barrier", "evaluate", "evaluate_curve", "fge",
-           "interpolate", "linear_coeffs", "rebasin", "train_curve"]
+           "Evaluation", "NEBResult", "PathResult", "PolyChain", "Simplex", "SimplexHistory", "SubspaceView", "autoneb",
+           "barrier", "espro", "evaluate", "evaluate_curve", "fge", "interpolate", "linear_coeffs", "rebasin",
+           "train_curve", "train_simplex"]

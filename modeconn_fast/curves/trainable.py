@@ -1,0 +1,132 @@
+"""A trainable weight subspace: control points that are copies of the user's model, run through one subspace view.
+
+    θ(c) = Σ_k c_k θ_k    for a coefficient row c over the control points θ_0 … θ_{K−1}
+
+`points.control_points[k]` is a plain model of the user's architecture; the free ones are the trainable
+parameters (BatchNorm affine parameters included), the fixed ones have `requires_grad=False`. `outputs(x, rows)`
+runs the model at several rows in one pass of a `SubspaceView` whose basis is the control points stacked
+(`stacked()`, rebound before every pass), so gradients reach the free points. Curves (a rule t -> row),
+simplexes (barycentric rows) and the nudged elastic band (one-hot rows, one per pivot) are built on it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import SubspaceView
+from ..engine.batches import Batches, move
+from ..subspace import Basis
+
+
+class TrainableSubspace(nn.Module):
+    """Control points of one architecture (a frozen copy of `model`); see the module docstring."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._architecture = (copy.deepcopy(model).eval().requires_grad_(False),)
+        self.control_points = nn.ModuleList()
+        self._view: SubspaceView | None = None
+
+    @property
+    def architecture(self) -> nn.Module:
+        """A frozen copy of the first model: the architecture every point runs in."""
+        return self._architecture[0]
+
+    @property
+    def size(self) -> int:
+        """K, the number of control points."""
+        return len(self.control_points)
+
+    def add_point(self, state: Mapping[str, Tensor], *, trainable: bool) -> nn.Module:
+        """Append a control point holding `state` (a state dict of the architecture); returns it."""
+        point = copy.deepcopy(self.architecture)
+        point.load_state_dict(state)
+        self.control_points.append(point.requires_grad_(trainable))
+        self._view = None  # the basis has one more member: a new view
+        return point
+
+    # --- the weights ----------------------------------------------------------------------------------------
+    def stacked(self) -> dict[str, Tensor]:
+        """Every floating-point entry of the model stacked over the control points, [K, *shape]; the free
+        points' parameters record gradients."""
+        states = [point.state_dict(keep_vars=True) for point in self.control_points]
+        return {name: torch.stack([state[name] for state in states])
+                for name, first in states[0].items() if torch.is_floating_point(first)}
+
+    def basis(self) -> Basis:
+        """A detached snapshot of the control points as a `Basis` (for `evaluate` and scans)."""
+        with torch.no_grad():
+            stacked = self.stacked()
+        constants = {name: t.clone() for name, t in self.control_points[0].state_dict().items()
+                     if not torch.is_floating_point(t)}
+        return Basis(stacked, constants)
+
+    def parameter_names(self) -> list[str]:
+        """The entries that are parameters of the model (not buffers): what weight decay and lengths count."""
+        return [name for name, _ in self.architecture.named_parameters()]
+
+    def flat_parameters(self, stacked: dict[str, Tensor] | None = None) -> Tensor:
+        """The control points' parameters as rows [K, D] (in `parameter_names` order)."""
+        stacked = self.stacked() if stacked is None else stacked
+        return torch.cat([stacked[name].reshape(self.size, -1) for name in self.parameter_names()], dim=1)
+
+    def gram(self, stacked: dict[str, Tensor] | None = None) -> Tensor:
+        """G[k, l] = ⟨θ_k, θ_l⟩ over the model's parameters: ‖Σ_k c_k θ_k‖² = cᵀ G c, differentiable."""
+        stacked = self.stacked() if stacked is None else stacked
+        total = None
+        for name in self.parameter_names():
+            flat = stacked[name].reshape(self.size, -1)
+            product = flat @ flat.T
+            total = product if total is None else total + product
+        return total
+
+    # --- running the model ----------------------------------------------------------------------------------
+    def outputs(self, x: Tensor | tuple[Tensor, ...], rows: Tensor, stacked: dict[str, Tensor] | None = None) -> Tensor:
+        """The outputs [P, N, ...] at the points with coefficient rows [P, K] (`stacked`: the control points as
+        `stacked()` gives them, when the caller has them already). In train mode Dropout is on and BatchNorm
+        normalises each point's batch with its own statistics; in eval mode BatchNorm mixes the stored ones."""
+        stacked = self.stacked() if stacked is None else stacked
+        rows = rows.to(next(iter(stacked.values())).dtype)
+        inputs = (x,) if isinstance(x, Tensor) else tuple(x)
+        view = self._subspace_view(rows, inputs)
+        view.rebind(stacked)
+        if view.training != self.training:
+            view.train(self.training)
+        return view(rows, inputs)
+
+    def _subspace_view(self, rows: Tensor, inputs: tuple[Tensor, ...]) -> SubspaceView:
+        if self._view is None:
+            view = SubspaceView(self.architecture, self.basis())
+            view.prepare(rows.detach(), inputs)
+            self._view = view
+        return self._view
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): the view is rebuilt for the new tensors
+        self._view = None
+        self._architecture = (self._architecture[0]._apply(fn),)
+        return super()._apply(fn, recurse)
+
+    def model_at_row(self, row: Tensor, *, bn_data: Any = None) -> nn.Module:
+        """A plain copy of the architecture with the weights Σ_k row[k] θ_k. With `bn_data` (inputs, or (inputs,
+        targets), tensors or batches), BatchNorm running statistics are recomputed there as the 2018 reference's
+        update_bn does; otherwise they are the control points' statistics mixed by the row."""
+        basis = self.basis()
+        row = torch.as_tensor(row).reshape(1, -1).to(next(iter(basis.stacked.values())).dtype)
+        state = basis.point(row[0])
+        if bn_data is not None:
+            batches = Batches(bn_data, "bn_data", targets_optional=True)
+            device = next(iter(basis.stacked.values())).device
+            view = SubspaceView(self.architecture, basis)
+            view.prepare(row.to(device), move(batches.first[0], device))
+            view.recompute_batchnorm(row.to(device), (move(inputs, device) for inputs, _ in batches))
+            state |= {name: value[0] for name, value in view.recomputed_batchnorm_state().items()}
+        model = copy.deepcopy(self.architecture)
+        model.load_state_dict(state)
+        return model.requires_grad_(True)
+
+    def extra_repr(self) -> str:
+        free = [k for k, point in enumerate(self.control_points) if any(p.requires_grad for p in point.parameters())]
+        return f"control_points={self.size}, free={free}"
