@@ -79,12 +79,13 @@ def _kernels(name: str, device: torch.device) -> ModuleType:
     return module
 
 
-def _plain_call(*tensors: Tensor | None) -> bool:
-    """Eager, with no gradient to record: the torch path can be called directly, without the custom op's
-    dispatch (about 0.1 ms a call, which many small chunks of points would pay again and again)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def _plain_call() -> bool:
+    """Eager: the torch path is called directly, without the custom op's dispatch (about 0.1 ms a call, which
+    many small chunks of points, or a training step's few layers, would pay again and again). Autograd then
+    differentiates the torch path's own ops; the hand-written backward serves the Triton kernels and
+    torch.compile (measured on B6, curve training of a small CNN on one thread: 7.0 ms a step through the custom
+    ops, 6.4 ms without them)."""
+    return not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -213,7 +214,7 @@ def combined_linear(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tens
     _check_bias(op, bias, weight)
     _check_alike(op, x=x, weight=weight, bias=bias, coeffs=coeffs)
     backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "torch" and _plain_call(x, weight, bias, coeffs):
+    if backend == "torch" and _plain_call():
         return ops_torch.linear_forward(x, weight, bias, coeffs)
     return _combined_linear(x, weight, bias, coeffs, backend)
 
@@ -332,7 +333,7 @@ def combined_conv(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor
         raise ValueError(f"{op}: the output would be empty: x {_shape(x)}, weight {_shape(weight)}, "
                          f"stride {stride_}, padding {padding_}, dilation {dilation_}")
     backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "torch" and _plain_call(x, weight, bias, coeffs):
+    if backend == "torch" and _plain_call():
         return ops_torch.conv_forward(x, weight, bias, coeffs, stride_, padding_, dilation_, groups)
     return _combined_conv(x, weight, bias, coeffs, stride_, padding_, dilation_, groups, backend)
 
