@@ -103,7 +103,7 @@ def _step_loss(curve: Curve, inputs: Any, targets: Tensor, t: Tensor, loss_fn: C
                         targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:]))
     if weight_decay == 0:
         return data_loss
-    squared_norms = torch.einsum("pk,kl,pl->p", rows, curve.gram(stacked), rows)
+    squared_norms = ((rows @ curve.gram(stacked)) * rows).sum(dim=1)
     return data_loss + 0.5 * weight_decay * squared_norms.mean()
 
 

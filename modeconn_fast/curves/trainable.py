@@ -29,6 +29,7 @@ class TrainableSubspace(nn.Module):
         self._architecture = (copy.deepcopy(model).eval().requires_grad_(False),)
         self.control_points = nn.ModuleList()
         self._view: SubspaceView | None = None
+        self._entries: dict[str, list[Tensor]] | None = None  # per floating entry, its tensor in every point
 
     @property
     def architecture(self) -> nn.Module:
@@ -45,16 +46,19 @@ class TrainableSubspace(nn.Module):
         point = copy.deepcopy(self.architecture)
         point.load_state_dict(state)
         self.control_points.append(point.requires_grad_(trainable))
-        self._view = None  # the basis has one more member: a new view
+        self._view = self._entries = None  # the basis has one more member: a new view
         return point
 
     # --- the weights ----------------------------------------------------------------------------------------
     def stacked(self) -> dict[str, Tensor]:
         """Every floating-point entry of the model stacked over the control points, [K, *shape]; the free
-        points' parameters record gradients."""
-        states = [point.state_dict(keep_vars=True) for point in self.control_points]
-        return {name: torch.stack([state[name] for state in states])
-                for name, first in states[0].items() if torch.is_floating_point(first)}
+        points' parameters record gradients. (The points' tensors are looked up once: update them in place, as
+        optimisers and load_state_dict do.)"""
+        if self._entries is None:
+            states = [point.state_dict(keep_vars=True) for point in self.control_points]
+            self._entries = {name: [state[name] for state in states]
+                             for name, first in states[0].items() if torch.is_floating_point(first)}
+        return {name: torch.stack(tensors) for name, tensors in self._entries.items()}
 
     def basis(self) -> Basis:
         """A detached snapshot of the control points as a `Basis` (for `evaluate` and scans)."""
@@ -100,7 +104,7 @@ class TrainableSubspace(nn.Module):
         return self._view
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): the view is rebuilt for the new tensors
-        self._view = None
+        self._view = self._entries = None
         self._architecture = (self._architecture[0]._apply(fn),)
         return super()._apply(fn, recurse)
 
