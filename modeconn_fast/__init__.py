@@ -3,13 +3,15 @@
     evaluate(model, basis, coeffs, data)   metrics at many points Σ_k coeffs[p,k] basis[k], in one pass
     interpolate(model_a, model_b, data)    loss and error along the straight line, with barriers
     barrier(model_a, model_b, data)        the loss (or error) barrier of that line
+    Plane, Line                            planes and lines to scan: through models (Garipov), random (Li et al.)
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
 """
 from . import rebasin
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
+from .scans import Line, Plane
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "Evaluation", "PathResult", "SubspaceView", "barrier", "evaluate", "interpolate", "linear_coeffs",
-           "rebasin"]
+__all__ = ["Basis", "Evaluation", "Line", "PathResult", "Plane", "SubspaceView", "barrier", "evaluate",
+           "interpolate", "linear_coeffs", "rebasin"]
