@@ -79,7 +79,7 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
             done[c] = _compute_chunk(c, chunk, points, subspace, x, y, model, data, metrics=metrics, bn=bn,
                                      bn_data=bn_data, memory_budget=memory_budget, loss_fn=loss_fn)
             if store is not None:
-                store.write_chunk(c, *done[c])
+                store.write_chunk(c, *done[c], rank=ranks.rank)
             computed += 1
             bar.set_postfix(points_per_s=f"{chunk / done[c][1]:.0f}")
             bar.update()

@@ -2,7 +2,7 @@
 
     out/manifest.json                 {"format", "fingerprint", "points", "chunk_points", "chunks", "metrics"}
     out/chunks/chunk_000042.npz       one array per metric for the chunk's points, its index, its seconds,
-                                      the BatchNorm mode and a SHA-256 checksum of the values
+                                      the BatchNorm mode, the rank that wrote it and a SHA-256 checksum
     out/result.npz                    the assembled `GridResult`, once every chunk is done
 
 Every file is written to a temporary name in the same folder and renamed (`os.replace`), so a process killed
@@ -93,13 +93,13 @@ class ScanStore:
     def result_path(self) -> Path:
         return self.folder / RESULT
 
-    def write_chunk(self, index: int, values: dict[str, np.ndarray], seconds: float, bn_mode: str) -> None:
+    def write_chunk(self, index: int, values: dict[str, np.ndarray], seconds: float, bn_mode: str, rank: int = 0) -> None:
         arrays = {f"metric_{name}": np.asarray(v, dtype=np.float64) for name, v in values.items()}
         checksum = _checksum(values, index)
 
         def write(file: Any) -> None:
             np.savez(file, index=np.array(index), seconds=np.array(seconds), bn_mode=np.array(bn_mode),
-                     checksum=np.array(checksum), **arrays)
+                     rank=np.array(rank), checksum=np.array(checksum), **arrays)
 
         _write_atomically(self.chunk_path(index), write)
 
