@@ -10,16 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
 from torch import nn
 
 from .digits import Digits, load_digits_split, mlp, train_classifier
-from .paths import PathResult, interpolate
-from .plot import plot_paths
+from .paths import PathResult, interpolate, linear_coeffs
+from .plot import plot_paths, plot_scan
 from .rebasin import weight_matching
 from .report import Report, Section, table
+from .scans import Plane, scan
 
 WIDTHS = (64, 128, 128, 128, 10)
 SEEDS = (0, 1)
+THIRD_SEED = 2  # the plane's third model, until the curve's middle control point takes its place
+PLANE_RESOLUTION = 31  # points per axis: the whole demo stays under 3 minutes on 2 cores
 
 
 @dataclass
@@ -28,6 +33,7 @@ class DemoContext:
     digits: Digits
     models: list[nn.Module]  # trained from SEEDS, same architecture
     progress: bool = True
+    epochs: int = 40
     straight_paths: dict[str, PathResult] = field(default_factory=dict)  # by split, once a section computed them
 
     def straight_path(self, split: str) -> PathResult:
@@ -84,14 +90,49 @@ def rebasin_section(ctx: DemoContext) -> Section:
     return Section("Re-Basin: aligning the two models", body, [figure.name])
 
 
-SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section]
+def plane_section(ctx: DemoContext) -> Section:
+    """The loss landscape on the plane through model A, a third model C and model B (Garipov et al. 2018), with
+    the straight line A → B drawn on it."""
+    model_a, model_b = ctx.models
+    started = time.perf_counter()
+    model_c = train_classifier(mlp(WIDTHS, seed=THIRD_SEED), ctx.digits.train, epochs=ctx.epochs, seed=THIRD_SEED,
+                               progress=ctx.progress)
+    training_s = time.perf_counter() - started
+    plane = Plane.through(model_a, model_c, model_b, names=("A", "C", "B"))
+    (x_low, x_high), (y_low, y_high) = plane.extent(margin=0.2)
+    xs, ys = np.linspace(x_low, x_high, PLANE_RESOLUTION), np.linspace(y_low, y_high, PLANE_RESOLUTION)
+    result = scan(plane, model_a, ctx.digits.train, xs=xs, ys=ys, progress=ctx.progress)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    result.curves["straight line A → B"] = plane.project([model_a, model_b], linear_coeffs(t)).numpy()
+    result.save(ctx.out / "plane_scan.npz")
+    figure = plot_scan(result, ctx.out / "plane_loss.png", title="train loss on the plane through A, C and B")
+    line = ctx.straight_path("train")
+    rows = [[name, f"({x:.2f}, {y:.2f})"] for name, (x, y) in plane.marks.items()]
+    body = (
+        "The plane through the two models A and B and a third model C (seed "
+        f"{THIRD_SEED}) in Garipov et al.'s orthonormal frame: u = (θ_B − θ_A)/‖θ_B − θ_A‖, v the part of "
+        "θ_C − θ_A orthogonal to u, and θ(x, y) = θ_A + x u + y v (coordinates are distances in weight space). "
+        "The contours are on log-spaced levels of the training loss; the straight line A → B is drawn on it "
+        "(its loss barrier on the training split: "
+        f"{line.barrier('loss'):.4f}).\n\n"
+        + table(["model", "(x, y) on the plane"], rows)
+        + f"\n\n{PLANE_RESOLUTION}×{PLANE_RESOLUTION} = {xs.size * ys.size} points on the {len(ctx.digits.train[1])} "
+        f"training images; lowest loss on the grid {np.nanmin(result.loss):.4f}, highest {np.nanmax(result.loss):.4f}. "
+        f"BatchNorm: {result.bn_mode}. The scan took {result.timings['seconds']:.2f} s "
+        f"({result.timings['points_per_second']:.0f} points/s; training C took {training_s:.1f} s). The grid is stored "
+        "in plane_scan.npz (numpy.load opens it)."
+    )
+    return Section("The plane through three models", body, [figure.name])
+
+
+SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section, plane_section]
 
 
 def prepare(out: Path, progress: bool = True, epochs: int = 40) -> DemoContext:
     digits = load_digits_split()
     models = [train_classifier(mlp(WIDTHS, seed=seed), digits.train, epochs=epochs, seed=seed, progress=progress)
               for seed in SEEDS]
-    return DemoContext(out=out, digits=digits, models=models, progress=progress)
+    return DemoContext(out=out, digits=digits, models=models, progress=progress, epochs=epochs)
 
 
 def run_demo(out: str | Path = "demo_output", progress: bool = True, epochs: int = 40) -> Path:

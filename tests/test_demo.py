@@ -16,6 +16,9 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Re-Basin" in report and "loss barrier after" in report
     assert (tmp_path / "rebasin_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "The plane through three models" in report and "| C | (" in report and "BatchNorm: none" in report
+    assert (tmp_path / "plane_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "plane_scan.npz").exists()
 
 
 def test_module_entry_point_shows_help():
