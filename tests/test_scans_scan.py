@@ -83,6 +83,7 @@ def test_save_and_load_open_with_numpy_alone(models, data, tmp_path):
         assert stored["train_loss"].shape == (3, 2)
         meta = json.loads(str(stored["meta"]))
         assert meta["bn_mode"] == "none" and meta["subspace"]["marks"]["m1"] == [1.0, 0.0]
+        assert meta["subspace"]["span"] == [[0.0, 1.0], [0.0, 1.0]]
     loaded = GridResult.load(path)
     np.testing.assert_array_equal(loaded.test_loss, result.test_loss)
     np.testing.assert_array_equal(loaded.curves["m0 → m1"], result.curves["m0 → m1"])

@@ -76,7 +76,8 @@ class Subspace:
         other = basis if isinstance(basis, Basis) else Basis.from_members(list(basis))
         rows = torch.as_tensor(rows, dtype=torch.float64)
         if rows.dim() != 2 or rows.shape[1] != other.size:
-            raise ValueError(f"rows must have shape [points, {other.size}] (one column per basis member), got {tuple(rows.shape)}")
+            raise ValueError(f"rows must have shape [points, {other.size}] (one column per basis member), "
+                             f"got {tuple(rows.shape)}")
         own_own = _inner(self.basis, self.basis, self.parameters)
         own_other = _inner(self.basis, other, self.parameters)
         directions = own_own[1:, 1:]

@@ -29,8 +29,8 @@ class GridResult:
     `result["loss"]` and `result.loss` read it too.
 
     bn_mode: how BatchNorm ran ("recompute", "eval" or "none"). subspace: kind, variant, normalisation, seed,
-    the models' coordinates ("marks"). data: shapes and hash of the evaluation data. timings: seconds and
-    points per second. curves: name → [n, 2] coordinates drawn on plots (add your own, e.g. from
+    the models' coordinates ("marks"), the span of each axis and the hash of the basis tensors. data: shapes and
+    hash of the evaluation data. timings: seconds and points per second. curves: name → [n, 2] coordinates drawn on plots (add your own, e.g. from
     `plane.project(basis, rows)`)."""
 
     x: np.ndarray

@@ -8,6 +8,7 @@ n = j·len(xs) + i. Chunk c holds points c·chunk_points … (c+1)·chunk_points
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -28,12 +29,13 @@ from .storage import ScanStore
 DEFAULT_CHUNK_POINTS = 4096  # one evaluate call of B1 takes about 0.4 s: its fixed cost (~10 ms) stays small
 WORKING_SET = 4  # as the engine counts: the largest activation, its input and temporaries
 MIN_ROWS = 2  # the engine evaluates at least two samples at once
+Chunk = tuple[dict[str, np.ndarray], float, str]  # a chunk's values by metric, its seconds, the BatchNorm mode
 
 
 def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float] | Tensor | np.ndarray,
          ys: Sequence[float] | Tensor | np.ndarray | None = None, metrics: Sequence[str] = ("loss", "error"),
-         bn: str = "auto", bn_data: Any = None, out: str | None = None, resume: bool = True, progress: bool = True,
-         memory_budget: int | None = None, chunk_points: int | None = None,
+         bn: str = "auto", bn_data: Any = None, out: str | os.PathLike | None = None, resume: bool = True,
+         progress: bool = True, memory_budget: int | None = None, chunk_points: int | None = None,
          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> GridResult:
     """Evaluate `model` at every grid point of `subspace` (a `Plane` or `Line`) on `data`.
 
@@ -46,7 +48,8 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
     """
     started = time.perf_counter()
     if not isinstance(subspace, Subspace):
-        raise TypeError(f"subspace must be a Plane or a Line (modeconn_fast.Plane.through, ...), got {type(subspace).__name__}")
+        raise TypeError("subspace must be a Plane or a Line (modeconn_fast.Plane.through, ...), "
+                        f"got {type(subspace).__name__}")
     x = _axis(xs, "xs")
     y = _axis(ys, "ys") if ys is not None else None
     if subspace.dims == 2 and y is None:
@@ -54,7 +57,8 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
     if subspace.dims == 1 and y is not None:
         raise ValueError("a line has one coordinate: pass xs only (ys=None)")
     subspace.basis.check_compatible(model)
-    names = _metric_names(check_metrics(metrics), data)
+    metrics = check_metrics(metrics)
+    names = _metric_names(metrics, data)
     points = x.size * (y.size if y is not None else 1)
     chunk = _chunk_points(chunk_points, points, memory_budget, model, subspace, data, len(names))
     count = -(-points // chunk)
@@ -81,26 +85,33 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
             if store is not None:
                 store.write_chunk(c, *done[c], rank=ranks.rank)
             computed += 1
-            bar.set_postfix(points_per_s=f"{chunk / done[c][1]:.0f}")
+            bar.set_postfix(points_per_s=f"{_size(c, chunk, points) / done[c][1]:.0f}")
             bar.update()
 
-    every: dict[int, tuple[dict[str, np.ndarray], float, str]] = {}
-    parts = ranks.gather((done, computed))
-    for part, _ in parts:
-        every.update(part)
-    computed = sum(n for _, n in parts)
-    shape = (y.size, x.size) if y is not None else (x.size,)
-    values = {name: np.concatenate([every[c][0][name] for c in range(count)]).reshape(shape) for name in names}
-    chunk_seconds = sum(every[c][1] for c in range(count))
-    result = GridResult(
-        x=x, y=y, values=values, bn_mode=every[0][2], subspace=manifest["fingerprint"]["subspace"],
-        data=manifest["fingerprint"]["data"], version=_version(),
-        timings={"seconds": time.perf_counter() - started, "chunk_seconds": chunk_seconds,
-                 "points_per_second": points / chunk_seconds if chunk_seconds > 0 else float("nan"),
-                 "points": points, "chunks": count, "chunks_computed": computed, "ranks": ranks.world})
+    result = _assemble(ranks.gather((done, computed)), x, y, names, manifest["fingerprint"], ranks.world)
+    result.timings["seconds"] = time.perf_counter() - started
     if store is not None and ranks.rank == 0:
         result.save(store.result_path)
     return result
+
+
+def _assemble(parts: list[tuple[dict[int, Chunk], int]], x: np.ndarray, y: np.ndarray | None, names: list[str],
+              fingerprint: dict[str, Any], world: int) -> GridResult:
+    """The result from every rank's (chunks by index, chunks computed in this call)."""
+    every: dict[int, Chunk] = {}
+    for chunks, _ in parts:
+        every.update(chunks)
+    order = sorted(every)
+    shape = (y.size, x.size) if y is not None else (x.size,)
+    values = {name: np.concatenate([every[c][0][name] for c in order]).reshape(shape) for name in names}
+    chunk_seconds = sum(every[c][1] for c in order)
+    span = [[float(axis[0]), float(axis[-1])] for axis in (x, y) if axis is not None]
+    points = int(np.prod(shape))
+    timings = {"seconds": 0.0, "chunk_seconds": chunk_seconds,
+               "points_per_second": points / chunk_seconds if chunk_seconds > 0 else float("nan"),
+               "points": points, "chunks": len(order), "chunks_computed": sum(n for _, n in parts), "ranks": world}
+    return GridResult(x=x, y=y, values=values, bn_mode=every[order[0]][2], subspace={**fingerprint["subspace"],
+                      "span": span}, data=fingerprint["data"], timings=timings, version=_version())
 
 
 def grid_coordinates(x: np.ndarray, y: np.ndarray | None, start: int, stop: int) -> Tensor:
@@ -112,7 +123,7 @@ def grid_coordinates(x: np.ndarray, y: np.ndarray | None, start: int, stop: int)
 
 
 def _compute_chunk(c: int, chunk: int, points: int, subspace: Subspace, x: np.ndarray, y: np.ndarray | None,
-                   model: nn.Module, data: Any, **options: Any) -> tuple[dict[str, np.ndarray], float, str]:
+                   model: nn.Module, data: Any, **options: Any) -> Chunk:
     start = c * chunk
     rows = subspace.rows(grid_coordinates(x, y, start, start + _size(c, chunk, points)))
     began = time.perf_counter()
@@ -125,7 +136,7 @@ def _size(c: int, chunk: int, points: int) -> int:
     return min(chunk, points - c * chunk)
 
 
-def _open_store(out: str, manifest: dict[str, Any], resume: bool, ranks: Ranks) -> ScanStore:
+def _open_store(out: str | os.PathLike, manifest: dict[str, Any], resume: bool, ranks: Ranks) -> ScanStore:
     """Rank 0 checks or creates the folder; the others learn whether that worked and attach to it."""
     error = None
     store = None
