@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (`parser.parse_args(["scan", "--help"])` prints one command's options)."""
     parser = argparse.ArgumentParser(prog="modeconn", description="Fast mode connectivity for PyTorch models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train two MLPs on the bundled digits and write a report with plots")
+    demo = commands.add_parser("demo", help="train MLPs on the bundled digits and write a report with plots")
     demo.add_argument("--out", default="demo_output", help="folder for report.md and its pictures (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=40, help="training epochs of each model (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -1,4 +1,5 @@
-"""The main job of `make demo`: two MLPs trained on the bundled digits, the path between them, a report.
+"""The main job of `make demo`: two MLPs trained on the bundled digits, the path between them, the plane through
+them and a third model, a report.
 
 The report is a list of sections; each is a function of the shared `DemoContext` (data, trained models,
 output folder). A capability adds its part of the demo by appending its function to `SECTIONS`.

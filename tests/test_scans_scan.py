@@ -151,3 +151,13 @@ def test_out_must_be_a_folder(models, data, tmp_path):
     file.write_text("not a scan")
     with pytest.raises(ValueError, match="out=.*is a file, not a folder"):
         scan(Line.through(*models[:2]), models[0], data, xs=[0.0], out=file, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_same_scan_on_cuda_equals_the_cpu_scan(models, data):
+    grid = dict(xs=np.linspace(-1, 7, 6), ys=np.linspace(-2, 5, 4), chunk_points=8, progress=False)
+    on_cpu = scan(Plane.through(*models), models[0], data, **grid)
+    on_gpu_models = [copy.deepcopy(m).cuda() for m in models]
+    on_gpu = scan(Plane.through(*on_gpu_models), on_gpu_models[0], tuple(t.cuda() for t in data), **grid)
+    np.testing.assert_allclose(on_gpu.loss, on_cpu.loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(on_gpu.error, on_cpu.error, rtol=0, atol=1 / len(data[1]) + 1e-12)
