@@ -51,9 +51,10 @@ def test_scan_equals_a_plain_loop_in_the_stored_orientation(models, data):
     assert result.subspace["variant"] == "through" and result.data["tensors"][0] == "(30, 19) float32"
 
 
-def test_a_line_gives_one_value_per_x(models, data):
+def test_a_line_gives_one_value_per_x_and_batches_may_come_from_a_generator(models, data):
     line = Line.through(models[0], models[1])
-    result = scan(line, models[0], data, xs=[0.0, 0.5, 1.0], metrics=("loss",), progress=False)
+    batches = ((data[0][i:i + 8], data[1][i:i + 8]) for i in range(0, 30, 8))  # read by the fingerprint and the scan
+    result = scan(line, models[0], batches, xs=[0.0, 0.5, 1.0], metrics=("loss",), chunk_points=2, progress=False)
     assert result.loss.shape == (3,) and result.y is None and result.metrics == ("loss",)
     expected = plain_loop(models[0], models[:2], torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]), [data])
     torch.testing.assert_close(torch.from_numpy(result.loss), expected["loss"], rtol=1e-5, atol=1e-7)

@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
     if subspace.dims == 1 and y is not None:
         raise ValueError("a line has one coordinate: pass xs only (ys=None)")
     subspace.basis.check_compatible(model)
+    data, bn_data = _reiterable(data), _reiterable(bn_data)  # read by the fingerprint, then by every chunk
     metrics = check_metrics(metrics)
     names = _metric_names(metrics, data)
     points = x.size * (y.size if y is not None else 1)
@@ -167,6 +168,13 @@ def _axis(values: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be strictly increasing: {name}[{where + 1}] = {array[where + 1]:g} follows "
                          f"{name}[{where}] = {array[where]:g}")
     return array
+
+
+def _reiterable(data: Any) -> Any:
+    """A one-shot iterator of batches (a generator) read into a list; anything else as it is."""
+    if isinstance(data, Mapping):
+        return {name: _reiterable(value) for name, value in data.items()}
+    return list(data) if isinstance(data, Iterator) else data
 
 
 def _metric_names(metrics: tuple[str, ...], data: Any) -> list[str]:
