@@ -7,6 +7,8 @@
     train_curve(curve, data, ...)          minimise E_t L(θ(t)); evaluate_curve(curve, data) -> CurveResult
     train_simplex(model, data, ...)        a low-loss simplex grown from a model (SPRO); espro(models, data, ...)
     autoneb(model_a, model_b, data, ...)   a low-loss path by nudged elastic band with pivot insertion -> NEBResult
+    Plane, Line                            planes and lines to scan: through models (Garipov), random (Li et al.)
+    scan(subspace, model, data, xs=, ys=)  a metric on a grid, in chunks, resumable, torchrun-sharded: GridResult
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
     fge(model, train_data, ...)            Fast Geometric Ensembling: snapshots of a cyclic-rate SGD run
     Ensemble(models)                       members evaluated in one pass: probabilities, uncertainty, calibration
@@ -17,10 +19,11 @@ from .curves import (BezierCurve, CurveHistory, CurveResult, Ensemble, EnsembleE
                      train_simplex)
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
+from .scans import GridResult, Line, Plane, scan
 from .subspace import Basis
 
 __version__ = "0.1.0"
 __all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Ensemble", "EnsembleEvaluation", "EnsemblePrediction",
-           "Evaluation", "NEBResult", "PathResult", "PolyChain", "Simplex", "SimplexHistory", "SubspaceView", "autoneb",
-           "barrier", "espro", "evaluate", "evaluate_curve", "fge", "interpolate", "linear_coeffs", "rebasin",
-           "train_curve", "train_simplex"]
+           "Evaluation", "GridResult", "Line", "NEBResult", "PathResult", "Plane", "PolyChain", "Simplex", "SimplexHistory",
+           "SubspaceView", "autoneb", "barrier", "espro", "evaluate", "evaluate_curve", "fge", "interpolate",
+           "linear_coeffs", "rebasin", "scan", "train_curve", "train_simplex"]

@@ -1,17 +1,44 @@
-"""The command line: `modeconn demo [--out DIR]` (also `python -m modeconn_fast`)."""
+"""The command line (also `python -m modeconn_fast`):
+
+    modeconn demo [--out DIR]                        the demo report
+    modeconn scan --model M:F --checkpoint A.pt ...  a loss landscape on a plane or line, stored in --out
+    modeconn plot DIR/result.npz                     its contour plot, heatmap or profile (PNG, PDF)
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
+
+KINDS = {  # kind: (checkpoints it takes, what it is)
+    "through": (3, "the plane through three models in Garipov's orthonormal frame (START MIDDLE END)"),
+    "affine": (3, "the plane m0 + x (m1 − m0) + y (m2 − m0)"),
+    "random": (1, "a plane around one model along two Gaussian, filter-normalised directions (Li et al.)"),
+    "line": (2, "the straight line m0 + t (m1 − m0)"),
+    "random-line": (1, "a line around one model along one random direction"),
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (`parser.parse_args(["scan", "--help"])` prints one command's options)."""
     parser = argparse.ArgumentParser(prog="modeconn", description="Fast mode connectivity for PyTorch models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train two MLPs on the bundled digits and write a report with plots")
+    demo = commands.add_parser("demo", help="train MLPs on the bundled digits and write a report with plots")
     demo.add_argument("--out", default="demo_output", help="folder for report.md and its pictures (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=40, help="training epochs of each model (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    scan_parser = commands.add_parser("scan", help="evaluate loss and error on a grid of a plane or line of weight space",
+                                      description=_scan_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _scan_arguments(scan_parser)
+    scan_parser.set_defaults(command_parser=scan_parser)
+    plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap or 1-d profile")
+    _plot_arguments(plot_parser)
+    plot_parser.set_defaults(command_parser=plot_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -19,4 +46,174 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         report = run_demo(args.out, progress=not args.no_progress, epochs=args.epochs)
         print(f"wrote {report}")
+    elif args.command == "scan":
+        try:
+            _run_scan(args)
+        except (ValueError, TypeError) as error:
+            args.command_parser.error(str(error))
+    elif args.command == "plot":
+        try:
+            _run_plot(args)
+        except (ValueError, OSError) as error:
+            args.command_parser.error(str(error))
     return 0
+
+
+def _scan_description() -> str:
+    kinds = "\n".join(f"  {kind:<12} {count} checkpoint{'s' if count > 1 else ''}: {text}"
+                      for kind, (count, text) in KINDS.items())
+    return ("Evaluate a model at every point of a grid on a plane or line of weight space and store the result as "
+            "OUT/result.npz\n(numpy.load opens it; the schema is in the README). Finished chunks are kept in OUT, "
+            "so running the same\ncommand again after an interruption resumes it. Kinds:\n" + kinds)
+
+
+def _scan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                        help="a callable that builds the architecture without arguments, e.g. modeconn_fast.digits:mlp")
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="FILE.pt",
+                        help="state dicts saved with torch.save(model.state_dict(), FILE.pt), read with "
+                             "torch.load(weights_only=True); as many as --kind takes (through: START MIDDLE END)")
+    parser.add_argument("--data", default="digits", metavar="digits|MODULE:FACTORY",
+                        help="evaluation data: 'digits' (scikit-learn's bundled digits, 8×8 images flattened to 64 "
+                             "inputs in [0, 1]) or a callable returning (inputs, targets) tensors (default: %(default)s)")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="with --data digits: which split to evaluate on (default: %(default)s)")
+    parser.add_argument("--bn-data", metavar="MODULE:FACTORY",
+                        help="a callable returning the inputs (or (inputs, targets)) from which BatchNorm statistics are "
+                             "recomputed at every point; with --data digits the training split is used")
+    parser.add_argument("--kind", choices=tuple(KINDS), default="through", help="the plane or line (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[21], metavar="N",
+                        help="grid points along x, and along y if given again (default: 21, i.e. 21×21)")
+    parser.add_argument("--x-span", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="x range; default: the models' coordinates widened by --margin (random kinds: -1 1)")
+    parser.add_argument("--y-span", type=float, nargs=2, metavar=("LOW", "HIGH"), help="y range, as --x-span")
+    parser.add_argument("--margin", type=float, default=0.2,
+                        help="default spans reach this fraction of the models' spread beyond them (default: %(default)s)")
+    parser.add_argument("--normalization", choices=("filter", "layer", "none"), default="filter",
+                        help="random kinds: scale each direction per output filter or per tensor to the model's weights, "
+                             "or not at all (default: %(default)s)")
+    parser.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
+                        help="random kinds: 'biasbn' gives biases and norm parameters (1-d tensors) a zero direction "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random kinds: seed of the directions (default: %(default)s)")
+    parser.add_argument("--metrics", nargs="+", choices=("loss", "error"), default=["loss", "error"],
+                        help="what to compute at every point (default: loss error)")
+    parser.add_argument("--bn", choices=("auto", "recompute", "eval"), default="auto",
+                        help="BatchNorm: recompute statistics per point from the BN data, mix the stored ones (eval), or "
+                             "auto: recompute where there is BatchNorm and BN data (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the chunks, manifest.json and result.npz")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="discard chunks already in --out instead of resuming them")
+    parser.add_argument("--memory-budget", type=int, metavar="BYTES", help="bytes for one chunk of points "
+                        "(default: 1 GiB on CPU, a quarter of the free memory on GPU)")
+    parser.add_argument("--chunk-points", type=int, metavar="N",
+                        help="points per stored chunk (default: 4096, fewer where the budget needs it)")
+    parser.add_argument("--device", default="cpu", help="torch device to evaluate on, e.g. cuda (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("result", help="a scan's result.npz (from modeconn scan or GridResult.save)")
+    parser.add_argument("--metric", help="planes: which metric to draw, e.g. loss, error (default: the first stored)")
+    parser.add_argument("--style", choices=("contour", "heatmap"), default="contour",
+                        help="planes: filled contours on log-spaced levels, or a heatmap on the same log colour scale; "
+                             "lines are always drawn as profiles (default: %(default)s)")
+    parser.add_argument("--levels", type=int, default=24, help="number of contour levels (default: %(default)s)")
+    parser.add_argument("--formats", nargs="+", choices=("png", "pdf", "svg"), default=["png"],
+                        help="file formats to write (default: png)")
+    parser.add_argument("--out", metavar="PATH", help="file name without suffix (default: beside the result, "
+                        "<result>_<metric>_<style>)")
+    parser.add_argument("--title", default="", help="title of the picture (default: metric, plane and BatchNorm mode)")
+
+
+def _run_scan(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from .checkpoints import load_checkpoint, load_factory
+    from .digits import load_digits_split
+    from .paths import linear_coeffs
+    from .scans import Line, Plane, scan
+
+    needed, _ = KINDS[args.kind]
+    if len(args.checkpoint) != needed:
+        raise ValueError(f"--kind {args.kind} takes {needed} checkpoint{'s' if needed > 1 else ''} "
+                         f"(--checkpoint), got {len(args.checkpoint)}")
+    factory = load_factory(args.model, "--model")
+    models = [load_checkpoint(factory, path, args.model).to(args.device) for path in args.checkpoint]
+    names = [Path(path).stem for path in args.checkpoint]
+    normalization = None if args.normalization == "none" else args.normalization
+    ignore = None if args.ignore == "none" else args.ignore
+    subspace = {
+        "through": lambda: Plane.through(*models, names=names),
+        "affine": lambda: Plane.affine(*models, names=names),
+        "random": lambda: Plane.random(models[0], normalization=normalization, ignore=ignore, seed=args.seed, name=names[0]),
+        "line": lambda: Line.through(*models, names=names),
+        "random-line": lambda: Line.random(models[0], normalization=normalization, ignore=ignore, seed=args.seed,
+                                           name=names[0]),
+    }[args.kind]()
+    data, bn_data = _data(args, load_digits_split, load_factory)
+    spans = subspace.extent(args.margin)
+    if args.x_span:
+        spans[0] = tuple(args.x_span)
+    if args.y_span and subspace.dims == 2:
+        spans[1] = tuple(args.y_span)
+    if len(args.resolution) > subspace.dims or min(args.resolution) < 1:
+        raise ValueError(f"--resolution takes {subspace.dims} positive number{'s' if subspace.dims > 1 else ''} here, "
+                         f"got {args.resolution}")
+    counts = (args.resolution * 2)[: subspace.dims] if len(args.resolution) == 1 else args.resolution
+    axes = [np.linspace(low, high, count) for (low, high), count in zip(spans, counts)]
+    result = scan(subspace, models[0], data, xs=axes[0], ys=axes[1] if subspace.dims == 2 else None,
+                  metrics=args.metrics, bn=args.bn, bn_data=bn_data, out=args.out, resume=not args.no_resume,
+                  progress=not args.no_progress, memory_budget=args.memory_budget, chunk_points=args.chunk_points)
+    if args.kind in ("through", "affine"):  # the straight line between the first and last model, for the plot
+        t = torch.linspace(0, 1, 101, dtype=torch.float64)
+        line = subspace.project([models[0], models[-1]], linear_coeffs(t))
+        result.curves[f"straight line {names[0]} → {names[-1]}"] = line.numpy()
+        result.save(Path(args.out) / "result.npz")
+    first = result.metrics[0]
+    best = np.unravel_index(np.nanargmin(result[first]), result[first].shape)
+    print(f"{result}: min {first} {np.nanmin(result[first]):.4g} at index {tuple(int(i) for i in best)}, "
+          f"{result.timings['points_per_second']:.0f} points/s; wrote {Path(args.out) / 'result.npz'}")
+
+
+def _data(args: argparse.Namespace, load_digits_split: Any, load_factory: Any) -> tuple[Any, Any]:
+    """(evaluation data, BatchNorm data) from --data, --split and --bn-data, on --device."""
+    if args.data == "digits":
+        digits = load_digits_split()
+        data, bn_data = getattr(digits, args.split), digits.train[0]
+    else:
+        data, bn_data = load_factory(args.data, "--data")(), None
+    if args.bn_data:
+        bn_data = load_factory(args.bn_data, "--bn-data")()
+    return _to(data, args.device), _to(bn_data, args.device)
+
+
+def _to(value: Any, device: str) -> Any:
+    """Tensors in tuples, lists and dicts moved to `device`; anything else (a DataLoader) as it is."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_scan
+    from .scans import GridResult
+
+    result = GridResult.load(args.result)
+    metric = args.metric or result.metrics[0]
+    if metric not in result.metrics:
+        raise ValueError(f"--metric {metric!r} is not in {args.result}; it has {', '.join(result.metrics)}")
+    style = args.style if result.y is not None else "profile"
+    stem = Path(args.out) if args.out else Path(args.result).with_name(f"{Path(args.result).stem}_{metric}_{style}")
+    for fmt in args.formats:
+        file = plot_scan(result, stem.with_name(f"{stem.name}.{fmt}"), metric=metric,
+                         style=args.style, levels=args.levels, title=args.title)
+        print(f"wrote {file}")

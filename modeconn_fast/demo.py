@@ -10,17 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
 from torch import nn
 
 from .curves import BezierCurve, Ensemble, evaluate_curve, fge, train_curve
 from .digits import Digits, load_digits_split, mlp, one_thread, train_classifier
-from .paths import PathResult, interpolate
-from .plot import plot_calibration, plot_paths
+from .paths import PathResult, interpolate, linear_coeffs
+from .plot import plot_calibration, plot_paths, plot_scan
 from .rebasin import weight_matching
 from .report import Report, Section, table
+from .scans import Plane, scan
 
 WIDTHS = (64, 128, 128, 128, 10)
 SEEDS = (0, 1)
+PLANE_RESOLUTION = 31  # points per axis: the whole demo stays under 3 minutes on 2 cores
 
 
 @dataclass
@@ -121,6 +125,40 @@ def curve_section(ctx: DemoContext) -> Section:
     return Section("A low-loss curve between the two models", body, [figure.name])
 
 
+def plane_section(ctx: DemoContext) -> Section:
+    """The loss landscape on the plane through model A, the trained curve's middle control point θ_1 and model B
+    (Garipov et al. 2018), with the straight line and the curve drawn on it."""
+    model_a, model_b = ctx.models
+    curve = ctx.curve if ctx.curve is not None else BezierCurve(model_a, model_b)
+    plane = Plane.through(model_a, curve.control_points[1], model_b, names=("A", "θ_1", "B"))
+    (x_low, x_high), (y_low, y_high) = plane.extent(margin=0.2)
+    y_pad = max(0.0, 0.5 * (x_high - x_low) - (y_high - y_low)) / 2  # at least half as tall as wide
+    xs = np.linspace(x_low, x_high, PLANE_RESOLUTION)
+    ys = np.linspace(y_low - y_pad, y_high + y_pad, PLANE_RESOLUTION)
+    result = scan(plane, model_a, ctx.digits.train, xs=xs, ys=ys, progress=ctx.progress)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    result.curves["straight line A → B"] = plane.project([model_a, model_b], linear_coeffs(t)).numpy()
+    result.curves["Bezier curve"] = plane.project(curve.basis(), curve.coefficients(t)).numpy()
+    result.save(ctx.out / "plane_scan.npz")
+    figure = plot_scan(result, ctx.out / "plane_loss.png", title="train loss on the plane through A, θ_1 and B")
+    rows = [[name, f"({x:.2f}, {y:.2f})"] for name, (x, y) in plane.marks.items()]
+    body = (
+        "The plane through the two models A and B and the trained curve's middle control point θ_1, in Garipov et "
+        "al.'s orthonormal frame: u = (θ_B − θ_A)/‖θ_B − θ_A‖, v the part of θ_1 − θ_A orthogonal to u, and "
+        "θ(x, y) = θ_A + x u + y v (coordinates are distances in weight space). The contours are on log-spaced "
+        "levels of the training loss; the straight line A → B (loss barrier on the training split "
+        f"{ctx.straight_path('train').barrier('loss'):.4f}) and the Bezier curve, which lies in this plane, are "
+        "drawn on it.\n\n"
+        + table(["point", "(x, y) on the plane"], rows)
+        + f"\n\n{PLANE_RESOLUTION}×{PLANE_RESOLUTION} = {xs.size * ys.size} points on the {len(ctx.digits.train[1])} "
+        f"training images; lowest loss on the grid {np.nanmin(result.loss):.4f}, highest {np.nanmax(result.loss):.4f}. "
+        f"BatchNorm: {result.bn_mode}. The scan took {result.timings['seconds']:.2f} s "
+        f"({result.timings['points_per_second']:.0f} points/s). The grid is stored in plane_scan.npz (numpy.load "
+        "opens it)."
+    )
+    return Section("The plane through the curve", body, [figure.name])
+
+
 FGE = dict(cycles=12, cycle_epochs=4, lr_1=0.07, lr_2=5e-4, batch_size=32, seed=0)
 
 
@@ -171,7 +209,8 @@ def fge_section(ctx: DemoContext) -> Section:
     return Section("Fast Geometric Ensembling", body, [figure.name])
 
 
-SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section, curve_section, fge_section]
+SECTIONS: list[Callable[[DemoContext], Section]] = [linear_path_section, rebasin_section, curve_section, plane_section,
+                                                    fge_section]
 
 
 def prepare(out: Path, progress: bool = True, epochs: int = 40) -> DemoContext:

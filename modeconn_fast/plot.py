@@ -1,4 +1,5 @@
-"""Pictures: metrics along paths; calibration of ensembles."""
+"""Pictures: metrics along paths; calibration of ensembles; scans of planes (log-spaced contours or a heatmap, the
+models and curves drawn on them) and of lines."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,13 @@ from torch import Tensor
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from .curves.calibration import ReliabilityBins  # noqa: E402
 from .paths import PathResult  # noqa: E402
+from .scans import GridResult  # noqa: E402
 
 
 def plot_paths(paths: dict[str, PathResult], file: str | Path, *, title: str = "") -> Path:
@@ -62,6 +67,94 @@ def plot_calibration(reliability: dict[str, ReliabilityBins], entropy: Tensor, w
         figure.suptitle(title)
     figure.tight_layout()
     file = Path(file)
+    figure.savefig(file, dpi=120)
+    plt.close(figure)
+    return file
+
+
+def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None, style: str = "contour",
+              levels: int = 24, title: str = "") -> Path:
+    """A picture of a scan, written to `file` (the suffix picks the format: .png, .pdf, .svg).
+
+    Planes: filled contours on `levels` log-spaced levels of `metric` (default: the first), or a heatmap
+    (style="heatmap") on the same logarithmic colour scale; the models ("marks") and any curves stored with the
+    result are drawn on it. Lines: every metric against x (style is ignored), with the models marked."""
+    if style not in ("contour", "heatmap"):
+        raise ValueError(f"style must be 'contour' or 'heatmap', got {style!r}")
+    if result.y is None:
+        return _plot_profile(result, Path(file), title)
+    metric = metric or result.metrics[0]
+    values = np.ma.masked_invalid(result[metric])
+    low, high = _log_range(values)
+    norm = LogNorm(vmin=low, vmax=high)
+    figure, axis = plt.subplots(figsize=(7, 5.6))
+    clipped = np.ma.clip(values, low, high)
+    if style == "contour":
+        steps = np.geomspace(low, high, levels)
+        filled = axis.contourf(result.x, result.y, clipped, levels=steps, norm=norm, cmap="viridis", extend="neither")
+        axis.contour(result.x, result.y, clipped, levels=steps, norm=norm, colors="white", linewidths=0.4, alpha=0.5)
+    else:
+        filled = axis.pcolormesh(result.x, result.y, clipped, norm=norm, cmap="viridis", shading="nearest")
+    bar = figure.colorbar(filled, ax=axis, label=f"{metric} (log scale)")
+    ticks = np.geomspace(low, high, 7)
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+    for (name, curve), color in zip(result.curves.items(), ("tab:orange", "tab:red", "tab:pink", "tab:cyan", "white")):
+        axis.plot(curve[:, 0], curve[:, 1], color=color, linewidth=2, label=name)
+    for name, (x, y) in result.subspace.get("marks", {}).items():
+        axis.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
+        axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
+    if result.curves:
+        axis.legend(loc="upper right")
+    axis.set(xlabel="x", ylabel="y", title=title or f"{metric} on {_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    axis.set_aspect("equal" if result.subspace.get("variant") == "through" else "auto")
+    return _save(figure, Path(file))
+
+
+def _plot_profile(result: GridResult, file: Path, title: str) -> Path:
+    metrics = result.metrics
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        axis.plot(result.x, result[metric], marker=".")
+        for name, (x,) in result.subspace.get("marks", {}).items():
+            axis.axvline(x, color="grey", linestyle=":")
+            axis.annotate(name, (x, 1), xycoords=("data", "axes fraction"), textcoords="offset points",
+                          xytext=(3, -12), color="grey")
+        axis.set(xlabel="x", ylabel=metric, title=metric)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title or f"{_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    return _save(figure, file)
+
+
+def _where(subspace: dict) -> str:
+    """'the plane through A, C and B', 'a random line around A (filter-normalised)', ..."""
+    names = list(subspace.get("marks", {}))
+    kind = subspace.get("kind", "subspace")
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+    if subspace.get("variant") == "random":
+        normalization = subspace.get("normalization")
+        return f"a random {kind} around {listed} ({f'{normalization}-normalised' if normalization else 'raw'} directions)"
+    if subspace.get("variant") == "affine":
+        return f"the affine {kind} of {listed}"
+    return f"the {kind} through {listed}"
+
+
+def _log_range(values: np.ma.MaskedArray) -> tuple[float, float]:
+    """The colour range: the smallest positive and the largest finite value (a floor of 1e-4 of the largest
+    where values reach 0, e.g. an error of 0)."""
+    finite = values.compressed()
+    if finite.size == 0:
+        raise ValueError("the scan has no finite values to draw")
+    high = float(finite.max())
+    positive = finite[finite > 0]
+    if high <= 0 or positive.size == 0:
+        raise ValueError("a logarithmic colour scale needs positive values; this metric has none")
+    low = max(float(positive.min()), high * 1e-4)
+    return (low, high) if high > low else (low * 0.9, high * 1.1)
+
+
+def _save(figure: plt.Figure, file: Path) -> Path:
+    figure.tight_layout()
     figure.savefig(file, dpi=120)
     plt.close(figure)
     return file

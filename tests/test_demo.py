@@ -20,6 +20,9 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert (tmp_path / "curve_path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Fast Geometric Ensembling" in report and "| **FGE ensemble**" in report and "ECE (15 bins)" in report
     assert (tmp_path / "fge_calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "The plane through the curve" in report and "| θ_1 | (" in report and "BatchNorm: none" in report
+    assert (tmp_path / "plane_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "plane_scan.npz").exists()
 
 
 def test_module_entry_point_shows_help():

@@ -1,0 +1,81 @@
+"""What identifies a scan: plain-data descriptions and SHA-256 hashes of its subspace, grid, data and model.
+
+A stored scan is resumed only when every field of its fingerprint equals the new call's; the fields that
+differ are named in the error.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..subspace import Basis
+
+
+def _update(digest: "hashlib._Hash", tensor: Tensor) -> None:
+    tensor = tensor.detach()
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def basis_sha256(basis: Basis) -> str:
+    """Hash of every stacked basis tensor and constant, by name."""
+    digest = hashlib.sha256()
+    for name in sorted(basis.stacked):
+        digest.update(name.encode())
+        _update(digest, basis.stacked[name])
+    for name in sorted(basis.constants):
+        digest.update(name.encode())
+        _update(digest, basis.constants[name])
+    return digest.hexdigest()
+
+
+def array_summary(values: np.ndarray) -> dict[str, Any]:
+    """A grid axis: its length, ends and a hash of its float64 values."""
+    return {"n": int(values.size), "first": float(values[0]), "last": float(values[-1]),
+            "sha256": hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()}
+
+
+def describe_data(data: Any) -> dict[str, Any] | None:
+    """Shapes, dtypes and a hash of every tensor of `data` (tensors, tuples, dicts or an iterable of batches,
+    read once). None for no data."""
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    shapes: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Tensor):
+            _update(digest, value)
+            shapes.append(f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}")
+        elif isinstance(value, Mapping):
+            for key in value:
+                digest.update(str(key).encode())
+                visit(value[key])
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+            for item in value:  # a DataLoader: each batch in order
+                visit(item)
+        else:
+            raise TypeError(f"data holds a {type(value).__name__}: only tensors, tuples, dicts and iterables of them "
+                            "can be fingerprinted")
+
+    visit(data)
+    kind = "dict" if isinstance(data, Mapping) else "tensors" if isinstance(data, (tuple, list)) else type(data).__name__
+    summary = shapes if len(shapes) <= 8 else shapes[:8] + [f"... {len(shapes)} tensors in all"]
+    return {"kind": kind, "tensors": summary, "sha256": digest.hexdigest()}
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """The architecture: class, entry names, shapes and dtypes (not the weights: the basis holds those)."""
+    digest = hashlib.sha256(repr(model).encode())
+    state = model.state_dict()
+    for name, tensor in state.items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "entries": len(state),
+            "sha256": digest.hexdigest()}
