@@ -3,6 +3,7 @@
     modeconn demo [--out DIR]                        the demo report
     modeconn scan --model M:F --checkpoint A.pt ...  a loss landscape on a plane or line, stored in --out
     modeconn plot DIR/result.npz                     its contour plot, heatmap or profile (PNG, PDF)
+    modeconn curve --model M:F --checkpoint A.pt B.pt --out DIR   train a low-loss curve between two models
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap or 1-d profile")
     _plot_arguments(plot_parser)
     plot_parser.set_defaults(command_parser=plot_parser)
+    curve_parser = commands.add_parser("curve", help="train a Bezier curve or polygonal chain between two checkpoints",
+                                       description=CURVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _curve_arguments(curve_parser)
+    curve_parser.set_defaults(command_parser=curve_parser)
     return parser
 
 
@@ -55,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _run_plot(args)
         except (ValueError, OSError) as error:
+            args.command_parser.error(str(error))
+    elif args.command == "curve":
+        try:
+            _run_curve(args)
+        except (ValueError, TypeError) as error:
             args.command_parser.error(str(error))
     return 0
 
@@ -217,3 +227,99 @@ def _run_plot(args: argparse.Namespace) -> None:
         file = plot_scan(result, stem.with_name(f"{stem.name}.{fmt}"), metric=metric,
                          style=args.style, levels=args.levels, title=args.title)
         print(f"wrote {file}")
+
+
+CURVE_DESCRIPTION = """Train a curve between two checkpoints of one architecture (Garipov et al. 2018): its free control
+points minimise the mean over t ~ U[0, 1] of the loss at θ(t), through your unchanged model. Writes to OUT:
+  curve.pt               the curve's state dict (control_points.K.<entry>), for BezierCurve(a, b, bends=...)
+  control_point_K.pt     each free control point as a plain state dict of the model (e.g. a --checkpoint of
+                         `modeconn scan --kind through A.pt OUT/control_point_1.pt B.pt`)
+  profile.npz            t and the loss and error along the curve and along the straight line (numpy.load)
+  profile.png            both profiles on one plot
+and prints the curve's summary (max, mean and length-weighted mean of each column) and both loss barriers."""
+
+
+def _curve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                        help="a callable that builds the architecture without arguments, e.g. modeconn_fast.digits:mlp")
+    parser.add_argument("--checkpoint", nargs=2, required=True, metavar=("START.pt", "END.pt"),
+                        help="the two end models' state dicts, read with torch.load(weights_only=True)")
+    parser.add_argument("--data", default="digits", metavar="digits|MODULE:FACTORY",
+                        help="training data: 'digits' (the bundled digits' training split; the test split is evaluated "
+                             "too) or a callable returning (inputs, targets) tensors (default: %(default)s)")
+    parser.add_argument("--test-data", metavar="MODULE:FACTORY",
+                        help="with a --data callable: a callable returning the test (inputs, targets), evaluated too")
+    parser.add_argument("--kind", choices=("bezier", "polychain"), default="bezier",
+                        help="Bezier curve (Bernstein coefficients) or polygonal chain (default: %(default)s)")
+    parser.add_argument("--bends", type=int, default=1, help="free control points between the ends (default: 1, a "
+                        "quadratic Bezier curve)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4,
+                        help="½·wd·‖θ(t)‖² added to the loss at the sampled t (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
+    parser.add_argument("--t-per-step", type=int, default=1,
+                        help="values of t per minibatch, run in one pass of the model (default: %(default)s)")
+    parser.add_argument("--schedule", choices=("garipov", "constant"), default="garipov",
+                        help="learning rate: Garipov et al.'s (lr, linear decay to 0.01·lr from 50 %% to 90 %% of the "
+                             "epochs) or constant (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the minibatch order and the t values (default: %(default)s)")
+    parser.add_argument("--points", type=int, default=61, help="values of t evaluated after training (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for curve.pt, the control points and the profile")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_curve(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+    import torch
+
+    from .checkpoints import load_checkpoint, load_factory
+    from .curves import BezierCurve, PolyChain, evaluate_curve, train_curve
+    from .digits import load_digits_split
+    from .paths import PathResult, interpolate
+    from .plot import plot_paths
+
+    factory = load_factory(args.model, "--model")
+    model_a, model_b = (load_checkpoint(factory, path, args.model).to(args.device) for path in args.checkpoint)
+    if args.data == "digits":
+        digits = load_digits_split()
+        splits = {"train": digits.train, "test": digits.test}
+    else:
+        splits = {"train": load_factory(args.data, "--data")()}
+        if args.test_data:
+            splits["test"] = load_factory(args.test_data, "--test-data")()
+    splits = _to(splits, args.device)
+    bn_data = splits["train"][0]
+    kind = {"bezier": BezierCurve, "polychain": PolyChain}[args.kind]
+    curve = kind(model_a, model_b, bends=args.bends)
+    progress = not args.no_progress
+    history = train_curve(curve, splits["train"], epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay, batch_size=args.batch_size, t_per_step=args.t_per_step,
+                          schedule=args.schedule, seed=args.seed, progress=progress)
+    result = evaluate_curve(curve, splits, points=args.points, bn_data=bn_data, progress=progress)
+    lines = {split: interpolate(model_a, model_b, data, points=args.points, bn_data=bn_data, progress=progress)
+             for split, data in splits.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(curve.state_dict(), out / "curve.pt")
+    for k, point in enumerate(curve.control_points):
+        if any(p.requires_grad for p in point.parameters()):
+            torch.save(point.state_dict(), out / f"control_point_{k}.pt")
+    arrays = {"t": result.t.numpy()} | {f"curve_{name}": v.numpy() for name, v in result.columns.items()}
+    arrays |= {f"line_{split}_{m}": getattr(line, m).numpy() for split, line in lines.items() for m in ("loss", "error")}
+    meta = {"kind": args.kind, "bends": args.bends, "bn_mode": result.bn_mode, "length": result.length,
+            "summary": result.summary(), "epoch_loss": history.loss, "lr": history.lr,
+            "checkpoints": list(args.checkpoint)}
+    np.savez(out / "profile.npz", meta=np.array(json.dumps(meta)), **arrays)
+    paths = {f"{split}, straight line": line for split, line in lines.items()}
+    paths |= {f"{split}, {args.kind}": PathResult(result.t, result[f"{split}_loss"], result[f"{split}_error"],
+                                                  result.bn_mode) for split in splits}
+    plot_paths(paths, out / "profile.png", title=f"straight line and trained {args.kind} curve")
+    for name, stats in result.summary().items():
+        print(f"{name:>12}: curve max {stats['max']:.4f}, mean {stats['mean']:.4f}, length-weighted {stats['int']:.4f}")
+    print(f"train loss barrier: straight line {lines['train'].barrier('loss'):.4f}, curve "
+          f"{result.barrier('loss', dataset='train'):.4f}; curve length {result.length:.2f}; wrote {out}")
