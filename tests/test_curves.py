@@ -132,7 +132,7 @@ def test_evaluate_curve_columns_and_summary():
     assert set(result.columns) == {"train_loss", "train_error", "test_loss", "test_error"}
     assert torch.equal(result.loss, result["train_loss"])
     # the chain's segments: straight lines, so the length is ‖θ_1 − θ_A‖ + ‖θ_B − θ_1‖
-    points = [dict(p.named_parameters()) for p in curve.control_points]
+    points = [{n: v.detach() for n, v in p.named_parameters()} for p in curve.control_points]
     direct = sum(math.sqrt(sum(float(((points[k + 1][n] - points[k][n]) ** 2).sum()) for n in points[0]))
                  for k in range(2))
     assert result.length == pytest.approx(direct, rel=1e-6)
