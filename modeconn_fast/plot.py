@@ -10,7 +10,7 @@ from torch import Tensor
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .curves.calibration import ReliabilityBins  # noqa: E402
+from .engine.calibration import ReliabilityBins  # noqa: E402
 from .paths import PathResult  # noqa: E402
 
 
