@@ -72,7 +72,7 @@ def evaluate(
     broken = basis.nonfinite_members()
     view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis)
     view.prepare(coeffs, move(_first_rows(datasets), device))
-    bn_mode = _batchnorm_mode(bn, view, bn_data)
+    bn_mode = batchnorm_mode(bn, view, bn_data)
     if bn_mode == "eval":
         _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
@@ -162,7 +162,7 @@ def _warn_of_negative_variances(view: SubspaceView, coeffs: Tensor) -> None:
                       "error are NaN; pass bn_data to recompute the statistics per point", stacklevel=3)
 
 
-def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
+def batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
     """"none" (no BatchNorm with running statistics), "recompute" or "eval"."""
     if bn not in ("auto", "recompute", "eval"):
         raise ValueError(f"bn must be 'auto', 'recompute' or 'eval', got {bn!r}")
