@@ -102,6 +102,10 @@ def test_batchnorm_statistics_recomputed_per_point(data):
     result = curvature(models[0], models, COEFFS[1:], batches_of(*data), bn_data=bn_batches, top_k=2,
                        iterations=200, tol=1e-12)
     assert result.bn_mode == "recompute"
+    with torch.no_grad():
+        plain = curvature(models[0], models, COEFFS[1:], batches_of(*data), bn_data=bn_batches, top_k=2,
+                          iterations=200, tol=1e-12, batched=False)
+    torch.testing.assert_close(plain.eigenvalues, result.eigenvalues, rtol=1e-9, atol=0)
     for p, row in enumerate(COEFFS[1:]):
         net = model_at(models[0], models, row)
         reset_and_recompute_batchnorm(net, bn_batches)
@@ -115,7 +119,8 @@ def test_batchnorm_statistics_recomputed_per_point(data):
 
 def test_curvature_along_a_line_and_a_curve(data):
     models = [seeded(tiny, seed) for seed in range(2)]
-    along = curvature_along((models[0], models[1]), data, points=3, iterations=200, tol=1e-10)
+    with torch.no_grad():  # the products record what they need
+        along = curvature_along((models[0], models[1]), data, points=3, iterations=200, tol=1e-10)
     torch.testing.assert_close(along.t, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     direct = curvature(models[0], models, torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]), data,
                        iterations=200, tol=1e-10)

@@ -83,8 +83,9 @@ class _Hessian:
         self.data, self.loss_fn, self.replicas_per_pass, self.bar = data, loss_fn, replicas_per_pass, bar
         self.device = next(iter(states.values())).device
 
+    @torch.enable_grad()
     def __call__(self, owners: Tensor, vectors: Tensor) -> Tensor:
-        """H(θ(owners[r])) vectors[r] for every r: [R, D]."""
+        """H(θ(owners[r])) vectors[r] for every r: [R, D] (also when called under torch.no_grad)."""
         out = torch.empty_like(vectors)
         for start in range(0, len(owners), self.replicas_per_pass):
             part = slice(start, start + self.replicas_per_pass)
@@ -99,11 +100,10 @@ class _Hessian:
         total, weight = torch.zeros(vectors[0].shape[0], self.layout.dim, dtype=vectors[0].dtype,
                                     device=self.device), 0
         for inputs, targets in self.data:
-            with torch.enable_grad():
-                loss, count = summed_loss(forward(move(inputs, self.device)), targets.to(self.device), self.loss_fn)
-                grads = torch.autograd.grad(loss, weights, create_graph=True)
-                dot = sum((g * v).sum() for g, v in zip(grads, vectors))
-                products = torch.autograd.grad(dot, weights, allow_unused=True)
+            loss, count = summed_loss(forward(move(inputs, self.device)), targets.to(self.device), self.loss_fn)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, vectors))
+            products = torch.autograd.grad(dot, weights, allow_unused=True)
             total += self.layout.flatten([torch.zeros_like(w) if p is None else p for p, w in zip(products, weights)])
             weight += count
         if self.bar is not None:
