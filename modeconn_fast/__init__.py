@@ -12,8 +12,11 @@
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
     fge(model, train_data, ...)            Fast Geometric Ensembling: snapshots of a cyclic-rate SGD run
     Ensemble(models)                       members evaluated in one pass: probabilities, uncertainty, calibration
+    curvature(model, basis, coeffs, data)  top Hessian eigenvalues (Lanczos), trace (Hutchinson), per layer -> CurvatureResult
+    curvature_along(path, data)            the same at evenly spaced t of a line or a curve ("sharpness along the path")
 """
 from . import rebasin
+from .analysis import CurvatureResult, curvature, curvature_along
 from .curves import (BezierCurve, CurveHistory, CurveResult, Ensemble, EnsembleEvaluation, EnsemblePrediction,
                      NEBResult, PolyChain, Simplex, SimplexHistory, autoneb, espro, evaluate_curve, fge, train_curve,
                      train_simplex)
@@ -23,7 +26,8 @@ from .scans import GridResult, Line, Plane, scan
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "BezierCurve", "CurveHistory", "CurveResult", "Ensemble", "EnsembleEvaluation", "EnsemblePrediction",
-           "Evaluation", "GridResult", "Line", "NEBResult", "PathResult", "Plane", "PolyChain", "Simplex", "SimplexHistory",
-           "SubspaceView", "autoneb", "barrier", "espro", "evaluate", "evaluate_curve", "fge", "interpolate",
-           "linear_coeffs", "rebasin", "scan", "train_curve", "train_simplex"]
+__all__ = ["Basis", "BezierCurve", "CurvatureResult", "CurveHistory", "CurveResult", "Ensemble", "EnsembleEvaluation",
+           "EnsemblePrediction", "Evaluation", "GridResult", "Line", "NEBResult", "PathResult", "Plane", "PolyChain",
+           "Simplex", "SimplexHistory", "SubspaceView", "autoneb", "barrier", "curvature", "curvature_along", "espro",
+           "evaluate", "evaluate_curve", "fge", "interpolate", "linear_coeffs", "rebasin", "scan", "train_curve",
+           "train_simplex"]

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from .curves.calibration import ReliabilityBins  # noqa: E402
+from .engine.calibration import ReliabilityBins  # noqa: E402
 from .paths import PathResult  # noqa: E402
 from .scans import GridResult  # noqa: E402
 

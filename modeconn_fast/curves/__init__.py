@@ -1,7 +1,7 @@
 """Curves between models and the ensembles they give (Garipov et al. 2018), low-loss simplexes (Benton et
 al. 2021), AutoNEB paths (Draxler et al. 2018): each a trainable basis + coefficient rows."""
 from .bezier import BezierCurve
-from .calibration import ReliabilityBins
+from ..engine.calibration import ReliabilityBins
 from .curve import Curve
 from .ensemble import Ensemble, EnsembleEvaluation, EnsemblePrediction
 from .evaluate import CurveResult, evaluate_curve

@@ -13,7 +13,7 @@ With the members' class probabilities p_m = softmax(outputs_m), m = 1 … M, on 
                                                                      across-member variance of p_y
 
 The ensemble's loss is the negative log-likelihood of p̄, −log p̄_target (each member's: its cross-entropy);
-its error is the top-1 error of p̄; calibration is measured by the ECE over 15 bins (`calibration.py`).
+its error is the top-1 error of p̄; calibration is measured by the ECE over 15 bins (`engine/calibration.py`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ..engine import SubspaceView
 from ..engine.batches import Batches, Inputs, move
 from ..engine.chunks import plan_chunks
 from ..subspace import Basis
-from .calibration import ReliabilityBins
+from ..engine.calibration import ReliabilityBins
 
 
 class CurveLike(Protocol):

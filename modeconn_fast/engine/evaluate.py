@@ -20,14 +20,14 @@ from ..subspace import Basis, StateLike, as_basis
 from .batches import Batches, move
 from .chunks import plan_chunks
 from .memory import keep_freed_memory
-from .metrics import LossFn, MetricSums, check_metrics
+from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
 from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
 
 
 class Evaluation(dict):
-    """Per-point metrics, e.g. `{"loss": Tensor[P], "error": Tensor[P]}` (float64), and how BatchNorm ran:
+    """Per-point metrics by name, e.g. `{"loss": Tensor[P], "error": Tensor[P]}` (float64), and how BatchNorm ran:
     `bn_mode` is "recompute", "eval" or "none" (the model has no BatchNorm)."""
 
     def __init__(self, values: dict[str, Tensor], bn_mode: str):
@@ -45,19 +45,21 @@ def evaluate(
     data: Any,
     *,
     loss_fn: LossFn | None = None,
-    metrics: Sequence[str] = ("loss", "error"),
+    metrics: Sequence[MetricSpec] = ("loss", "error"),
     bn: BatchNormMode = "auto",
     bn_data: Any = None,
     memory_budget: int | None = None,
     progress: bool | None = None,
 ) -> Evaluation:
-    """Loss and error of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
+    """Metrics (loss and error by default) of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
 
     model: the architecture (any nn.Module; its own weights are not used). basis: K models or state dicts
     of that architecture, or a `Basis`. coeffs: [P, K]. data: `(inputs, targets)` tensors or an iterable of
     such batches; or a dict of them by name (e.g. {"train": ..., "test": ...}), evaluated in the same pass
     over the points, with results named "train_loss", "test_error", ... loss_fn: per-target losses
-    (reduction='none') or a mean; default cross-entropy. bn: "recompute" (statistics from `bn_data` for
+    (reduction='none') or a mean; default cross-entropy. metrics: any of "loss", "error", "nll", "brier", "ece"
+    (see `metrics.py`) and custom `(name, fn)` pairs, fn(outputs [N, ...], targets) -> Tensor[N] one value per
+    sample (averaged over all samples); each over all batches, in float64. bn: "recompute" (statistics from `bn_data` for
     every point), "eval" (mix the stored statistics) or "auto" (recompute when the model has BatchNorm and
     `bn_data` is given). memory_budget: bytes for one chunk of points (default 1 GiB on CPU, a quarter of
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
@@ -70,7 +72,7 @@ def evaluate(
     broken = basis.nonfinite_members()
     view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis)
     view.prepare(coeffs, move(_first_rows(datasets), device))
-    bn_mode = _batchnorm_mode(bn, view, bn_data)
+    bn_mode = batchnorm_mode(bn, view, bn_data)
     if bn_mode == "eval":
         _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
@@ -160,7 +162,7 @@ def _warn_of_negative_variances(view: SubspaceView, coeffs: Tensor) -> None:
                       "error are NaN; pass bn_data to recompute the statistics per point", stacklevel=3)
 
 
-def _batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
+def batchnorm_mode(bn: str, view: SubspaceView, bn_data: Any) -> str:
     """"none" (no BatchNorm with running statistics), "recompute" or "eval"."""
     if bn not in ("auto", "recompute", "eval"):
         raise ValueError(f"bn must be 'auto', 'recompute' or 'eval', got {bn!r}")

@@ -1,41 +1,72 @@
-"""Per-point loss and top-1 error, accumulated over batches in float64.
+"""Per-point metrics, accumulated over all batches in float64.
+
+With outputs(p) the model's outputs at point p (class axis 1) and q = softmax(outputs) over the classes:
 
 loss(p)  = mean over all targets of loss_fn(outputs(p), targets)      (default: cross-entropy)
-error(p) = fraction of targets whose arg-max class (axis 1 of the outputs) is wrong, in [0, 1];
-           NaN for a point whose loss is not finite (its outputs hold NaN or +inf).
+error(p) = fraction of targets whose arg-max class is wrong, in [0, 1]
+nll(p)   = mean over targets of −log q_y                               (whatever loss_fn is)
+brier(p) = mean over targets of Σ_c (q_c − [c = y])²                   (Brier 1950; in [0, 2])
+ece(p)   = expected calibration error over 15 equal-width confidence bins (`calibration.py`)
+<name>(p) = mean over samples of fn(outputs(p), targets), for a custom metric `(name, fn)`: fn maps a batch
+           (outputs [N, ...], targets [N, ...]) to one value per sample, Tensor[N]
+
+error, nll, brier and ece are NaN at a point whose outputs are not finite (NaN or +inf).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .calibration import ReliabilityBins
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
-METRICS = ("loss", "error")
+MetricFn = Callable[[Tensor, Tensor], Tensor]
+MetricSpec = Union[str, tuple[str, MetricFn]]
+METRICS = ("loss", "error", "nll", "brier", "ece")
+_CLASS_METRICS = ("error", "nll", "brier", "ece")  # need class outputs and integer targets
+_PROBABILITY_METRICS = ("nll", "brier", "ece")
 
 
-def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def check_metrics(metrics: str | Sequence[MetricSpec]) -> dict[str, MetricFn | None]:
+    """The metrics by name, in order: None for a built-in one, the function for a custom `(name, fn)` pair."""
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {metrics}")
-    return metrics
+    chosen: dict[str, MetricFn | None] = {}
+    for spec in metrics:
+        if isinstance(spec, str) and spec in METRICS:
+            name, fn = spec, None
+        elif (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and callable(spec[1])
+              and spec[0] not in METRICS):
+            name, fn = spec
+        else:
+            raise ValueError(f"metrics must be a non-empty selection of {METRICS} and custom (name, fn) pairs, "
+                             f"fn(outputs, targets) -> Tensor[N] one value per sample, with names of their own; "
+                             f"got {spec!r}")
+        if name in chosen:
+            raise ValueError(f"metrics names {name!r} twice")
+        chosen[name] = fn
+    if not chosen:
+        raise ValueError(f"metrics must be a non-empty selection of {METRICS} and custom (name, fn) pairs")
+    return chosen
 
 
 class MetricSums:
     """Running sums for P points. `loss_fn(outputs, targets)` may return per-target losses
     (reduction='none', fastest: one call for all points) or their mean (then it is called once per point)."""
 
-    def __init__(self, metrics: tuple[str, ...], points: int, device: torch.device, loss_fn: LossFn | None = None):
+    def __init__(self, metrics: dict[str, MetricFn | None], points: int, device: torch.device,
+                 loss_fn: LossFn | None = None):
         self.metrics = metrics
         self.loss_fn = loss_fn
         self.per_point_calls: bool | None = None if loss_fn is not None else False
-        self.loss = torch.zeros(points, dtype=torch.float64, device=device)
-        self.wrong = torch.zeros(points, dtype=torch.float64, device=device)
+        self.sums = {name: torch.zeros(points, dtype=torch.float64, device=device)
+                     for name in metrics if name != "ece"}
+        self.reliability = ReliabilityBins.zeros(points, device=device) if "ece" in metrics else None
         self.finite = torch.ones(points, dtype=torch.bool, device=device)
         self.target_count = 0  # targets seen by each point
+        self.sample_count = 0  # samples (rows) seen by each point
         self.loss_weight = 0
 
     def add(self, outputs: Tensor, targets: Tensor, start: int) -> None:
@@ -49,21 +80,45 @@ class MetricSums:
         flat_targets = targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:])
         if start == 0:
             self.target_count += targets.numel()
+            self.sample_count += targets.shape[0]
         if "loss" in self.metrics:
             loss, weight = self._loss_sums(outputs, targets, flat_outputs, flat_targets)
-            self.loss[where] += loss
+            self.sums["loss"][where] += loss
             self.finite[where] &= torch.isfinite(loss)  # NaN or +inf in the outputs make the loss NaN
             if start == 0:
                 self.loss_weight += weight
         else:
             self.finite[where] &= torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
+        if any(name in self.metrics for name in _CLASS_METRICS):
+            _check_classes(flat_outputs, targets, [name for name in _CLASS_METRICS if name in self.metrics][0])
         if "error" in self.metrics:
-            if torch.is_floating_point(targets) or torch.is_complex(targets):
-                raise ValueError("metric 'error' needs integer class targets; for other targets pass metrics=('loss',)")
-            if flat_outputs.dim() < 2 or flat_outputs.shape[1] == 0:
-                raise ValueError("metric 'error' needs outputs with a class axis (axis 1, e.g. logits [N, classes])")
             wrong = flat_outputs.argmax(dim=1) != flat_targets
-            self.wrong[where] += wrong.reshape(points, -1).sum(dim=1).double()
+            self.sums["error"][where] += wrong.reshape(points, -1).sum(dim=1).double()
+        if any(name in self.metrics for name in _PROBABILITY_METRICS):
+            self._add_probability_metrics(outputs, targets, flat_outputs, flat_targets, where)
+        for name, fn in self.metrics.items():
+            if fn is not None:
+                values = fn(flat_outputs, flat_targets)
+                if not isinstance(values, Tensor) or values.shape != (flat_outputs.shape[0],):
+                    shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+                    raise ValueError(f"metric {name!r} returned {shape} for a batch of {flat_outputs.shape[0]} "
+                                     "samples; it must return one value per sample, a Tensor of shape [N]")
+                self.sums[name][where] += values.reshape(points, -1).sum(dim=1, dtype=torch.float64)
+
+    def _add_probability_metrics(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor,
+                                 where: slice) -> None:
+        points = outputs.shape[0]
+        log_probs = F.log_softmax(flat_outputs.to(torch.promote_types(flat_outputs.dtype, torch.float32)), dim=1)
+        picked = log_probs.gather(1, flat_targets.unsqueeze(1)).squeeze(1)  # log q_y per target
+        if "nll" in self.metrics:
+            self.sums["nll"][where] -= picked.reshape(points, -1).sum(dim=1, dtype=torch.float64)
+        probs = log_probs.exp()
+        if "brier" in self.metrics:  # Σ_c q_c² − 2 q_y + 1
+            brier = probs.square().sum(dim=1) - 2 * picked.exp() + 1
+            self.sums["brier"][where] += brier.reshape(points, -1).sum(dim=1, dtype=torch.float64)
+        if self.reliability is not None:  # class axis last: [P, targets, C]
+            per_point = probs.reshape(points, *outputs.shape[1:]).movedim(2, -1).reshape(points, -1, probs.shape[1])
+            self.reliability[where].add(per_point, targets.reshape(-1))
 
     def _loss_sums(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor) -> tuple[Tensor, int]:
         points = outputs.shape[0]
@@ -86,10 +141,23 @@ class MetricSums:
 
     def result(self) -> dict[str, Tensor]:
         values: dict[str, Tensor] = {}
-        if "loss" in self.metrics:
-            values["loss"] = self.loss / self.loss_weight
-        if "error" in self.metrics:
-            error = self.wrong / self.target_count
-            values["error"] = torch.where(self.finite, error, torch.full_like(error, float("nan")))
-        return {name: values[name] for name in self.metrics}
+        for name, fn in self.metrics.items():
+            if name == "loss":
+                values[name] = self.sums[name] / self.loss_weight
+            elif name == "ece":
+                values[name] = self.reliability.ece()
+            elif fn is None:  # error, nll, brier: per target
+                values[name] = self.sums[name] / self.target_count
+            else:
+                values[name] = self.sums[name] / self.sample_count
+            if name in _CLASS_METRICS:
+                values[name] = torch.where(self.finite, values[name], torch.full_like(values[name], float("nan")))
+        return values
 
+
+def _check_classes(flat_outputs: Tensor, targets: Tensor, metric: str) -> None:
+    if torch.is_floating_point(targets) or torch.is_complex(targets):
+        raise ValueError(f"metric {metric!r} needs integer class targets; for other targets pass metrics=('loss',) "
+                         "or custom (name, fn) metrics")
+    if flat_outputs.dim() < 2 or flat_outputs.shape[1] == 0:
+        raise ValueError(f"metric {metric!r} needs outputs with a class axis (axis 1, e.g. logits [N, classes])")
