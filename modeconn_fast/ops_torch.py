@@ -29,6 +29,8 @@ NARROW_OUTPUT = 16
 
 def mix(coeffs: Tensor, stacked: Tensor) -> Tensor:
     """Σ_k coeffs[p, k] · stacked[k] for every point p: [P, K] × [K, *shape] -> [P, *shape]."""
+    if stacked.dim() == 2:  # no reshapes: each would be one more node for autograd to walk
+        return coeffs @ stacked
     return (coeffs @ stacked.reshape(stacked.shape[0], -1)).reshape(coeffs.shape[0], *stacked.shape[1:])
 
 
