@@ -29,16 +29,7 @@ def plot_paths(paths: dict[str, PathResult], file: str | Path, *, title: str = "
             error_axis.plot(path.t, 100 * path.error, style, marker=".", label=label)
     loss_axis.set(xlabel="t", ylabel="loss", title="loss along the path")
     error_axis.set(xlabel="t", ylabel="error (%)", title="error along the path")
-    for axis in (loss_axis, error_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    file = Path(file)
-    figure.savefig(file, dpi=120)
-    plt.close(figure)
-    return file
+    return _finish(figure, (loss_axis, error_axis), Path(file), title)
 
 
 def plot_calibration(reliability: dict[str, ReliabilityBins], entropy: Tensor, wrong: Tensor, file: str | Path, *,
@@ -60,16 +51,7 @@ def plot_calibration(reliability: dict[str, ReliabilityBins], entropy: Tensor, w
         if subset.any():
             histogram.hist(entropy[subset].numpy(), bins=edges.numpy(), density=True, alpha=0.6, label=label)
     histogram.set(xlabel="predictive entropy (nats)", ylabel="density", title="entropy of the mean prediction")
-    for axis in (diagram, histogram):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    file = Path(file)
-    figure.savefig(file, dpi=120)
-    plt.close(figure)
-    return file
+    return _finish(figure, (diagram, histogram), Path(file), title)
 
 
 def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None, style: str = "contour",
@@ -151,6 +133,16 @@ def _log_range(values: np.ma.MaskedArray) -> tuple[float, float]:
         raise ValueError("a logarithmic colour scale needs positive values; this metric has none")
     low = max(float(positive.min()), high * 1e-4)
     return (low, high) if high > low else (low * 0.9, high * 1.1)
+
+
+def _finish(figure: plt.Figure, axes: tuple[plt.Axes, ...], file: Path, title: str) -> Path:
+    """Grid and legend on every axis, the title above, then `_save`."""
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    return _save(figure, file)
 
 
 def _save(figure: plt.Figure, file: Path) -> Path:
