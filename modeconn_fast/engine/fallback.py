@@ -19,7 +19,9 @@ from .state import ViewState
 
 
 class FallbackModule(SubspaceLayer):
-    """Runs `module` (a subtree of the user's model) once per point, with mixed weights."""
+    """Runs `module` (a subtree of the user's model) once per point, with mixed weights. Its other attributes
+    (e.g. `batch_first`, which a parent module may read) are read from `module`; its weights are not, since they
+    differ per point."""
 
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], constants: dict[str, Tensor], module: nn.Module):
         super().__init__(state, stacked)
@@ -44,6 +46,18 @@ class FallbackModule(SubspaceLayer):
                                     *(v if d is None else v[p] for v, d in zip(values, in_dims)))
                           for p in range(self.state.points)])
         return _fold(out)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self._modules.get("module")
+            if module is None:
+                raise
+            if name in module._parameters or name in module._buffers:
+                raise AttributeError(f"{name!r} of {type(module).__name__} differs per point in the subspace view "
+                                     "(the module runs per point with mixed weights)") from None
+            return getattr(module, name)
 
     def _per_point(self, value: Any) -> tuple[Any, int | None]:
         """(value, None) to pass it to every point, or (value split per point, 0)."""

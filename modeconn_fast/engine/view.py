@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..subspace import Basis
+from .attention import SubspaceMultiheadAttention, supports_attention
 from .batchnorm import SubspaceBatchNorm
 from .fallback import FallbackModule, contains_batchnorm
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
 from .pooling import faster_pooling
 from .state import BatchNormPhase, ViewState
+from .transformer import STAND_INS
 
 Inputs = Tensor | Sequence[Tensor]
 WHOLE_MODEL = "<the model itself>"
@@ -41,6 +43,10 @@ NATIVE_LAYERS: dict[type, type[SubspaceLayer]] = {
     nn.Embedding: SubspaceEmbedding,
 }
 _NATIVE_PARAMETERS = {"weight", "bias"}
+# Modules served whole, their submodules' tensors included ("out_proj.weight"), when `supports(module)`.
+NATIVE_SUBTREES: dict[type, tuple[type[SubspaceLayer], Callable[[Any], bool]]] = {
+    nn.MultiheadAttention: (SubspaceMultiheadAttention, supports_attention),
+}
 
 
 class ModelOutputError(TypeError):
@@ -253,8 +259,12 @@ class SubspaceView(nn.Module):
         if id(module) in done:
             return done[id(module)]
         native = _native_layer(module)
+        subtree = _native_subtree(module)
         if native is not None:
             converted: nn.Module = native(self.state, _entries(basis.stacked, prefix, direct=True), module)
+            self._bindings.append((converted, prefix))
+        elif subtree is not None:
+            converted = subtree(self.state, _entries(basis.stacked, prefix, direct=False), module)
             self._bindings.append((converted, prefix))
         elif (pooling := faster_pooling(module)) is not None:
             converted = pooling
@@ -268,7 +278,8 @@ class SubspaceView(nn.Module):
             for name, child in list(module._modules.items()):
                 if child is not None:
                     module._modules[name] = self._convert(child, f"{prefix}{name}.", basis, done)
-            converted = module
+            stand_in = STAND_INS.get(type(module))
+            converted = stand_in(module) if stand_in is not None and not _has_hooks(module) else module
         done[id(module)] = converted
         return converted
 
@@ -303,6 +314,21 @@ def _native_layer(module: nn.Module) -> type[SubspaceLayer] | None:
     if isinstance(module, nn.Embedding) and module.max_norm is not None:  # renormalises its weight in place
         return None
     return layer
+
+
+def _native_subtree(module: nn.Module) -> type[SubspaceLayer] | None:
+    """The layer serving `module` with its whole subtree, if its type is known, it supports the module's options
+    and nothing in the subtree is hooked or parametrized."""
+    entry = NATIVE_SUBTREES.get(type(module))
+    if entry is None or not entry[1](module):
+        return None
+    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
+        return None
+    return entry[0]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _needs_fallback(module: nn.Module, prefix: str, basis: Basis) -> bool:
