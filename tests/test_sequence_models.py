@@ -213,3 +213,62 @@ def test_attention_options_left_to_the_fallback_still_expose_attributes():
     assert view.fallback_names == ["attention"]
     with pytest.raises(AttributeError, match="differs per point"):
         view.net.attention.in_proj_weight
+
+
+# --- recurrent networks -------------------------------------------------------------------------------------
+class RecurrentClassifier(nn.Module):
+    """A Linear, then nn.RNN / nn.GRU / nn.LSTM over the sequence; the head reads the last step and the final
+    hidden states."""
+
+    def __init__(self, kind: str, layers: int = 1, bidirectional: bool = False, batch_first: bool = True,
+                 dropout: float = 0.0, first: bool = False) -> None:
+        super().__init__()
+        self.batch_first, self.first = batch_first, first
+        self.embed = nn.Linear(5, 6)
+        size = 5 if first else 6
+        self.rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind](
+            size, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout)
+        self.out = nn.Linear(7 * (2 if bidirectional else 1) + 7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x if self.first else torch.tanh(self.embed(x))
+        h = h if self.batch_first else h.transpose(0, 1)
+        out, state = self.rnn(h)
+        hidden = state[0] if isinstance(state, tuple) else state
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.out(torch.cat([last, hidden[-1]], dim=1))
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, first", [
+    ("gru", 1, False, True, False), ("gru", 2, True, False, True), ("lstm", 2, True, True, False),
+    ("lstm", 1, False, False, True), ("rnn", 2, True, True, False)])
+def test_recurrent_networks(kind, layers, bidirectional, batch_first, first):
+    torch.manual_seed(0)
+    assert_native_and_matches_loop(lambda: RecurrentClassifier(kind, layers, bidirectional, batch_first, first=first),
+                                   torch.randn(9, 6, 5), torch.randint(0, 3, (9,)))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_gradients_through_recurrent_networks(kind):
+    torch.manual_seed(0)
+    assert_gradients_match(lambda: RecurrentClassifier(kind, 2, bidirectional=True), torch.randn(4, 5, 5))
+
+
+class WithInitialState(nn.Module):
+    """nn.LSTM started from states computed from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init = nn.Linear(5, 7)
+        self.lstm = nn.LSTM(5, 7, batch_first=True)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = torch.tanh(self.init(x[:, 0])).unsqueeze(0)
+        out, _ = self.lstm(x, (h0, -h0))
+        return self.out(out[:, -1])
+
+
+def test_recurrent_initial_states():
+    torch.manual_seed(0)
+    assert_native_and_matches_loop(WithInitialState, torch.randn(9, 6, 5), torch.randint(0, 3, (9,)))

@@ -27,6 +27,7 @@ from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
 from .pooling import faster_pooling
+from .recurrent import SubspaceRecurrent, supports_recurrent
 from .state import BatchNormPhase, ViewState
 from .transformer import STAND_INS
 
@@ -47,6 +48,9 @@ _NATIVE_PARAMETERS = {"weight", "bias"}
 # Modules served whole, their submodules' tensors included ("out_proj.weight"), when `supports(module)`.
 NATIVE_SUBTREES: dict[type, tuple[type[SubspaceLayer], Callable[[Any], bool]]] = {
     nn.MultiheadAttention: (SubspaceMultiheadAttention, supports_attention),
+    nn.RNN: (SubspaceRecurrent, supports_recurrent),
+    nn.GRU: (SubspaceRecurrent, supports_recurrent),
+    nn.LSTM: (SubspaceRecurrent, supports_recurrent),
 }
 
 
