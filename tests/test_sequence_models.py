@@ -226,8 +226,9 @@ class RecurrentClassifier(nn.Module):
         self.batch_first, self.first = batch_first, first
         self.embed = nn.Linear(5, 6)
         size = 5 if first else 6
-        self.rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind](
-            size, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout)
+        options = {"nonlinearity": "relu"} if kind == "rnn_relu" else {}
+        self.rnn = {"rnn": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind](
+            size, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout, **options)
         self.out = nn.Linear(7 * (2 if bidirectional else 1) + 7, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,14 +242,14 @@ class RecurrentClassifier(nn.Module):
 
 @pytest.mark.parametrize("kind, layers, bidirectional, batch_first, first", [
     ("gru", 1, False, True, False), ("gru", 2, True, False, True), ("lstm", 2, True, True, False),
-    ("lstm", 1, False, False, True), ("rnn", 2, True, True, False)])
+    ("lstm", 1, False, False, True), ("rnn", 2, True, True, False), ("rnn_relu", 1, False, False, False)])
 def test_recurrent_networks(kind, layers, bidirectional, batch_first, first):
     torch.manual_seed(0)
     assert_native_and_matches_loop(lambda: RecurrentClassifier(kind, layers, bidirectional, batch_first, first=first),
                                    torch.randn(9, 6, 5), torch.randint(0, 3, (9,)))
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_relu"])
 def test_gradients_through_recurrent_networks(kind):
     torch.manual_seed(0)
     assert_gradients_match(lambda: RecurrentClassifier(kind, 2, bidirectional=True), torch.randn(4, 5, 5))

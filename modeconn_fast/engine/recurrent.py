@@ -80,45 +80,57 @@ class SubspaceRecurrent(SubspaceLayer):
         return out, (h_n, torch.stack(last_c).reshape(len(last_c), rows, self.hidden_size))
 
     def _input_products(self, x: Tensor, suffix: str, first: bool, steps: int, samples: int) -> Tensor:
-        """gx [T, P, N, G·H] for a layer input [P·N, T, I] (the first layer) or [T, P, N, F]."""
+        """gx [T, P, N, G·H] (a strided view of [P, T, N, G·H]) for a layer input [P·N, T, I] (the first layer)
+        or [T, P, N, F]. Rows are put in time-major order before the product (the input is the smaller tensor)."""
         state, points = self.state, self.state.points
         weight, bias = self.stacked["weight_ih" + suffix], self.stacked.get("bias_ih" + suffix)
+        if self.mode != "GRU" and "bias_hh" + suffix in self.stacked:  # b_hh adds to gx alike: one addition here
+            hidden_bias = self.stacked["bias_hh" + suffix]
+            bias = hidden_bias if bias is None else bias + hidden_bias
         if first:
             shared = state.shared_rows(x)
-            rows = shared[1].reshape(-1, x.shape[-1]) if shared is not None else x.reshape(points, -1, x.shape[-1])
-            gx = ops.combined_linear(rows, weight, bias, state.coeffs)  # [P, N·T, G·H]
-            return gx.reshape(points, samples, steps, -1).permute(2, 0, 1, 3).contiguous()
-        rows = x.transpose(0, 1).reshape(points, -1, x.shape[-1])  # [P, T·N, F]
-        gx = ops.combined_linear(rows, weight, bias, state.coeffs)
-        return gx.reshape(points, steps, samples, -1).transpose(0, 1).contiguous()
+            if shared is not None:  # [T·N, I] once for all points
+                rows = shared[1].transpose(0, 1).reshape(-1, x.shape[-1])
+            else:
+                rows = x.reshape(points, samples, steps, -1).transpose(1, 2).reshape(points, -1, x.shape[-1])
+        else:
+            rows = x.transpose(0, 1).reshape(points, -1, x.shape[-1])  # [P, T·N, F]
+        gx = ops.combined_linear(rows, weight, bias, state.coeffs)  # [P, T·N, G·H]
+        return gx.reshape(points, steps, samples, -1).transpose(0, 1)
 
     def _recur(self, gx: Tensor, suffix: str, h: Tensor, c: Tensor | None, reverse: bool
                ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Runs the steps of one layer and direction: (states [T, P, N, H], last h, last c)."""
+        """Runs the steps of one layer and direction: (states [T, P, N, H], last h, last c). Without gradients the
+        states are written straight into their [T, ...] tensor."""
         coeffs, H = self.state.coeffs, self.hidden_size
         weight = ops.mix(coeffs, self.stacked["weight_hh" + suffix]).transpose(1, 2)  # [P, H, G·H]
-        bias = self.mixed("bias_hh" + suffix)
-        bias = None if bias is None else bias.unsqueeze(1)  # [P, 1, G·H]
-        states = []
+        hidden_bias = self.mixed("bias_hh" + suffix) if self.mode == "GRU" else None  # others: in gx already
+        in_place = not (torch.is_grad_enabled() and (gx.requires_grad or weight.requires_grad or h.requires_grad))
+        states = h.new_empty(gx.shape[0], *h.shape) if in_place else []
         for t in (range(gx.shape[0] - 1, -1, -1) if reverse else range(gx.shape[0])):
-            gh = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
+            gh = torch.bmm(h, weight)
             g = gx[t]
-            if self.mode == "GRU":
+            if self.mode == "GRU":  # b_hh stays inside r ⊙ (h W_hnᵀ + b_hn)
+                gh = gh + hidden_bias.unsqueeze(1)
                 r, z = torch.sigmoid(g[..., :2 * H] + gh[..., :2 * H]).chunk(2, dim=-1)
-                n = torch.tanh(g[..., 2 * H:] + r * gh[..., 2 * H:])
-                h = n + z * (h - n)
+                n = torch.tanh(torch.addcmul(g[..., 2 * H:], r, gh[..., 2 * H:]))
+                h = torch.addcmul(n, z, h - n, out=states[t]) if in_place else torch.addcmul(n, z, h - n)
             elif self.mode == "LSTM":
                 gates = g + gh
                 i, f = torch.sigmoid(gates[..., :2 * H]).chunk(2, dim=-1)
                 o = torch.sigmoid(gates[..., 3 * H:])
-                c = f * c + i * torch.tanh(gates[..., 2 * H:3 * H])
-                h = o * torch.tanh(c)
+                c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * H:3 * H]))
+                h = torch.mul(o, torch.tanh(c), out=states[t]) if in_place else o * torch.tanh(c)
+            elif in_place:
+                h = torch.add(g, gh, out=states[t])
+                h = h.tanh_() if self.mode == "RNN_TANH" else h.relu_()
             else:
                 h = torch.tanh(g + gh) if self.mode == "RNN_TANH" else torch.relu(g + gh)
-            states.append(h)
-        if reverse:
-            states.reverse()
-        return torch.stack(states), h, c
+            if not in_place:
+                states.append(h)
+        if not in_place:
+            states = torch.stack(states[::-1] if reverse else states)
+        return states, h, c
 
     def _initial_states(self, hx: Tensor | tuple[Tensor, Tensor] | None, rows: int, directions: int
                         ) -> tuple[Tensor, Tensor | None]:
