@@ -115,12 +115,15 @@ def test_multihead_attention(need_weights):
 
 
 class Decoder(nn.Module):
-    """nn.TransformerDecoderLayer (sequence first) over a memory, with a causal mask on the target."""
+    """nn.TransformerDecoderLayer (sequence first) over a memory, with a causal mask on the target; or a stack of
+    two in nn.TransformerDecoder with a final norm."""
 
-    def __init__(self, norm_first: bool = False) -> None:
+    def __init__(self, norm_first: bool = False, stack: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(5, 8)
         self.decoder = nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0, norm_first=norm_first)
+        if stack:
+            self.decoder = nn.TransformerDecoder(self.decoder, 2, norm=nn.LayerNorm(8))
         self.out = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,10 +133,10 @@ class Decoder(nn.Module):
         return self.out(h[-1])
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_transformer_decoder_layer_with_causal_mask(norm_first):
+@pytest.mark.parametrize("norm_first, stack", [(False, False), (True, False), (False, True)])
+def test_transformer_decoder_with_causal_mask(norm_first, stack):
     torch.manual_seed(0)
-    assert_native_and_matches_loop(lambda: Decoder(norm_first), torch.randn(10, 6, 5), torch.randint(0, 3, (10,)))
+    assert_native_and_matches_loop(lambda: Decoder(norm_first, stack), torch.randn(10, 6, 5), torch.randint(0, 3, (10,)))
 
 
 def test_wrapped_attention_exposes_what_callers_read():
