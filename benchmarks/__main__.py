@@ -29,6 +29,7 @@ WORKLOADS = [
     ("B4", "b4_rebasin", False, b4_rows),
     ("B5", "gpu_kernels", True, b5_rows),
     ("B6", "b6_curve_train", False, _own_rows),
+    ("B7", "b7_sequence", False, _own_rows),
 ]
 
 

@@ -50,7 +50,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, *, points: in
     """Loss (and error) at `points` evenly spaced t ∈ [0, 1] on the straight line from model_a to model_b.
 
     metrics: ("loss", "error"), or ("loss",) for models whose targets are not class labels. engine_options go to
-    `evaluate` (loss_fn, bn, bn_data, memory_budget, progress).
+    `evaluate` (loss_fn, bn, bn_data, memory_budget, progress, output).
     """
     if points < 2:
         raise ValueError(f"a path needs at least 2 points (its two ends), got points={points}")

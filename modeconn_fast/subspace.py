@@ -129,7 +129,21 @@ def as_basis(basis: "Basis | Sequence[StateLike]", model: nn.Module) -> Basis:
         return basis
     if isinstance(basis, (nn.Module, Mapping)):
         raise TypeError("basis must be a sequence of models or state dicts (e.g. [model_a, model_b]) or a Basis")
-    return Basis.from_members(list(basis), like=model)
+    members = list(basis)
+    _check_same_dtypes(model.state_dict(), [_state_dict(m) for m in members])
+    return Basis.from_members(members, like=model)
+
+
+def _check_same_dtypes(reference: Mapping[str, Tensor], states: Sequence[Mapping[str, Tensor]]) -> None:
+    """Raise ValueError naming both dtypes where a member's floating entry differs from the model's (the engine
+    converts nothing silently: a float32 member in a float64 model would be computed at another precision)."""
+    for index, state in enumerate(states):
+        for name, ref in reference.items():
+            tensor = state.get(name)
+            if tensor is not None and torch.is_floating_point(ref) and tensor.dtype != ref.dtype:
+                raise ValueError(f"basis member {index}'s '{name}' is {tensor.dtype} but the model's is {ref.dtype}: "
+                                 f"convert the members or the model so that their dtypes match (e.g. "
+                                 f"member.to({ref.dtype}) or model.to({tensor.dtype}))")
 
 
 def check_same_architecture(model_a: StateLike, model_b: StateLike, name_a: str = "model_a",

@@ -13,3 +13,13 @@ def test_b1_peers_agree_with_the_project_at_a_tiny_size():
     checks = check_peers(plane, ours.run(), peers, points)
     assert set(checks) == {"loss-landscapes", "vmap", "load_state_dict loop"}
     assert all(check.ok for check in checks.values()), {name: str(check) for name, check in checks.items()}
+
+
+def test_b7_peers_agree_with_the_project_at_a_tiny_size():
+    from benchmarks import b7_sequence
+
+    size = b7_sequence.Size(side=2, samples=6, peer_points=2, vmap_chunk=2, repeats=1, train_steps=1)
+    transformer, gru = (b7_sequence.measure(name, size) for name in ("Transformer", "GRU"))
+    assert [p.name for p in transformer.peers] == ["load_state_dict loop", "vmap"]
+    assert [p.name for p in gru.peers] == ["load_state_dict loop"] and "vmap cannot run" in gru.note
+    assert transformer.checks_ok and gru.checks_ok

@@ -63,7 +63,7 @@ def evaluate_curve(curve: Curve, data: Any, *, points: int = 61, bn_data: Any = 
     data: `(inputs, targets)`, batches, or a dict of them by name (e.g. {"train": ..., "test": ...}, one
     pass for all). bn_data: the batches to recompute every point's BatchNorm statistics from (usually the
     training data); without it the control points' stored statistics are mixed. engine_options go to
-    `evaluate` (loss_fn, bn, memory_budget, progress).
+    `evaluate` (loss_fn, bn, memory_budget, progress, output).
     """
     if points < 2:
         raise ValueError(f"a curve needs at least 2 points (its two ends), got points={points}")

@@ -21,6 +21,7 @@ from .batches import Batches, move
 from .chunks import plan_chunks
 from .memory import keep_freed_memory
 from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
+from .outputs import OutputSelector
 from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
@@ -50,6 +51,7 @@ def evaluate(
     bn_data: Any = None,
     memory_budget: int | None = None,
     progress: bool | None = None,
+    output: OutputSelector = None,
 ) -> Evaluation:
     """Metrics (loss and error by default) of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
 
@@ -63,6 +65,8 @@ def evaluate(
     every point), "eval" (mix the stored statistics) or "auto" (recompute when the model has BatchNorm and
     `bn_data` is given). memory_budget: bytes for one chunk of points (default 1 GiB on CPU, a quarter of
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
+    output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
+    (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -70,7 +74,7 @@ def evaluate(
     metrics = check_metrics(metrics)
     datasets = _named_datasets(data)
     broken = basis.nonfinite_members()
-    view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis)
+    view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis, output=output)
     view.prepare(coeffs, move(_first_rows(datasets), device))
     bn_mode = batchnorm_mode(bn, view, bn_data)
     if bn_mode == "eval":
@@ -143,6 +147,10 @@ def _check_coeffs(coeffs: Tensor, basis: Basis, device: torch.device) -> Tensor:
                          f"got {tuple(coeffs.shape)}")
     if coeffs.shape[0] == 0:
         raise ValueError("coeffs has no rows: there are no points to evaluate")
+    if coeffs.is_floating_point() and not bool(torch.isfinite(coeffs).all()):
+        rows = (~torch.isfinite(coeffs)).any(dim=1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        raise ValueError(f"coeffs rows {shown} hold NaN or ±inf: every coefficient must be finite")
     dtype = next(iter(basis.stacked.values())).dtype if basis.stacked else torch.get_default_dtype()
     return coeffs.to(device=device, dtype=dtype)
 

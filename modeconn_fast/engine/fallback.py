@@ -8,7 +8,7 @@ are. Outputs are folded back along their first axis.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +19,16 @@ from .state import ViewState
 
 
 class FallbackModule(SubspaceLayer):
-    """Runs `module` (a subtree of the user's model) once per point, with mixed weights."""
+    """Runs `module` (a subtree of the user's model) once per point, with mixed weights. Its other attributes
+    (e.g. `batch_first`, which a parent module may read) are read from `module`; its weights are not, since they
+    differ per point."""
 
-    def __init__(self, state: ViewState, stacked: dict[str, Tensor], constants: dict[str, Tensor], module: nn.Module):
+    def __init__(self, state: ViewState, stacked: dict[str, Tensor], constants: dict[str, Tensor], module: nn.Module,
+                 pick: Callable[[Any], Tensor] | None = None):
         super().__init__(state, stacked)
         self.module = module
         self.constants = constants
+        self.pick = pick  # applied to each point's output (the whole model's: `output=` of evaluate)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         names = list(kwargs)
@@ -33,7 +37,8 @@ class FallbackModule(SubspaceLayer):
 
         def one_point(point_weights: dict[str, Tensor], *point_values: Any) -> Any:
             point_args, point_kwargs = point_values[:len(args)], dict(zip(names, point_values[len(args):]))
-            return functional_call(self.module, (point_weights, self.constants), point_args, point_kwargs)
+            out = functional_call(self.module, (point_weights, self.constants), point_args, point_kwargs)
+            return out if self.pick is None else self.pick(out)
 
         try:
             out = vmap(one_point, in_dims=(0, *in_dims))(weights, *values)
@@ -44,6 +49,18 @@ class FallbackModule(SubspaceLayer):
                                     *(v if d is None else v[p] for v, d in zip(values, in_dims)))
                           for p in range(self.state.points)])
         return _fold(out)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self._modules.get("module")
+            if module is None:
+                raise
+            if name in module._parameters or name in module._buffers:
+                raise AttributeError(f"{name!r} of {type(module).__name__} differs per point in the subspace view "
+                                     "(the module runs per point with mixed weights)") from None
+            return getattr(module, name)
 
     def _per_point(self, value: Any) -> tuple[Any, int | None]:
         """(value, None) to pass it to every point, or (value split per point, 0)."""
@@ -63,12 +80,14 @@ class FallbackModule(SubspaceLayer):
 
 
 def _stack(outputs: list[Any]) -> Any:
-    """Per-point outputs -> one output with a leading point axis (tuples element by element)."""
+    """Per-point outputs -> one output with a leading point axis (tuples and dicts element by element)."""
     first = outputs[0]
     if isinstance(first, Tensor):
         return torch.stack(outputs)
     if isinstance(first, (tuple, list)):
         return type(first)(_stack([o[i] for o in outputs]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _stack([o[key] for o in outputs]) for key in first}
     return first
 
 
@@ -80,7 +99,10 @@ def _fold(out: Any) -> Any:
         return out.reshape(-1, *out.shape[2:])
     if isinstance(out, (tuple, list)):
         return type(out)(_fold(o) for o in out)
-    raise TypeError(f"a module the view runs per point returned {type(out).__name__}; tensors or tuples are supported")
+    if isinstance(out, dict):
+        return {key: _fold(value) for key, value in out.items()}
+    raise TypeError(f"a module the view runs per point returned {type(out).__name__}; tensors and tuples, lists "
+                    "or dicts of them are supported")
 
 
 def contains_batchnorm(module: nn.Module) -> bool:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..subspace import Basis
+from .attention import SubspaceMultiheadAttention, supports_attention
 from .batchnorm import SubspaceBatchNorm
 from .fallback import FallbackModule, contains_batchnorm
+from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
 from .pooling import faster_pooling
+from .recurrent import SubspaceRecurrent, supports_recurrent
 from .state import BatchNormPhase, ViewState
+from .transformer import STAND_INS
 
 Inputs = Tensor | Sequence[Tensor]
 WHOLE_MODEL = "<the model itself>"
@@ -41,10 +45,13 @@ NATIVE_LAYERS: dict[type, type[SubspaceLayer]] = {
     nn.Embedding: SubspaceEmbedding,
 }
 _NATIVE_PARAMETERS = {"weight", "bias"}
-
-
-class ModelOutputError(TypeError):
-    """The model's output is not one tensor with the batch axis first."""
+# Modules served whole, their submodules' tensors included ("out_proj.weight"), when `supports(module)`.
+NATIVE_SUBTREES: dict[type, tuple[type[SubspaceLayer], Callable[[Any], bool]]] = {
+    nn.MultiheadAttention: (SubspaceMultiheadAttention, supports_attention),
+    nn.RNN: (SubspaceRecurrent, supports_recurrent),
+    nn.GRU: (SubspaceRecurrent, supports_recurrent),
+    nn.LSTM: (SubspaceRecurrent, supports_recurrent),
+}
 
 
 class SubspaceView(nn.Module):
@@ -53,11 +60,13 @@ class SubspaceView(nn.Module):
     In eval mode (the default) Dropout is off and BatchNorm follows `bn_phase` (see `batchnorm.py`). In train
     mode (`view.train()`, for training through the view) Dropout is on and every point normalises its batch
     with its own statistics. Gradients reach the basis tensors and the coefficient rows; `rebind` points the
-    view at new basis tensors (e.g. a curve's control points after an optimiser step).
+    view at new basis tensors (e.g. a curve's control points after an optimiser step). `output` picks the tensor
+    of a model that returns a tuple, dict or dataclass (see `outputs.py`).
     """
 
-    def __init__(self, model: nn.Module, basis: Basis):
+    def __init__(self, model: nn.Module, basis: Basis, output: OutputSelector = None):
         super().__init__()
+        self.output = output
         self.state = ViewState()
         self.bn_phase: BatchNormPhase = "stored"
         self.fallback_names: list[str] = []
@@ -103,9 +112,12 @@ class SubspaceView(nn.Module):
             out = self.net(*repeated)
         finally:
             state.shared_inputs = []
-        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != points * samples:
-            raise ModelOutputError("the model must return one tensor with the batch axis first (e.g. logits [N, "
-                                   "classes]); wrap a model that returns a tuple or dict so that it returns that tensor")
+        if self.fallback_names != [WHOLE_MODEL]:  # the whole-model fallback picks per point
+            out = pick_output(out, self.output)
+        if out.dim() == 0 or out.shape[0] != points * samples:
+            raise ModelOutputError(f"the model's output{'' if self.output is None else f' (output={self.output!r})'} "
+                                   f"must have the batch axis first (e.g. logits [N, classes]); got shape "
+                                   f"{tuple(out.shape)} for a batch of {samples}")
         return out.reshape(points, samples, *out.shape[1:])
 
     # --- checks on a probe batch -----------------------------------------------------------------------------
@@ -128,10 +140,9 @@ class SubspaceView(nn.Module):
         with torch.no_grad():
             problem = self._folding_problem(two, probe)
             if problem is not None and self.fallback_names != [WHOLE_MODEL]:
-                warnings.warn(f"{problem}; running the whole model per point with vmap instead (slower). Keep the "
-                              "batch axis first and do not mix samples along it to get the fast path.", stacklevel=5)
+                warnings.warn(f"{problem}; running the whole model per point with vmap instead (slower)", stacklevel=5)
                 self.net = FallbackModule(self.state, dict(self._basis.stacked), dict(self._basis.constants),
-                                          _frozen_copy(self._model))
+                                          _frozen_copy(self._model), pick=lambda out: pick_output(out, self.output))
                 self._bindings = [(self.net, "")]
                 self.fallback_names = [WHOLE_MODEL]
                 problem = self._folding_problem(two, probe)
@@ -145,10 +156,12 @@ class SubspaceView(nn.Module):
         try:
             together = self._run(points, [_repeat(x, 2, False) for x in probe], samples=samples)
             alone = [self._run(points[i:i + 1], list(probe), samples=samples) for i in range(2)]
-        except ModelOutputError:
+        except OutputSelectionError:
+            raise  # the model's own output, whatever runs it
+        except ModelOutputError as error:
             if self.fallback_names == [WHOLE_MODEL]:  # the model's own output, not the view's doing
                 raise
-            return "its output came out of the subspace view in another shape"
+            return f"its output came out of the subspace view in another shape ({error})"
         except (AttributeError, TypeError, RuntimeError, StopIteration, ValueError, IndexError) as error:
             return f"its forward failed in the subspace view ({type(error).__name__}: {error})"
         for i in range(2):
@@ -157,7 +170,7 @@ class SubspaceView(nn.Module):
             difference = (together[i] - alone[i][0]).abs().nan_to_num(0, 0, 0)
             if not (difference.max() <= tolerance and torch.equal(together[i].isnan(), alone[i][0].isnan())):
                 return "its forward mixes samples along the batch axis (several points give other outputs together " \
-                       "than alone)"
+                       "than alone; keep the batch axis first and do not mix samples along it to get the fast path)"
         return None
 
     def _shared_rows_only(self, points: Tensor, probe: tuple[Tensor, ...]) -> tuple[bool, ...]:
@@ -253,8 +266,12 @@ class SubspaceView(nn.Module):
         if id(module) in done:
             return done[id(module)]
         native = _native_layer(module)
+        subtree = _native_subtree(module)
         if native is not None:
             converted: nn.Module = native(self.state, _entries(basis.stacked, prefix, direct=True), module)
+            self._bindings.append((converted, prefix))
+        elif subtree is not None:
+            converted = subtree(self.state, _entries(basis.stacked, prefix, direct=False), module)
             self._bindings.append((converted, prefix))
         elif (pooling := faster_pooling(module)) is not None:
             converted = pooling
@@ -268,7 +285,8 @@ class SubspaceView(nn.Module):
             for name, child in list(module._modules.items()):
                 if child is not None:
                     module._modules[name] = self._convert(child, f"{prefix}{name}.", basis, done)
-            converted = module
+            stand_in = STAND_INS.get(type(module))
+            converted = stand_in(module) if stand_in is not None and not _has_hooks(module) else module
         done[id(module)] = converted
         return converted
 
@@ -303,6 +321,21 @@ def _native_layer(module: nn.Module) -> type[SubspaceLayer] | None:
     if isinstance(module, nn.Embedding) and module.max_norm is not None:  # renormalises its weight in place
         return None
     return layer
+
+
+def _native_subtree(module: nn.Module) -> type[SubspaceLayer] | None:
+    """The layer serving `module` with its whole subtree, if its type is known, it supports the module's options
+    and nothing in the subtree is hooked or parametrized."""
+    entry = NATIVE_SUBTREES.get(type(module))
+    if entry is None or not entry[1](module):
+        return None
+    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
+        return None
+    return entry[0]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _needs_fallback(module: nn.Module, prefix: str, basis: Basis) -> bool:
