@@ -17,6 +17,8 @@ KINDS = {  # kind: (checkpoints it takes, what it is)
     "random": (1, "a plane around one model along two Gaussian, filter-normalised directions (Li et al.)"),
     "line": (2, "the straight line m0 + t (m1 − m0)"),
     "random-line": (1, "a line around one model along one random direction"),
+    "pca": (3, "the plane of a training trajectory's two top principal directions, through its last checkpoint "
+               "(Li et al.; 3 or more checkpoints in training order, or --trajectory DIR)"),
 }
 
 
@@ -80,9 +82,13 @@ def _scan_description() -> str:
 def _scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                         help="a callable that builds the architecture without arguments, e.g. modeconn_fast.digits:mlp")
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="FILE.pt",
+    parser.add_argument("--checkpoint", nargs="+", metavar="FILE.pt",
                         help="state dicts saved with torch.save(model.state_dict(), FILE.pt), read with "
-                             "torch.load(weights_only=True); as many as --kind takes (through: START MIDDLE END)")
+                             "torch.load(weights_only=True); as many as --kind takes (through: START MIDDLE END; "
+                             "pca: 3 or more)")
+    parser.add_argument("--trajectory", metavar="DIR",
+                        help="with --kind pca, instead of --checkpoint: every DIR/*.pt in name order (the files of a "
+                             "TrajectoryRecorder)")
     parser.add_argument("--data", default="digits", metavar="digits|MODULE:FACTORY",
                         help="evaluation data: 'digits' (scikit-learn's bundled digits, 8×8 images flattened to 64 "
                              "inputs in [0, 1]) or a callable returning (inputs, targets) tensors (default: %(default)s)")
@@ -146,10 +152,7 @@ def _run_scan(args: argparse.Namespace) -> None:
     from .paths import linear_coeffs
     from .scans import Line, Plane, scan
 
-    needed, _ = KINDS[args.kind]
-    if len(args.checkpoint) != needed:
-        raise ValueError(f"--kind {args.kind} takes {needed} checkpoint{'s' if needed > 1 else ''} "
-                         f"(--checkpoint), got {len(args.checkpoint)}")
+    _checkpoint_arguments(args)
     factory = load_factory(args.model, "--model")
     models = [load_checkpoint(factory, path, args.model).to(args.device) for path in args.checkpoint]
     names = [Path(path).stem for path in args.checkpoint]
@@ -162,6 +165,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         "line": lambda: Line.through(*models, names=names),
         "random-line": lambda: Line.random(models[0], normalization=normalization, ignore=ignore, seed=args.seed,
                                            name=names[0]),
+        "pca": lambda: Plane.pca(models, names=names),
     }[args.kind]()
     data, bn_data = _data(args, load_digits_split, load_factory)
     spans = subspace.extent(args.margin)
@@ -186,6 +190,29 @@ def _run_scan(args: argparse.Namespace) -> None:
     best = np.unravel_index(np.nanargmin(result[first]), result[first].shape)
     print(f"{result}: min {first} {np.nanmin(result[first]):.4g} at index {tuple(int(i) for i in best)}, "
           f"{result.timings['points_per_second']:.0f} points/s; wrote {Path(args.out) / 'result.npz'}")
+
+
+def _checkpoint_arguments(args: argparse.Namespace) -> None:
+    """Check --checkpoint against --kind; fill it from --trajectory (pca only)."""
+    if args.trajectory is not None:
+        if args.kind != "pca" or args.checkpoint:
+            raise ValueError("--trajectory DIR goes with --kind pca, instead of --checkpoint")
+        folder = Path(args.trajectory)
+        if not folder.is_dir():
+            raise ValueError(f"--trajectory {args.trajectory!r} is not a folder")
+        args.checkpoint = [str(path) for path in sorted(folder.glob("*.pt"))]
+        if len(args.checkpoint) < 3:
+            raise ValueError(f"--trajectory {args.trajectory!r} holds {len(args.checkpoint)} .pt files: a PCA plane "
+                             "needs at least 3 checkpoints")
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required (or --trajectory DIR with --kind pca)")
+    needed, _ = KINDS[args.kind]
+    if args.kind == "pca" and len(args.checkpoint) < needed:
+        raise ValueError(f"--kind pca takes at least 3 checkpoints in training order (--checkpoint), got "
+                         f"{len(args.checkpoint)}")
+    if args.kind != "pca" and len(args.checkpoint) != needed:
+        raise ValueError(f"--kind {args.kind} takes {needed} checkpoint{'s' if needed > 1 else ''} "
+                         f"(--checkpoint), got {len(args.checkpoint)}")
 
 
 def _data(args: argparse.Namespace, load_digits_split: Any, load_factory: Any) -> tuple[Any, Any]:

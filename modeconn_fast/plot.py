@@ -78,7 +78,8 @@ def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None
 
     Planes: filled contours on `levels` log-spaced levels of `metric` (default: the first), or a heatmap
     (style="heatmap") on the same logarithmic colour scale; the models ("marks") and any curves stored with the
-    result are drawn on it. Lines: every metric against x (style is ignored), with the models marked."""
+    result and a training trajectory (`result.trajectory`, from `Plane.pca`) are drawn on it. Lines: every metric
+    against x (style is ignored), with the models marked."""
     if style not in ("contour", "heatmap"):
         raise ValueError(f"style must be 'contour' or 'heatmap', got {style!r}")
     if result.y is None:
@@ -101,12 +102,15 @@ def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None
     bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
     for (name, curve), color in zip(result.curves.items(), ("tab:orange", "tab:red", "tab:pink", "tab:cyan", "white")):
         axis.plot(curve[:, 0], curve[:, 1], color=color, linewidth=2, label=name)
+    if result.trajectory is not None:
+        axis.plot(result.trajectory[:, 0], result.trajectory[:, 1], color="tab:red", marker=".", linewidth=1.5,
+                  label="training trajectory")
     for name, (x, y) in result.subspace.get("marks", {}).items():
         axis.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
         axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
-    if result.curves:
+    if result.curves or result.trajectory is not None:
         axis.legend(loc="upper right")
-    axis.set(xlabel="x", ylabel="y", title=title or f"{metric} on {_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    axis.set(xlabel=_axis_label(result.subspace, 0), ylabel=_axis_label(result.subspace, 1), title=title or f"{metric} on {_where(result.subspace)} (BatchNorm: {result.bn_mode})")
     axis.set_aspect("equal" if result.subspace.get("variant") == "through" else "auto")
     return _save(figure, Path(file))
 
@@ -126,6 +130,14 @@ def _plot_profile(result: GridResult, file: Path, title: str) -> Path:
     return _save(figure, file)
 
 
+def _axis_label(subspace: dict, axis: int) -> str:
+    """'x', or on a PCA plane 'x: 1st principal direction (83.2 % of the variance)'."""
+    name = "xy"[axis]
+    shares = subspace.get("explained_variance")
+    return f"{name}: {('1st', '2nd')[axis]} principal direction ({100 * shares[axis]:.1f} % of the variance)" if shares \
+        else name
+
+
 def _where(subspace: dict) -> str:
     """'the plane through A, C and B', 'a random line around A (filter-normalised)', ..."""
     names = list(subspace.get("marks", {}))
@@ -134,6 +146,8 @@ def _where(subspace: dict) -> str:
     if subspace.get("variant") == "random":
         normalization = subspace.get("normalization")
         return f"a random {kind} around {listed} ({f'{normalization}-normalised' if normalization else 'raw'} directions)"
+    if subspace.get("variant") == "pca":
+        return f"the PCA plane of a training trajectory ({subspace.get('checkpoints')} checkpoints)"
     if subspace.get("variant") == "affine":
         return f"the affine {kind} of {listed}"
     return f"the {kind} through {listed}"
