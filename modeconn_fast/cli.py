@@ -2,7 +2,8 @@
 
     modeconn demo [--out DIR]                        the demo report
     modeconn scan --model M:F --checkpoint A.pt ...  a loss landscape on a plane or line, stored in --out
-    modeconn plot DIR/result.npz                     its contour plot, heatmap or profile (PNG, PDF)
+    modeconn plot DIR/result.npz                     its contour plot, heatmap, 3-D surface (PNG, HTML) or profile;
+                                                     VTK for ParaView
     modeconn curve --model M:F --checkpoint A.pt B.pt --out DIR   train a low-loss curve between two models
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       description=_scan_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _scan_arguments(scan_parser)
     scan_parser.set_defaults(command_parser=scan_parser)
-    plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap or 1-d profile")
+    plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap, 3-D surface (static and "
+                                      "interactive HTML), 1-d profile; or write it for ParaView (VTK)")
     _plot_arguments(plot_parser)
     plot_parser.set_defaults(command_parser=plot_parser)
     curve_parser = commands.add_parser("curve", help="train a Bezier curve or polygonal chain between two checkpoints",
@@ -132,12 +134,18 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
 def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", help="a scan's result.npz (from modeconn scan or GridResult.save)")
     parser.add_argument("--metric", help="planes: which metric to draw, e.g. loss, error (default: the first stored)")
-    parser.add_argument("--style", choices=("contour", "heatmap"), default="contour",
-                        help="planes: filled contours on log-spaced levels, or a heatmap on the same log colour scale; "
-                             "lines are always drawn as profiles (default: %(default)s)")
+    parser.add_argument("--style", choices=("contour", "heatmap", "surface"), default="contour",
+                        help="planes: filled contours on log-spaced levels, a heatmap on the same log colour scale, or "
+                             "a 3-D surface (a static figure and an interactive HTML page); lines are always drawn as "
+                             "profiles (default: %(default)s)")
     parser.add_argument("--levels", type=int, default=24, help="number of contour levels (default: %(default)s)")
-    parser.add_argument("--formats", nargs="+", choices=("png", "pdf", "svg"), default=["png"],
-                        help="file formats to write (default: png)")
+    parser.add_argument("--formats", nargs="+", choices=("png", "pdf", "svg", "html", "vtk"),
+                        help="files to write: pictures (png, pdf, svg), the interactive page (html, surface only) and "
+                             "the legacy-VTK surface for ParaView or Blender (vtk, planes) (default: png, and html "
+                             "for a surface)")
+    parser.add_argument("--z-scale", choices=("log", "linear"), default="log",
+                        help="heights of a surface and of the vtk file: log10 of the metric or the metric itself "
+                             "(default: %(default)s)")
     parser.add_argument("--out", metavar="PATH", help="file name without suffix (default: beside the result, "
                         "<result>_<metric>_<style>)")
     parser.add_argument("--title", default="", help="title of the picture (default: metric, plane and BatchNorm mode)")
@@ -243,16 +251,30 @@ def _to(value: Any, device: str) -> Any:
 def _run_plot(args: argparse.Namespace) -> None:
     from .plot import plot_scan
     from .scans import GridResult
+    from .views import plot_surface, surface_html
 
     result = GridResult.load(args.result)
     metric = args.metric or result.metrics[0]
     if metric not in result.metrics:
         raise ValueError(f"--metric {metric!r} is not in {args.result}; it has {', '.join(result.metrics)}")
+    if args.style == "surface" and result.y is None:
+        raise ValueError(f"--style surface needs a plane's scan; {args.result} is a line's (drop --style)")
     style = args.style if result.y is not None else "profile"
+    formats = args.formats or (["png", "html"] if style == "surface" else ["png"])
+    if "html" in formats and style != "surface":
+        raise ValueError("--formats html is the interactive page of a plane's surface: add --style surface")
     stem = Path(args.out) if args.out else Path(args.result).with_name(f"{Path(args.result).stem}_{metric}_{style}")
-    for fmt in args.formats:
-        file = plot_scan(result, stem.with_name(f"{stem.name}.{fmt}"), metric=metric,
-                         style=args.style, levels=args.levels, title=args.title)
+    log = args.z_scale == "log"
+    for fmt in formats:
+        file = stem.with_name(f"{stem.name}.{fmt}")
+        if fmt == "vtk":
+            result.to_vtk(file, metric=metric, log=log)
+        elif fmt == "html":
+            surface_html(result, file, metric=metric, log=log, title=args.title)
+        elif style == "surface":
+            plot_surface(result, file, metric=metric, log=log, title=args.title)
+        else:
+            plot_scan(result, file, metric=metric, style=args.style, levels=args.levels, title=args.title)
         print(f"wrote {file}")
 
 

@@ -110,7 +110,8 @@ def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None
         axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
     if result.curves or result.trajectory is not None:
         axis.legend(loc="upper right")
-    axis.set(xlabel=_axis_label(result.subspace, 0), ylabel=_axis_label(result.subspace, 1), title=title or f"{metric} on {_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    axis.set(xlabel=axis_label(result.subspace, 0), ylabel=axis_label(result.subspace, 1),
+             title=title or f"{metric} on {subspace_phrase(result.subspace)} (BatchNorm: {result.bn_mode})")
     axis.set_aspect("equal" if result.subspace.get("variant") == "through" else "auto")
     return _save(figure, Path(file))
 
@@ -126,11 +127,11 @@ def _plot_profile(result: GridResult, file: Path, title: str) -> Path:
                           xytext=(3, -12), color="grey")
         axis.set(xlabel="x", ylabel=metric, title=metric)
         axis.grid(alpha=0.3)
-    figure.suptitle(title or f"{_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    figure.suptitle(title or f"{subspace_phrase(result.subspace)} (BatchNorm: {result.bn_mode})")
     return _save(figure, file)
 
 
-def _axis_label(subspace: dict, axis: int) -> str:
+def axis_label(subspace: dict, axis: int) -> str:
     """'x', or on a PCA plane 'x: 1st principal direction (83.2 % of the variance)'."""
     name = "xy"[axis]
     shares = subspace.get("explained_variance")
@@ -138,7 +139,7 @@ def _axis_label(subspace: dict, axis: int) -> str:
         else name
 
 
-def _where(subspace: dict) -> str:
+def subspace_phrase(subspace: dict) -> str:
     """'the plane through A, C and B', 'a random line around A (filter-normalised)', ..."""
     names = list(subspace.get("marks", {}))
     kind = subspace.get("kind", "subspace")

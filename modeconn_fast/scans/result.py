@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .surface import write_vtk
+
 FORMAT = "modeconn_fast.GridResult/1"
 
 
@@ -78,6 +80,12 @@ class GridResult:
             np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(temporary, path)
         return path
+
+    def to_vtk(self, path: str | Path, *, metric: str | None = None, log: bool = False) -> Path:
+        """Write the plane's surface as a legacy-VTK ASCII structured grid for ParaView or Blender: points
+        (x[i], y[j], z[j, i]) with z = `metric` (default: the first; log10 of it with log=True), every metric as
+        point data, and a `finite` flag (see `surface.py`). Returns the path."""
+        return write_vtk(self, path, metric=metric, log=log)
 
     @classmethod
     def load(cls, path: str | Path) -> "GridResult":
