@@ -1,4 +1,4 @@
-"""Pictures: metrics along paths; calibration of ensembles; scans of planes (log-spaced contours or a heatmap, the
+"""Pictures: metrics and sharpness along paths; calibration of ensembles; scans of planes (log-spaced contours or a heatmap, the
 models and curves drawn on them) and of lines."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from .analysis import CurvatureResult  # noqa: E402
 from .engine.calibration import ReliabilityBins  # noqa: E402
 from .paths import PathResult  # noqa: E402
 from .scans import GridResult  # noqa: E402
@@ -39,6 +40,21 @@ def plot_paths(paths: dict[str, PathResult], file: str | Path, *, title: str = "
     figure.savefig(file, dpi=120)
     plt.close(figure)
     return file
+
+
+def plot_sharpness(results: dict[str, CurvatureResult], file: str | Path, *, title: str = "") -> Path:
+    """The top Hessian eigenvalue λ_max against t, one line per labelled path (from `curvature_along`); points where
+    Lanczos did not reach its tolerance are drawn hollow. Written to `file` (PNG)."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    for label, result in results.items():
+        top = result.eigenvalues[:, 0].numpy()
+        line, = axis.plot(result.t.numpy(), top, marker="o", markersize=4, label=label)
+        loose = ~result.converged.numpy()
+        axis.scatter(result.t.numpy()[loose], top[loose], facecolor="white", edgecolor=line.get_color(), zorder=3)
+    axis.set(xlabel="t", ylabel="top Hessian eigenvalue λ_max", title=title or "sharpness along the path")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, Path(file))
 
 
 def plot_calibration(reliability: dict[str, ReliabilityBins], entropy: Tensor, wrong: Tensor, file: str | Path, *,
