@@ -76,7 +76,8 @@ def surface_html(result: GridResult, file: str | Path, *, metric: str | None = N
         title={"text": title or f"{metric} on {subspace_phrase(result.subspace)} (BatchNorm: {result.bn_mode})"},
         scene={"xaxis": {"title": {"text": axis_label(result.subspace, 0)}},
                "yaxis": {"title": {"text": axis_label(result.subspace, 1)}},
-               "zaxis": {"title": {"text": label}}, "aspectmode": "manual", "aspectratio": ratio},
+               "zaxis": {"title": {"text": label}}, "aspectmode": "manual", "aspectratio": ratio,
+               "camera": {"eye": {"x": 0.4, "y": 1.1, "z": 1.9}}},  # from the side of positive y (θ_1, the curve)
         margin={"l": 0, "r": 0, "t": 50, "b": 0}, legend={"x": 0.01, "y": 0.99})
     file = Path(file)
     figure.write_html(file, include_plotlyjs=True, full_html=True, config={"displaylogo": False})
