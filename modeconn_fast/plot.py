@@ -164,7 +164,7 @@ def subspace_phrase(subspace: dict) -> str:
         normalization = subspace.get("normalization")
         return f"a random {kind} around {listed} ({f'{normalization}-normalised' if normalization else 'raw'} directions)"
     if subspace.get("variant") == "pca":
-        return f"the PCA plane of a training trajectory ({subspace.get('checkpoints')} checkpoints)"
+        return f"a trajectory's PCA plane ({subspace.get('checkpoints')} checkpoints)"
     if subspace.get("variant") == "affine":
         return f"the affine {kind} of {listed}"
     return f"the {kind} through {listed}"

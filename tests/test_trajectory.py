@@ -108,7 +108,7 @@ def test_recorder_writes_every_nth_step_and_the_files_make_the_plane(tmp_path):
         TrajectoryRecorder(model, out=tmp_path / "run")
 
 
-def test_scan_stores_the_trajectory_and_the_cli_scans_a_trajectory_folder(tmp_path):
+def test_scan_stores_the_trajectory_with_the_result(tmp_path):
     checkpoints = _trajectory(5)
     folder = tmp_path / "run"
     folder.mkdir()
