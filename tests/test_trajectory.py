@@ -110,10 +110,6 @@ def test_recorder_writes_every_nth_step_and_the_files_make_the_plane(tmp_path):
 
 def test_scan_stores_the_trajectory_with_the_result(tmp_path):
     checkpoints = _trajectory(5)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for i, model in enumerate(checkpoints):
-        torch.save(model.state_dict(), folder / f"step_{i:06d}.pt")
     plane = Plane.pca(checkpoints)
     x, y = torch.randn(40, 19), torch.randint(0, 5, (40,))
     (xl, xh), (yl, yh) = plane.extent()
