@@ -16,6 +16,7 @@ setup(
         "numba",
         "scipy",
         "matplotlib",
+        "plotly>=5",
         "tqdm",
         "scikit-learn",
     ],

@@ -9,6 +9,7 @@
     autoneb(model_a, model_b, data, ...)   a low-loss path by nudged elastic band with pivot insertion -> NEBResult
     Plane, Line                            planes and lines to scan: through models (Garipov), random (Li et al.)
     scan(subspace, model, data, xs=, ys=)  a metric on a grid, in chunks, resumable, torchrun-sharded: GridResult
+    TrajectoryRecorder(model, every=, out=) checkpoints of your training loop on disk, for Plane.pca(files)
     rebasin                                align hidden units first: weight_matching, activation_matching, ...
     fge(model, train_data, ...)            Fast Geometric Ensembling: snapshots of a cyclic-rate SGD run
     Ensemble(models)                       members evaluated in one pass: probabilities, uncertainty, calibration
@@ -22,12 +23,13 @@ from .curves import (BezierCurve, CurveHistory, CurveResult, Ensemble, EnsembleE
                      train_simplex)
 from .engine import Evaluation, SubspaceView, evaluate
 from .paths import PathResult, barrier, interpolate, linear_coeffs
-from .scans import GridResult, Line, Plane, scan
+from .scans import GridResult, Line, Plane, TrajectoryRecorder, scan
 from .subspace import Basis
 
 __version__ = "0.1.0"
-__all__ = ["Basis", "BezierCurve", "CurvatureResult", "CurveHistory", "CurveResult", "Ensemble", "EnsembleEvaluation",
-           "EnsemblePrediction", "Evaluation", "GridResult", "Line", "NEBResult", "PathResult", "Plane", "PolyChain",
-           "Simplex", "SimplexHistory", "SubspaceView", "autoneb", "barrier", "curvature", "curvature_along", "espro",
-           "evaluate", "evaluate_curve", "fge", "interpolate", "linear_coeffs", "rebasin", "scan", "train_curve",
+__all__ = ["Basis", "BezierCurve", "CurvatureResult", "CurveHistory", "CurveResult", "Ensemble",
+           "EnsembleEvaluation", "EnsemblePrediction", "Evaluation", "GridResult", "Line", "NEBResult",
+           "PathResult", "Plane", "PolyChain", "Simplex", "SimplexHistory", "SubspaceView",
+           "TrajectoryRecorder", "autoneb", "barrier", "curvature", "curvature_along", "espro", "evaluate",
+           "evaluate_curve", "fge", "interpolate", "linear_coeffs", "rebasin", "scan", "train_curve",
            "train_simplex"]

@@ -2,7 +2,8 @@
 
     modeconn demo [--out DIR]                        the demo report
     modeconn scan --model M:F --checkpoint A.pt ...  a loss landscape on a plane or line, stored in --out
-    modeconn plot DIR/result.npz                     its contour plot, heatmap or profile (PNG, PDF)
+    modeconn plot DIR/result.npz                     its contour plot, heatmap, 3-D surface (PNG, HTML) or profile;
+                                                     VTK for ParaView
     modeconn curve --model M:F --checkpoint A.pt B.pt --out DIR   train a low-loss curve between two models
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ KINDS = {  # kind: (checkpoints it takes, what it is)
     "random": (1, "a plane around one model along two Gaussian, filter-normalised directions (Li et al.)"),
     "line": (2, "the straight line m0 + t (m1 − m0)"),
     "random-line": (1, "a line around one model along one random direction"),
+    "pca": (3, "the plane of a training trajectory's two top principal directions, through its last checkpoint "
+               "(Li et al.; 3 or more checkpoints in training order, or --trajectory DIR)"),
 }
 
 
@@ -32,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       description=_scan_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _scan_arguments(scan_parser)
     scan_parser.set_defaults(command_parser=scan_parser)
-    plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap or 1-d profile")
+    plot_parser = commands.add_parser("plot", help="draw a stored scan: contours, heatmap, 3-D surface (static and "
+                                      "interactive HTML), 1-d profile; or write it for ParaView (VTK)")
     _plot_arguments(plot_parser)
     plot_parser.set_defaults(command_parser=plot_parser)
     curve_parser = commands.add_parser("curve", help="train a Bezier curve or polygonal chain between two checkpoints",
@@ -80,9 +84,13 @@ def _scan_description() -> str:
 def _scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                         help="a callable that builds the architecture without arguments, e.g. modeconn_fast.digits:mlp")
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="FILE.pt",
+    parser.add_argument("--checkpoint", nargs="+", metavar="FILE.pt",
                         help="state dicts saved with torch.save(model.state_dict(), FILE.pt), read with "
-                             "torch.load(weights_only=True); as many as --kind takes (through: START MIDDLE END)")
+                             "torch.load(weights_only=True); as many as --kind takes (through: START MIDDLE END; "
+                             "pca: 3 or more)")
+    parser.add_argument("--trajectory", metavar="DIR",
+                        help="with --kind pca, instead of --checkpoint: every DIR/*.pt in name order (the files of a "
+                             "TrajectoryRecorder)")
     parser.add_argument("--data", default="digits", metavar="digits|MODULE:FACTORY",
                         help="evaluation data: 'digits' (scikit-learn's bundled digits, 8×8 images flattened to 64 "
                              "inputs in [0, 1]) or a callable returning (inputs, targets) tensors (default: %(default)s)")
@@ -126,12 +134,18 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
 def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", help="a scan's result.npz (from modeconn scan or GridResult.save)")
     parser.add_argument("--metric", help="planes: which metric to draw, e.g. loss, error (default: the first stored)")
-    parser.add_argument("--style", choices=("contour", "heatmap"), default="contour",
-                        help="planes: filled contours on log-spaced levels, or a heatmap on the same log colour scale; "
-                             "lines are always drawn as profiles (default: %(default)s)")
+    parser.add_argument("--style", choices=("contour", "heatmap", "surface"), default="contour",
+                        help="planes: filled contours on log-spaced levels, a heatmap on the same log colour scale, or "
+                             "a 3-D surface (a static figure and an interactive HTML page); lines are always drawn as "
+                             "profiles (default: %(default)s)")
     parser.add_argument("--levels", type=int, default=24, help="number of contour levels (default: %(default)s)")
-    parser.add_argument("--formats", nargs="+", choices=("png", "pdf", "svg"), default=["png"],
-                        help="file formats to write (default: png)")
+    parser.add_argument("--formats", nargs="+", choices=("png", "pdf", "svg", "html", "vtk"),
+                        help="files to write: pictures (png, pdf, svg), the interactive page (html, surface only) and "
+                             "the legacy-VTK surface for ParaView or Blender (vtk, planes) (default: png, and html "
+                             "for a surface)")
+    parser.add_argument("--z-scale", choices=("log", "linear"), default="log",
+                        help="heights of a surface and of the vtk file: log10 of the metric or the metric itself "
+                             "(default: %(default)s)")
     parser.add_argument("--out", metavar="PATH", help="file name without suffix (default: beside the result, "
                         "<result>_<metric>_<style>)")
     parser.add_argument("--title", default="", help="title of the picture (default: metric, plane and BatchNorm mode)")
@@ -146,10 +160,7 @@ def _run_scan(args: argparse.Namespace) -> None:
     from .paths import linear_coeffs
     from .scans import Line, Plane, scan
 
-    needed, _ = KINDS[args.kind]
-    if len(args.checkpoint) != needed:
-        raise ValueError(f"--kind {args.kind} takes {needed} checkpoint{'s' if needed > 1 else ''} "
-                         f"(--checkpoint), got {len(args.checkpoint)}")
+    _checkpoint_arguments(args)
     factory = load_factory(args.model, "--model")
     models = [load_checkpoint(factory, path, args.model).to(args.device) for path in args.checkpoint]
     names = [Path(path).stem for path in args.checkpoint]
@@ -162,6 +173,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         "line": lambda: Line.through(*models, names=names),
         "random-line": lambda: Line.random(models[0], normalization=normalization, ignore=ignore, seed=args.seed,
                                            name=names[0]),
+        "pca": lambda: Plane.pca(models, names=names),
     }[args.kind]()
     data, bn_data = _data(args, load_digits_split, load_factory)
     spans = subspace.extent(args.margin)
@@ -186,6 +198,29 @@ def _run_scan(args: argparse.Namespace) -> None:
     best = np.unravel_index(np.nanargmin(result[first]), result[first].shape)
     print(f"{result}: min {first} {np.nanmin(result[first]):.4g} at index {tuple(int(i) for i in best)}, "
           f"{result.timings['points_per_second']:.0f} points/s; wrote {Path(args.out) / 'result.npz'}")
+
+
+def _checkpoint_arguments(args: argparse.Namespace) -> None:
+    """Check --checkpoint against --kind; fill it from --trajectory (pca only)."""
+    if args.trajectory is not None:
+        if args.kind != "pca" or args.checkpoint:
+            raise ValueError("--trajectory DIR goes with --kind pca, instead of --checkpoint")
+        folder = Path(args.trajectory)
+        if not folder.is_dir():
+            raise ValueError(f"--trajectory {args.trajectory!r} is not a folder")
+        args.checkpoint = [str(path) for path in sorted(folder.glob("*.pt"))]
+        if len(args.checkpoint) < 3:
+            raise ValueError(f"--trajectory {args.trajectory!r} holds {len(args.checkpoint)} .pt files: a PCA plane "
+                             "needs at least 3 checkpoints")
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required (or --trajectory DIR with --kind pca)")
+    needed, _ = KINDS[args.kind]
+    if args.kind == "pca" and len(args.checkpoint) < needed:
+        raise ValueError(f"--kind pca takes at least 3 checkpoints in training order (--checkpoint), got "
+                         f"{len(args.checkpoint)}")
+    if args.kind != "pca" and len(args.checkpoint) != needed:
+        raise ValueError(f"--kind {args.kind} takes {needed} checkpoint{'s' if needed > 1 else ''} "
+                         f"(--checkpoint), got {len(args.checkpoint)}")
 
 
 def _data(args: argparse.Namespace, load_digits_split: Any, load_factory: Any) -> tuple[Any, Any]:
@@ -216,16 +251,30 @@ def _to(value: Any, device: str) -> Any:
 def _run_plot(args: argparse.Namespace) -> None:
     from .plot import plot_scan
     from .scans import GridResult
+    from .views import plot_surface, surface_html
 
     result = GridResult.load(args.result)
     metric = args.metric or result.metrics[0]
     if metric not in result.metrics:
         raise ValueError(f"--metric {metric!r} is not in {args.result}; it has {', '.join(result.metrics)}")
+    if args.style == "surface" and result.y is None:
+        raise ValueError(f"--style surface needs a plane's scan; {args.result} is a line's (drop --style)")
     style = args.style if result.y is not None else "profile"
+    formats = args.formats or (["png", "html"] if style == "surface" else ["png"])
+    if "html" in formats and style != "surface":
+        raise ValueError("--formats html is the interactive page of a plane's surface: add --style surface")
     stem = Path(args.out) if args.out else Path(args.result).with_name(f"{Path(args.result).stem}_{metric}_{style}")
-    for fmt in args.formats:
-        file = plot_scan(result, stem.with_name(f"{stem.name}.{fmt}"), metric=metric,
-                         style=args.style, levels=args.levels, title=args.title)
+    log = args.z_scale == "log"
+    for fmt in formats:
+        file = stem.with_name(f"{stem.name}.{fmt}")
+        if fmt == "vtk":
+            result.to_vtk(file, metric=metric, log=log)
+        elif fmt == "html":
+            surface_html(result, file, metric=metric, log=log, title=args.title)
+        elif style == "surface":
+            plot_surface(result, file, metric=metric, log=log, title=args.title)
+        else:
+            plot_scan(result, file, metric=metric, style=args.style, levels=args.levels, title=args.title)
         print(f"wrote {file}")
 
 

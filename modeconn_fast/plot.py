@@ -1,4 +1,4 @@
-"""Pictures: metrics along paths; calibration of ensembles; scans of planes (log-spaced contours or a heatmap, the
+"""Pictures: metrics and sharpness along paths; calibration of ensembles; scans of planes (log-spaced contours or a heatmap, the
 models and curves drawn on them) and of lines."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from .analysis import CurvatureResult  # noqa: E402
 from .engine.calibration import ReliabilityBins  # noqa: E402
 from .paths import PathResult  # noqa: E402
 from .scans import GridResult  # noqa: E402
@@ -30,6 +31,21 @@ def plot_paths(paths: dict[str, PathResult], file: str | Path, *, title: str = "
     loss_axis.set(xlabel="t", ylabel="loss", title="loss along the path")
     error_axis.set(xlabel="t", ylabel="error (%)", title="error along the path")
     return _finish(figure, (loss_axis, error_axis), Path(file), title)
+
+
+def plot_sharpness(results: dict[str, CurvatureResult], file: str | Path, *, title: str = "") -> Path:
+    """The top Hessian eigenvalue λ_max against t, one line per labelled path (from `curvature_along`); points where
+    Lanczos did not reach its tolerance are drawn hollow. Written to `file` (PNG)."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    for label, result in results.items():
+        top = result.eigenvalues[:, 0].numpy()
+        line, = axis.plot(result.t.numpy(), top, marker="o", markersize=4, label=label)
+        loose = ~result.converged.numpy()
+        axis.scatter(result.t.numpy()[loose], top[loose], facecolor="white", edgecolor=line.get_color(), zorder=3)
+    axis.set(xlabel="t", ylabel="top Hessian eigenvalue λ_max", title=title or "sharpness along the path")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, Path(file))
 
 
 def plot_calibration(reliability: dict[str, ReliabilityBins], entropy: Tensor, wrong: Tensor, file: str | Path, *,
@@ -60,7 +76,8 @@ def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None
 
     Planes: filled contours on `levels` log-spaced levels of `metric` (default: the first), or a heatmap
     (style="heatmap") on the same logarithmic colour scale; the models ("marks") and any curves stored with the
-    result are drawn on it. Lines: every metric against x (style is ignored), with the models marked."""
+    result and a training trajectory (`result.trajectory`, from `Plane.pca`) are drawn on it. Lines: every metric
+    against x (style is ignored), with the models marked."""
     if style not in ("contour", "heatmap"):
         raise ValueError(f"style must be 'contour' or 'heatmap', got {style!r}")
     if result.y is None:
@@ -83,12 +100,16 @@ def plot_scan(result: GridResult, file: str | Path, *, metric: str | None = None
     bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
     for (name, curve), color in zip(result.curves.items(), ("tab:orange", "tab:red", "tab:pink", "tab:cyan", "white")):
         axis.plot(curve[:, 0], curve[:, 1], color=color, linewidth=2, label=name)
+    if result.trajectory is not None:
+        axis.plot(result.trajectory[:, 0], result.trajectory[:, 1], color="tab:red", marker=".", linewidth=1.5,
+                  label="training trajectory")
     for name, (x, y) in result.subspace.get("marks", {}).items():
         axis.plot(x, y, marker="o", color="white", markeredgecolor="black", markersize=8)
         axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
-    if result.curves:
+    if result.curves or result.trajectory is not None:
         axis.legend(loc="upper right")
-    axis.set(xlabel="x", ylabel="y", title=title or f"{metric} on {_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    axis.set(xlabel=axis_label(result.subspace, 0), ylabel=axis_label(result.subspace, 1),
+             title=title or f"{metric} on {subspace_phrase(result.subspace)} (BatchNorm: {result.bn_mode})")
     axis.set_aspect("equal" if result.subspace.get("variant") == "through" else "auto")
     return _save(figure, Path(file))
 
@@ -104,11 +125,19 @@ def _plot_profile(result: GridResult, file: Path, title: str) -> Path:
                           xytext=(3, -12), color="grey")
         axis.set(xlabel="x", ylabel=metric, title=metric)
         axis.grid(alpha=0.3)
-    figure.suptitle(title or f"{_where(result.subspace)} (BatchNorm: {result.bn_mode})")
+    figure.suptitle(title or f"{subspace_phrase(result.subspace)} (BatchNorm: {result.bn_mode})")
     return _save(figure, file)
 
 
-def _where(subspace: dict) -> str:
+def axis_label(subspace: dict, axis: int) -> str:
+    """'x', or on a PCA plane 'x: 1st principal direction (83.2 % of the variance)'."""
+    name = "xy"[axis]
+    shares = subspace.get("explained_variance")
+    return f"{name}: {('1st', '2nd')[axis]} principal direction ({100 * shares[axis]:.1f} % of the variance)" if shares \
+        else name
+
+
+def subspace_phrase(subspace: dict) -> str:
     """'the plane through A, C and B', 'a random line around A (filter-normalised)', ..."""
     names = list(subspace.get("marks", {}))
     kind = subspace.get("kind", "subspace")
@@ -116,6 +145,8 @@ def _where(subspace: dict) -> str:
     if subspace.get("variant") == "random":
         normalization = subspace.get("normalization")
         return f"a random {kind} around {listed} ({f'{normalization}-normalised' if normalization else 'raw'} directions)"
+    if subspace.get("variant") == "pca":
+        return f"a trajectory's PCA plane ({subspace.get('checkpoints')} checkpoints)"
     if subspace.get("variant") == "affine":
         return f"the affine {kind} of {listed}"
     return f"the {kind} through {listed}"

@@ -23,6 +23,11 @@ def test_demo_writes_report_and_plot(tmp_path):
     assert "The plane through the curve" in report and "| θ_1 | (" in report and "BatchNorm: none" in report
     assert (tmp_path / "plane_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "plane_scan.npz").exists()
+    assert "Sharpness along the line and the curve" in report and "| Bezier curve |" in report
+    assert (tmp_path / "sharpness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "The plane as a surface" in report and "](plane_surface.html)" in report
+    assert (tmp_path / "plane_surface.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Plotly.newPlot" in (tmp_path / "plane_surface.html").read_text(encoding="utf-8")
 
 
 def test_module_entry_point_shows_help():

@@ -4,5 +4,6 @@ from .planes import Line, Plane, Subspace
 from .result import GridResult
 from .scan import scan
 from .storage import ScanMismatchError
+from .trajectory import TrajectoryRecorder
 
-__all__ = ["GridResult", "Line", "Plane", "ScanMismatchError", "Subspace", "scan"]
+__all__ = ["GridResult", "Line", "Plane", "ScanMismatchError", "Subspace", "TrajectoryRecorder", "scan"]

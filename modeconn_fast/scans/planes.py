@@ -10,24 +10,31 @@ coordinates they are that model's, but they do not count in distances or angles)
 - `Plane.affine(m0, m1, m2)`: θ(x, y) = m_0 + x (m_1 − m_0) + y (m_2 − m_0).
 - `Plane.random(model)`, `Line.random(model)` (Li et al. 2018): θ(x, y) = θ + x d_1 + y d_2 with Gaussian,
   filter-normalised directions (see `directions.py`).
+- `Plane.pca(checkpoints)` (Li et al. 2018, §7): θ(x, y) = θ_c + x e_1 + y e_2 with e_1, e_2 the two top principal
+  directions of a training trajectory's checkpoints (see `Plane.pca`).
 - `Line.through(m0, m1)`: θ(t) = m_0 + t (m_1 − m_0), the straight line of `interpolate`.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+import os
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..subspace import Basis, StateLike
 from .directions import Ignore, Normalization, check_direction_options, random_direction
+from .trajectory import read_state
+
+Checkpoint = Union[StateLike, str, os.PathLike]
 
 
 class Subspace:
     """An origin and `dims` directions. `marks` holds the coordinates of the models that define it (drawn on plots)."""
 
     kind = "subspace"
+    coordinates: Tensor | None = None  # [n, dims] float64: a trajectory's checkpoints (Plane.pca), else None
 
     def __init__(self, basis: Basis, parameters: Sequence[str], variant: str, marks: Mapping[str, Sequence[float]],
                  settings: Mapping[str, object] | None = None):
@@ -54,11 +61,12 @@ class Subspace:
                 "marks": {name: list(coords) for name, coords in self.marks.items()}}
 
     def extent(self, margin: float = 0.2) -> list[tuple[float, float]]:
-        """A span per axis: the box around the marked models, widened by `margin` of its size on each side
+        """A span per axis: the box around the marked models (and `coordinates`), widened by `margin` of its size on each side
         ((−1, 1) along a random direction)."""
         spans = []
+        points = list(self.marks.values()) + (self.coordinates.tolist() if self.coordinates is not None else [])
         for axis in range(self.dims):
-            values = [coords[axis] for coords in self.marks.values()]
+            values = [coords[axis] for coords in points]
             low, high = min(values), max(values)
             if high == low:
                 spans.append((low - 1.0, high + 1.0))
@@ -93,6 +101,7 @@ class Plane(Subspace):
     """A 2-d subspace: points (x, y); scans store their metrics as [len(ys), len(xs)]."""
 
     kind = "plane"
+    explained_variance: tuple[float, float] | None = None  # Plane.pca: the share of the variance along e_1, e_2
 
     @classmethod
     def through(cls, m0: StateLike, m1: StateLike, m2: StateLike, *, names: Sequence[str] = ("m0", "m1", "m2"),
@@ -138,6 +147,73 @@ class Plane(Subspace):
         normalised per filter ("filter"), per tensor ("layer") or not at all (None); see `directions.py`."""
         return cls(*_random_basis(model, 2, normalization, ignore, seed), "random", {name: (0.0, 0.0)},
                    {"normalization": normalization, "ignore": ignore, "seed": seed})
+
+
+    @classmethod
+    def pca(cls, checkpoints: Sequence[Checkpoint], *, center: int = -1, names: Sequence[str] | None = None,
+            like: nn.Module | None = None) -> "Plane":
+        """The plane of a training trajectory (Li et al. 2018, §7): origin θ_c = checkpoints[center] (default the
+        last), directions the two top principal directions of the n checkpoints' parameters:
+
+            Δ_i = θ_i − θ_c,  X = [Δ_i − mean(Δ)] (n × D),  X Xᵀ = V Λ Vᵀ (λ_1 ≥ λ_2 ≥ …),
+            e_j = Xᵀ v_j / √λ_j,  θ(x, y) = θ_c + x e_1 + y e_2.
+
+        As in a PCA the rows are centred, so e_1, e_2 are those of the checkpoints themselves whatever the center
+        (Li et al.'s code leaves θ_c out of the rows). `coordinates` [n, 2] holds every checkpoint's (x, y) =
+        (Δ_i·e_1, Δ_i·e_2), exact when the trajectory lies in a plane; `explained_variance` is (λ_1, λ_2) / Σ λ.
+        Signs: x and y grow from the first checkpoint to the last. Buffers (BatchNorm statistics) follow the same
+        linear combinations. checkpoints: at least three models, state dicts or paths of .pt state dicts (read
+        with torch.load(weights_only=True)), all held in memory while the plane is built (the plane keeps three);
+        like: the architecture, needed when no checkpoint is an nn.Module. names: one per checkpoint (default:
+        the file names, or "checkpoint i"); the first, the center and the last are the plane's marks."""
+        if isinstance(checkpoints, (str, os.PathLike, nn.Module, Mapping)) or not isinstance(checkpoints, Sequence):
+            raise TypeError("Plane.pca: checkpoints must be a list of models, state dicts or .pt paths (e.g. "
+                            f"TrajectoryRecorder.files), got {type(checkpoints).__name__}")
+        count = len(checkpoints)
+        if count < 3:
+            raise ValueError(f"Plane.pca: checkpoints needs at least three checkpoints to span a plane, got {count} "
+                             "(record more steps of the trajectory, e.g. TrajectoryRecorder(model, every=...))")
+        if not isinstance(center, int) or not -count <= center < count:
+            raise ValueError(f"Plane.pca: center must index one of the {count} checkpoints (-{count} … {count - 1}), "
+                             f"got {center!r}")
+        names = list(names) if names is not None else [
+            os.path.splitext(os.path.basename(c))[0] if isinstance(c, (str, os.PathLike)) else f"checkpoint {i}"
+            for i, c in enumerate(checkpoints)]
+        if len(names) != count:
+            raise ValueError(f"Plane.pca: names needs one name per checkpoint ({count}), got {len(names)}")
+        c = center % count
+        members = [read_state(m) if isinstance(m, (str, os.PathLike)) else m for m in checkpoints]
+        model = _architecture(members, like)
+        parameters = _parameter_names(model)
+        # rows Δ_i = θ_i − θ_c for i ≠ c, and θ_c itself in row c: differences formed before any product
+        to_differences = torch.eye(count, dtype=torch.float64)
+        to_differences[:, c] -= 1
+        to_differences[c, c] = 1
+        differences = Basis.from_members(members, like=model).transform(to_differences)
+        gram = _inner(differences, differences, parameters)
+        gram[c, :] = gram[:, c] = 0  # Δ_c = 0
+        centring = torch.eye(count, dtype=torch.float64) - 1 / count
+        eigenvalues, vectors = torch.linalg.eigh(centring @ gram @ centring)
+        eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+        dtype = next(iter(differences.stacked.values())).dtype
+        if eigenvalues[0] <= 0:
+            raise ValueError("Plane.pca: all checkpoints have the same parameters: they span no plane")
+        if eigenvalues[1] <= torch.finfo(dtype).eps * eigenvalues[0]:
+            raise ValueError("Plane.pca: the checkpoints lie on one line: they span no plane (use Line.through)")
+        combination = (centring @ vectors[:, :2] / eigenvalues[:2].sqrt()).T  # e_j = Σ_i combination[j, i] Δ_i
+        combination[:, c] = 0
+        coordinates = gram @ combination.T  # Δ_i · e_j
+        signs = torch.where(coordinates[-1] >= coordinates[0], 1.0, -1.0).to(torch.float64)
+        combination, coordinates = combination * signs[:, None], coordinates * signs
+        origin = torch.zeros(1, count, dtype=torch.float64)
+        origin[0, c] = 1
+        basis = differences.transform(torch.cat([origin, combination]))
+        explained = tuple(float(v) for v in eigenvalues[:2] / eigenvalues.clamp_min(0).sum())
+        marks = {names[i]: tuple(coordinates[i].tolist()) for i in (0, c, count - 1)}
+        plane = cls(basis, parameters, "pca", marks,
+                    {"checkpoints": count, "center": c, "explained_variance": list(explained)})
+        plane.coordinates, plane.explained_variance = coordinates, explained
+        return plane
 
 
 class Line(Subspace):

@@ -7,6 +7,7 @@ Saved as one `.npz` file that `numpy.load` opens without this package (no pickle
     <metric>        float64 [ny, nx]      one array per metric ("loss", "error", "train_loss", ...): value[j, i]
                                           is the metric at (x[i], y[j]); [nx] for a line
     curve_<i>       float64 [n, 2]        curves projected onto the plane (names in meta["curves"])
+    trajectory      float64 [n, 2]        a training trajectory's checkpoints on the plane (Plane.pca), if any
     meta            str (JSON)            {"format", "metrics", "bn_mode", "subspace", "data", "timings",
                                           "version", "curves"}
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .surface import write_vtk
+
 FORMAT = "modeconn_fast.GridResult/1"
 
 
@@ -31,7 +34,9 @@ class GridResult:
     bn_mode: how BatchNorm ran ("recompute", "eval" or "none"). subspace: kind, variant, normalisation, seed,
     the models' coordinates ("marks"), the span of each axis and the hash of the basis tensors. data: shapes and
     hash of the evaluation data. timings: seconds and points per second. curves: name → [n, 2] coordinates drawn on plots (add your own, e.g. from
-    `plane.project(basis, rows)`)."""
+    `plane.project(basis, rows)`). trajectory: [n, 2] coordinates of a training trajectory's checkpoints in order
+    (set by `scan` on a `Plane.pca`), drawn as a path with its checkpoints; None otherwise. The file format is in
+    docs/FILE_FORMAT.md."""
 
     x: np.ndarray
     y: np.ndarray | None
@@ -42,6 +47,7 @@ class GridResult:
     timings: dict[str, float]
     version: str
     curves: dict[str, np.ndarray] = field(default_factory=dict)
+    trajectory: np.ndarray | None = None
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -67,12 +73,19 @@ class GridResult:
         meta = {"format": FORMAT, "metrics": list(self.values), "bn_mode": self.bn_mode, "subspace": self.subspace,
                 "data": self.data, "timings": self.timings, "version": self.version, "curves": names}
         arrays = {"x": self.x, **({"y": self.y} if self.y is not None else {}), **self.values,
-                  **{f"curve_{i}": self.curves[name] for i, name in enumerate(names)}}
+                  **{f"curve_{i}": self.curves[name] for i, name in enumerate(names)},
+                  **({"trajectory": self.trajectory} if self.trajectory is not None else {})}
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(temporary, "wb") as file:
             np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(temporary, path)
         return path
+
+    def to_vtk(self, path: str | Path, *, metric: str | None = None, log: bool = False) -> Path:
+        """Write the plane's surface as a legacy-VTK ASCII structured grid for ParaView or Blender: points
+        (x[i], y[j], z[j, i]) with z = `metric` (default: the first; log10 of it with log=True), every metric as
+        point data, and a `finite` flag (see `surface.py`). Returns the path."""
+        return write_vtk(self, path, metric=metric, log=log)
 
     @classmethod
     def load(cls, path: str | Path) -> "GridResult":
@@ -83,7 +96,8 @@ class GridResult:
             return cls(x=stored["x"], y=stored["y"] if "y" in stored.files else None,
                        values={m: stored[m] for m in meta["metrics"]}, bn_mode=meta["bn_mode"],
                        subspace=meta["subspace"], data=meta["data"], timings=meta["timings"], version=meta["version"],
-                       curves={name: stored[f"curve_{i}"] for i, name in enumerate(meta["curves"])})
+                       curves={name: stored[f"curve_{i}"] for i, name in enumerate(meta["curves"])},
+                       trajectory=stored["trajectory"] if "trajectory" in stored.files else None)
 
     def __repr__(self) -> str:
         shape = next(iter(self.values.values())).shape if self.values else ()

@@ -91,6 +91,8 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
 
     result = _assemble(ranks.gather((done, computed)), x, y, names, manifest["fingerprint"], ranks.world)
     result.timings["seconds"] = time.perf_counter() - started
+    if subspace.coordinates is not None:  # a training trajectory's plane (Plane.pca): its checkpoints, drawn on plots
+        result.trajectory = subspace.coordinates.numpy()
     if store is not None and ranks.rank == 0:
         result.save(store.result_path)
     return result
