@@ -122,11 +122,11 @@ def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
 
 def run(quick: bool = False, widths: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """One row per width: our seconds, the port's, the ratio, the LAP ceiling, both objectives and agreement."""
-    torch.set_grad_enabled(False)
     widths = widths or ((512, 2048) if quick else WIDTHS)
-    # the first LAP in a process loads the compiled (numba) code, about 0.3 s: not part of any width's time
-    lap.solve_lap(torch.randn(lap.DENSE_BELOW, lap.DENSE_BELOW, dtype=torch.float64))
-    return [run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=1 if quick or w > 2048 else 2) for w in widths]
+    with torch.no_grad():  # not set globally: the workloads after this one train
+        # the first LAP in a process loads the compiled (numba) code, about 0.3 s: not part of any width's time
+        lap.solve_lap(torch.randn(lap.DENSE_BELOW, lap.DENSE_BELOW, dtype=torch.float64))
+        return [run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=1 if quick or w > 2048 else 2) for w in widths]
 
 
 def main() -> None:
