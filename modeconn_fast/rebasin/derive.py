@@ -209,7 +209,8 @@ class _Derivation:
         """nn.MultiheadAttention called in the model: (output, weights); the weights carry no units."""
         inputs = [self.input(node, i) for i in range(3)]
         call = dict(zip(("need_weights", "attn_mask", "average_attn_weights"), node.args[4:7])) | dict(node.kwargs)
-        per_head_weights = call.get("need_weights", True) is not False and call.get("average_attn_weights", True) is False
+        weights = call.get("need_weights", True) is not False
+        per_head_weights = weights and call.get("average_attn_weights", True) is False
         out = self.multihead(node, node.target, mod, inputs, _ndim(node.args[0]), keep_heads=per_head_weights)
         return ("tuple", [out, Feature(None)])
 
@@ -252,7 +253,9 @@ class _Derivation:
             self.claim(f"{name}.out_proj.bias", 0, out)
         return out
 
-    def encoder_layer(self, node: torch.fx.Node, name: str, mod: nn.TransformerEncoderLayer, x: Feature, ndim: int) -> Feature:
+    def encoder_layer(
+        self, node: torch.fx.Node, name: str, mod: nn.TransformerEncoderLayer, x: Feature, ndim: int
+    ) -> Feature:
         """nn.TransformerEncoderLayer, either norm order: x + SA(LN₁ x), then + W₂ act(W₁ LN₂ x) + b₂ (norm_first),
         or LN₁(x + SA(x)), then LN₂(x + FF(x)). The residual stream (x, both norms, out_proj's and linear2's
         outputs) is one group; linear1's outputs (linear2's inputs) open another; the heads as in `multihead`."""

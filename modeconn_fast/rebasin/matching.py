@@ -246,7 +246,12 @@ def weight_matching(
     history = [matching_objective(state_a, state_b, start, params)]
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
-    units = [tie_of[g].groups if g in tie_of else (g,) for g in spec.groups if g not in tie_of or g == tie_of[g].groups[0]]
+    units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
+    for group in spec.groups:
+        if group not in tie_of:
+            units.append((group,))
+        elif group == tie_of[group].groups[0]:
+            units.append(tie_of[group].groups)
     dirty = set(spec.groups)
     warm: dict[str, WarmStart | None] = {}  # per group, what its last LAP leaves for the next
     sweeps = 0
