@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from rebasin_models import build, inputs, mlp
 from test_rebasin_spec import ARCHITECTURES, random_permutation
 
-from modeconn_fast.rebasin import Permutation, SpecError, lap, matching_objective, permutation_spec, weight_matching
+from modeconn_fast.rebasin import Heads, Permutation, SpecError, lap, matching_objective, permutation_spec, weight_matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import rebasin_port  # noqa: E402
@@ -137,6 +138,11 @@ def test_activation_matching_recovers_a_planted_permutation(name: str) -> None:
     x = inputs(model_a, batch=64, seed=6)
     spec = permutation_spec(model_a, x)
     planted = random_permutation(spec, model_a, seed=7)
-    result = activation_matching(model_a, planted.apply(model_a), (x, torch.zeros(64)))
+    hidden = set(spec.heads.get("attn", Heads((), 1)).groups)  # inside nn.MultiheadAttention: no activation to see
+    planted.perms.update({g: torch.arange(len(planted.perms[g])) for g in hidden})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = activation_matching(model_a, planted.apply(model_a), (x, torch.zeros(64)))
+    assert bool(hidden) == any("leaves 2 group(s) in place" in str(w.message) for w in caught)
     for group, perm in planted.inverse().perms.items():
         assert torch.equal(result.perms[group], perm), group

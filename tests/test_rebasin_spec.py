@@ -13,9 +13,16 @@ ARCHITECTURES = ["mlp", "vgg", "resnet", "transformer", "attention"]
 
 
 def random_permutation(spec: PermutationSpec, model: nn.Module, seed: int = 0) -> Permutation:
+    """A random permutation of every group; head-structured groups move whole heads, in one random order."""
     generator = torch.Generator().manual_seed(seed)
     sizes = spec.sizes(model.state_dict())
-    return Permutation(spec, {g: torch.randperm(n, generator=generator) for g, n in sizes.items()})
+    perms = {g: torch.randperm(n, generator=generator) for g, n in sizes.items()}
+    for tie in spec.heads.values():
+        order = torch.randperm(tie.num_heads, generator=generator) if tie.move else torch.arange(tie.num_heads)
+        for group in tie.groups:
+            d = sizes[group] // tie.num_heads
+            perms[group] = torch.cat([order[h] * d + torch.randperm(d, generator=generator) for h in range(tie.num_heads)])
+    return Permutation(spec, perms)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

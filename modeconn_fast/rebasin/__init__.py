@@ -13,12 +13,13 @@ from .matching import matching_objective, weight_matching
 from .merge import merge
 from .permutation import FunctionChangedError, Permutation
 from .repair import repair
-from .spec import Axis, PermutationSpec, SpecError
+from .spec import Axis, Heads, PermutationSpec, SpecError
 from .ste import ste_matching
 
 __all__ = [
     "Axis",
     "FunctionChangedError",
+    "Heads",
     "Permutation",
     "PermutationSpec",
     "SpecError",

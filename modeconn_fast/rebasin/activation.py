@@ -5,10 +5,12 @@ models (every fx node carrying the group; spatial positions and flattened blocks
 
     corr[i, j] = cov(a_i, b_j) / (σ(a_i) σ(b_j)),   C = Σ_nodes corr,   π = argmax_σ Σ_i C[i, σ(i)]
 
-— one LAP per group, no iteration.
+— one LAP per group, no iteration. Groups no traced activation carries (inside leaf modules such as
+nn.MultiheadAttention) stay in place, with a warning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -89,6 +91,13 @@ def activation_matching(
     traced_a, traced_b = trace(model_a, example), trace(model_b, example)
     if spec is not None and spec.groups != traced_a.spec.groups:
         raise SpecError("activation_matching needs the derived spec (its groups name the activations)")
+    hidden = [group for group, nodes in traced_a.activations.items() if not nodes]
+    if hidden:
+        warnings.warn(
+            f"activation_matching leaves {len(hidden)} group(s) in place that no traced activation carries (units "
+            f"inside nn.MultiheadAttention or nn.TransformerEncoderLayer: {hidden[:3]}); weight_matching aligns them",
+            stacklevel=2,
+        )
     carriers = {name: (group, dim, inner) for group, nodes in traced_a.activations.items() for name, dim, inner in nodes}
     sizes = traced_a.spec.sizes(model_a.state_dict())
     moments: dict[str, _Moments] = {}
@@ -108,10 +117,10 @@ def activation_matching(
                 a = units_as_columns(outputs["a"][name], dim, inner)
                 b = units_as_columns(outputs["b"][name], dim, inner)
                 moments.setdefault(name, _Moments(sizes[group])).add(a, b)
-    perms: dict[str, Tensor] = {}
+    perms: dict[str, Tensor] = {group: torch.arange(sizes[group]) for group in hidden}
     for group, nodes in traced_a.activations.items():
+        if not nodes:
+            continue
         cost = sum(moments[name].correlation() for name, _, _ in nodes)
-        if not isinstance(cost, Tensor):  # a group no activation carries (cannot happen for a derived spec)
-            raise SpecError(f"group {group!r} permutes no activation")
         perms[group] = torch.as_tensor(linear_sum_assignment(np.asarray(cost), maximize=True)[1], dtype=torch.long)
     return Permutation(traced_a.spec, perms)

@@ -8,7 +8,10 @@ permutation acting on it:
     join it);
   - a binary op of two permuted tensors (residual `add`, gating `mul`) unites their slots;
   - flatten / view / reshape that merge trailing dims into the feature axis turn it into blocks (`inner`);
-  - the model's inputs and outputs belong to the special FIXED slot: whatever unites with it is not permuted.
+  - the model's inputs and outputs belong to the special FIXED slot: whatever unites with it is not permuted;
+  - nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder are leaves of the trace whose
+    structure is written out here: the residual stream, the feed-forward units, and per attention module a q/k
+    group and a v group whose units permute within each head, heads moving as blocks (spec.Heads).
 Anything else raises SpecError naming the fx node.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .spec import Axis, PermutationSpec, SpecError, as_args
+from .spec import Axis, Heads, PermutationSpec, SpecError, as_args
 
 FIXED = 0
 
@@ -69,11 +72,13 @@ class Feature:
 
 
 class _Derivation:
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, move_heads: bool = True) -> None:
         self.gm = gm
+        self.move_heads = move_heads
+        self.heads: list[tuple[str, int, int, int, bool]] = []  # attention module, q/k slot, v slot, heads, move
         self.parent = [FIXED]
         self.opener = ["inputs/outputs"]
-        self.axes: list[tuple[str, int, int, int]] = []  # tensor, dim, slot, inner
+        self.axes: list[tuple[str, int, int, int, int, int | None]] = []  # tensor, dim, slot, inner, start, stop
         self.state: dict[torch.fx.Node, Any] = {}
         self.carriers: list[tuple[str, Feature]] = []  # every node whose output carries permuted units
 
@@ -94,9 +99,9 @@ class _Derivation:
         if ra != rb:  # the older slot (FIXED first) stays root, so groups are named after their first opener
             self.parent[max(ra, rb)] = min(ra, rb)
 
-    def claim(self, tensor: str, dim: int, feature: Feature) -> None:
+    def claim(self, tensor: str, dim: int, feature: Feature, start: int = 0, stop: int | None = None) -> None:
         if feature.dim is not None:
-            self.axes.append((tensor, dim, feature.slot, feature.inner))
+            self.axes.append((tensor, dim, feature.slot, feature.inner, start, stop))
 
     def fail(self, node: torch.fx.Node, why: str) -> SpecError:
         target = getattr(node.target, "__name__", node.target)
@@ -182,6 +187,10 @@ class _Derivation:
             return x
         if isinstance(mod, nn.MultiheadAttention):
             return self.attention(node, mod)
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            return self.encoder_layer(node, name, mod, x, ndim)
+        if isinstance(mod, nn.TransformerEncoder):
+            return self.encoder(node, mod, x)
         if isinstance(mod, nn.Embedding):
             out = Feature(_ndim(node) - 1, self.new_slot(name))
             self.claim(f"{name}.weight", 1, out)
@@ -197,27 +206,93 @@ class _Derivation:
         raise self.fail(node, f"module type {type(mod).__name__} is not supported")
 
     def attention(self, node: torch.fx.Node, mod: nn.MultiheadAttention) -> tuple[str, list[Feature]]:
-        """Multi-head attention: its inputs' units (one permutation for query, key and value) permute the input
-        projection's columns; its output projection opens a new group. Units inside the heads stay in place."""
-        if not mod._qkv_same_embed_dim:
-            raise self.fail(node, "attention with separate key/value sizes is not supported")
+        """nn.MultiheadAttention called in the model: (output, weights); the weights carry no units."""
         inputs = [self.input(node, i) for i in range(3)]
-        ndim = _ndim(node.args[0])
+        call = dict(zip(("need_weights", "attn_mask", "average_attn_weights"), node.args[4:7])) | dict(node.kwargs)
+        weights = call.get("need_weights", True) is not False
+        per_head_weights = weights and call.get("average_attn_weights", True) is False
+        out = self.multihead(node, node.target, mod, inputs, _ndim(node.args[0]), keep_heads=per_head_weights)
+        return ("tuple", [out, Feature(None)])
+
+    def multihead(
+        self, node: torch.fx.Node, name: str, mod: nn.MultiheadAttention, inputs: list[Feature], ndim: int,
+        keep_heads: bool = False,
+    ) -> Feature:  # fmt: skip
+        """Multi-head attention softmax(q_h k_hᵀ/√d) v_h per head h, heads concatenated into out_proj.
+
+        One permutation for query, key and value inputs permutes in_proj_weight's columns. Per head, a
+        permutation of the head's d units applied to its q and k rows together keeps q_h·k_h; another applied
+        to its v rows and out_proj's columns h·d … (h+1)·d − 1 keeps out_proj(v_h); the head order is shared by
+        both (Heads; `keep_heads`: heads stay in place, e.g. when per-head attention weights are returned).
+        out_proj's output opens a new group."""
+        if not mod._qkv_same_embed_dim:
+            raise self.fail(node, f"{name}: attention with separate key/value sizes is not supported")
+        if mod.bias_k is not None:
+            raise self.fail(node, f"{name}: attention with add_bias_kv=True is not supported")
         live = [f for f in inputs if f.dim is not None]
         for f in live:
             if f.dim != ndim - 1 or f.inner != 1:
-                raise self.fail(node, "attention over an axis that is not the embedding axis")
+                raise self.fail(node, f"{name}: attention over an axis that is not the embedding axis")
             self.union(live[0].slot, f.slot)
         if live and len(live) < 3:  # a fixed tensor shares the projection's columns
             self.union(live[0].slot, FIXED)
-        name = node.target
         if live:
             self.claim(f"{name}.in_proj_weight", 1, live[0])
+        e = mod.embed_dim
+        qk, v = Feature(0, self.new_slot(f"{name}.qk")), Feature(0, self.new_slot(f"{name}.v"))
+        for tensor in ("in_proj_weight", "in_proj_bias"):
+            if getattr(mod, tensor) is not None:
+                self.claim(f"{name}.{tensor}", 0, qk, 0, e)
+                self.claim(f"{name}.{tensor}", 0, qk, e, 2 * e)
+                self.claim(f"{name}.{tensor}", 0, v, 2 * e, 3 * e)
+        self.claim(f"{name}.out_proj.weight", 1, v)
+        self.heads.append((name, qk.slot, v.slot, mod.num_heads, self.move_heads and not keep_heads))
         out = Feature(ndim - 1, self.new_slot(f"{name}.out_proj"))
         self.claim(f"{name}.out_proj.weight", 0, out)
         if mod.out_proj.bias is not None:
             self.claim(f"{name}.out_proj.bias", 0, out)
-        return ("tuple", [out, Feature(None)])
+        return out
+
+    def encoder_layer(
+        self, node: torch.fx.Node, name: str, mod: nn.TransformerEncoderLayer, x: Feature, ndim: int
+    ) -> Feature:
+        """nn.TransformerEncoderLayer, either norm order: x + SA(LN₁ x), then + W₂ act(W₁ LN₂ x) + b₂ (norm_first),
+        or LN₁(x + SA(x)), then LN₂(x + FF(x)). The residual stream (x, both norms, out_proj's and linear2's
+        outputs) is one group; linear1's outputs (linear2's inputs) open another; the heads as in `multihead`."""
+        if x.dim is not None and (x.dim != ndim - 1 or x.inner != 1):
+            raise self.fail(node, f"{name}: the units do not lie on the last (embedding) axis")
+        act = mod.activation
+        if act not in _ELEMENTWISE_FUNCTIONS and not isinstance(act, _ELEMENTWISE_MODULES):
+            raise self.fail(node, f"{name}: activation {act!r} is not a known element-wise function")
+        stream = x if x.dim is not None else Feature(ndim - 1, FIXED)
+        params = dict(mod.named_parameters())
+        for tensor in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "linear2.bias"):
+            if tensor in params:
+                self.claim(f"{name}.{tensor}", 0, stream)
+        self.union(self.multihead(node, f"{name}.self_attn", mod.self_attn, [stream] * 3, ndim).slot, stream.slot)
+        hidden = Feature(ndim - 1, self.new_slot(f"{name}.linear1"))
+        self.claim(f"{name}.linear1.weight", 1, stream)
+        self.claim(f"{name}.linear1.weight", 0, hidden)
+        if mod.linear1.bias is not None:
+            self.claim(f"{name}.linear1.bias", 0, hidden)
+        self.claim(f"{name}.linear2.weight", 1, hidden)
+        self.claim(f"{name}.linear2.weight", 0, stream)
+        return stream
+
+    def encoder(self, node: torch.fx.Node, mod: nn.TransformerEncoder, x: Feature) -> Feature:
+        """nn.TransformerEncoder: its layers in turn, then its final norm (a LayerNorm on the stream), if any."""
+        ndim = _ndim(node.args[0])
+        for i, layer in enumerate(mod.layers):
+            if not isinstance(layer, nn.TransformerEncoderLayer):
+                raise self.fail(node, f"layer {i} is a {type(layer).__name__}, not an nn.TransformerEncoderLayer")
+            x = self.encoder_layer(node, f"{node.target}.layers.{i}", layer, x, ndim)
+        if mod.norm is not None:
+            if not isinstance(mod.norm, nn.LayerNorm):
+                raise self.fail(node, f"final norm {type(mod.norm).__name__} is not supported")
+            for tensor in ("weight", "bias"):
+                if getattr(mod.norm, tensor) is not None:
+                    self.claim(f"{node.target}.norm.{tensor}", 0, x)
+        return x
 
     def function(self, node: torch.fx.Node) -> Any:
         target = node.target
@@ -350,19 +425,28 @@ class _Derivation:
             self.union(live[0].slot, f.slot)
         return live[0]
 
-    def groups(self) -> tuple[dict[str, list[Axis]], dict[str, list[tuple[str, int, int]]]]:
-        """Group name -> its axes, and group name -> the (fx node, axis, inner) of every activation it permutes."""
+    def groups(self) -> tuple[dict[str, list[Axis]], dict[str, list[tuple[str, int, int]]], dict[str, Heads]]:
+        """Group name -> its axes, group name -> the (fx node, axis, inner) of every activation it permutes, and
+        attention module -> its Heads."""
         fixed = self.find(FIXED)
         axes: dict[int, list[Axis]] = {}
-        for tensor, dim, slot, inner in self.axes:
+        for tensor, dim, slot, inner, start, stop in self.axes:
             if self.find(slot) != fixed:
-                axes.setdefault(self.find(slot), []).append(Axis(tensor, dim, inner))
+                axes.setdefault(self.find(slot), []).append(Axis(tensor, dim, inner, start, stop))
         nodes: dict[int, list[tuple[str, int, int]]] = {}
         for name, feature in self.carriers:
             if self.find(feature.slot) in axes:
                 nodes.setdefault(self.find(feature.slot), []).append((name, feature.dim, feature.inner))
         names = {root: self.opener[root] for root in axes}
-        return ({names[r]: a for r, a in sorted(axes.items())}, {names[r]: nodes.get(r, []) for r in sorted(axes)})
+        heads = {
+            module: Heads((names[self.find(qk)], names[self.find(v)]), num_heads, move)
+            for module, qk, v, num_heads, move in self.heads
+        }
+        return (
+            {names[r]: a for r, a in sorted(axes.items())},
+            {names[r]: nodes.get(r, []) for r in sorted(axes)},
+            heads,
+        )
 
 
 def _tensor_meta(node: Any) -> Any:
@@ -392,7 +476,7 @@ class Traced:
     activations: dict[str, list[tuple[str, int, int]]]
 
 
-def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Traced:
+def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor], move_heads: bool = True) -> Traced:
     """Trace a copy of `model` (eval mode) with torch.fx and derive its spec; SpecError names what fails."""
     args = as_args(example_input)
     copied = copy.deepcopy(model).eval()  # tracing runs the model: keep the caller's buffers untouched
@@ -402,17 +486,21 @@ def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Traced:
         raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {error}") from error
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
-    derivation = _Derivation(gm)
+    derivation = _Derivation(gm, move_heads)
     derivation.run()
-    groups, activations = derivation.groups()
-    spec = PermutationSpec(groups, example_input=args)
+    groups, activations, heads = derivation.groups()
+    spec = PermutationSpec(groups, example_input=args, heads=heads)
     spec.sizes(model.state_dict())
     return Traced(spec, gm, activations)
 
 
-def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> PermutationSpec:
+def permutation_spec(
+    model: nn.Module, example_input: Tensor | Sequence[Tensor], *, move_heads: bool = True
+) -> PermutationSpec:
     """Derive the permutation spec of `model` by tracing it with torch.fx on `example_input`.
 
+    Attention (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder) gets q/k and v groups
+    per module whose units permute within each head; `move_heads=False` keeps the heads in place.
     Raises SpecError naming the fx node of the first construct it cannot handle, or when tracing fails.
     """
-    return trace(model, example_input).spec
+    return trace(model, example_input, move_heads).spec

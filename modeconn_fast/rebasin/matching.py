@@ -16,6 +16,8 @@ step's result:
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum.
+Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
+solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history is exact: J before the first sweep and at the end are computed directly (float64);
 in between J moves by the LAP gains, which are exact for a linear step.
 """
@@ -24,13 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..ops import permutation_cost
 from .derive import permutation_spec
 from .permutation import Permutation
-from .spec import Axis, PermutationSpec, SpecError, as_args, check_same_architecture, parameter_names, unit_index
+from .spec import Axis, PermutationSpec, SpecError, as_args, axis_index, check_same_architecture, parameter_names
 
 if TYPE_CHECKING:
     from .lap import WarmStart
@@ -56,6 +60,53 @@ class _Term:
     a: Tensor
     b: Tensor
     seen: Tensor | None = None
+
+
+def _narrow(w: Tensor, axis: Axis) -> Tensor:
+    """The slice of `w` that `axis` permutes."""
+    start, stop = axis.bounds(w.shape[axis.dim])
+    return w.narrow(axis.dim, start, stop - start)
+
+
+def _pieces(others: list[tuple[Axis, str]], size: int) -> list[tuple[int, int, tuple[Axis, str] | None]]:
+    """(start, stop, (axis, group) or None) covering an axis of `size` entries: the given slices and the rest."""
+    pieces: list[tuple[int, int, tuple[Axis, str] | None]] = []
+    at = 0
+    for axis, group in sorted(others, key=lambda item: item[0].start):
+        start, stop = axis.bounds(size)
+        if start > at:
+            pieces.append((at, start, None))
+        pieces.append((start, stop, (axis, group)))
+        at = stop
+    if at < size:
+        pieces.append((at, size, None))
+    return pieces
+
+
+def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]:
+    """Best permutations of head-structured groups tied together (one cost matrix each, maximised).
+
+    Within-head orders are free per group, the head order is shared: for every pair (head a of A, head b of B)
+    and group g, v_g(a, b) = max_σ Σ_i C_g[a·d + i, b·d + σ(i)] is a d×d LAP; the head order is the H×H LAP
+    ρ = argmax Σ_a Σ_g v_g(a, ρ(a)) (ρ = identity when heads may not move). The result is the exact optimum.
+    """
+    pairs = [(a, b) for a in range(num_heads) for b in range(num_heads)] if move else [(a, a) for a in range(num_heads)]
+    head_cost = np.full((num_heads, num_heads), -np.inf)
+    within: dict[tuple[int, int, int], np.ndarray] = {}
+    for a, b in pairs:
+        head_cost[a, b] = 0.0
+        for g, cost in enumerate(costs):
+            d = cost.shape[0] // num_heads
+            block = cost[a * d : (a + 1) * d, b * d : (b + 1) * d].numpy()
+            rows, cols = linear_sum_assignment(block, maximize=True)
+            within[g, a, b] = cols
+            head_cost[a, b] += block[rows, cols].sum()
+    order = linear_sum_assignment(head_cost, maximize=True)[1] if move else np.arange(num_heads)
+    perms = []
+    for g, cost in enumerate(costs):
+        d = cost.shape[0] // num_heads
+        perms.append(torch.as_tensor(np.concatenate([order[a] * d + within[g, a, order[a]] for a in range(num_heads)])))
+    return perms
 
 
 def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
@@ -85,20 +136,24 @@ class _Matcher:
             for axis in axes:
                 if axis.tensor not in params:
                     continue  # buffers (running statistics) are permuted but not matched
-                wa, wb = state_a[axis.tensor].detach(), state_b[axis.tensor].detach()
-                others = [(d, g, i) for d, (g, i) in spec.axes_of(axis.tensor).items() if d != axis.dim]
-                if not others:
-                    const_a.append(_unit_major(wa, axis.dim, axis.inner, n))
-                    const_b.append(_unit_major(wb, axis.dim, axis.inner, n))
-                elif len(others) == 1 and others[0][1] != group:
-                    odim, q, oinner = others[0]
-                    shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oinner)
-                    self.terms[group].append(_Term(q, _other_major(wa, *shape), _other_major(wb, *shape)))
-                    self.dependents[q].add(group)
-                else:
+                wa, wb = (_narrow(state[axis.tensor].detach(), axis) for state in (state_a, state_b))
+                others = [(a, g) for a, g in spec.axes_of(axis.tensor) if a.dim != axis.dim]
+                if len({a.dim for a, _ in others}) > 1 or any(g == group for _, g in others):
                     self.generic[group].append(axis)
-                    for _, q, _ in others:
+                    for _, q in others:
                         self.dependents[q].add(group)
+                    continue
+                odim = others[0][0].dim if others else 0
+                for start, stop, other in _pieces(others, wa.shape[odim]):  # slices of the other axis, and the rest
+                    pa, pb = wa.narrow(odim, start, stop - start), wb.narrow(odim, start, stop - start)
+                    if other is None:
+                        const_a.append(_unit_major(pa, axis.dim, axis.inner, n))
+                        const_b.append(_unit_major(pb, axis.dim, axis.inner, n))
+                        continue
+                    oaxis, q = other
+                    shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
+                    self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
+                    self.dependents[q].add(group)
             self.const[group] = permutation_cost(const_a, const_b, [None] * len(const_a)).double() if const_a else None
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
@@ -130,11 +185,11 @@ class _Matcher:
         total = cache.clone()
         for axis in self.generic[group]:  # a tensor with three permuted axes, or two of one group
             wb = self.state_b[axis.tensor]
-            for dim, (q, inner) in self.spec.axes_of(axis.tensor).items():
-                if dim != axis.dim:
-                    wb = wb.index_select(dim, unit_index(perms[q], inner))
-            a = _unit_major(self.state_a[axis.tensor], axis.dim, axis.inner, n)
-            total += permutation_cost([a], [_unit_major(wb, axis.dim, axis.inner, n)], [None]).double()
+            for other, q in self.spec.axes_of(axis.tensor):
+                if other.dim != axis.dim:
+                    wb = wb.index_select(other.dim, axis_index(perms[q], other, wb.shape[other.dim]))
+            a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
+            total += permutation_cost([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)], [None]).double()
         return total
 
 
@@ -190,28 +245,39 @@ def weight_matching(
     perms = start.perms
     history = [matching_objective(state_a, state_b, start, params)]
     matcher = _Matcher(spec, state_a, state_b, params)
-    names = list(spec.groups)
-    dirty = set(names)
+    tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
+    units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
+    for group in spec.groups:
+        if group not in tie_of:
+            units.append((group,))
+        elif group == tie_of[group].groups[0]:
+            units.append(tie_of[group].groups)
+    dirty = set(spec.groups)
     warm: dict[str, WarmStart | None] = {}  # per group, what its last LAP leaves for the next
     sweeps = 0
     with torch.no_grad():
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
-            for index in sweep_order(len(names), seed, sweep):
-                group = names[index]
-                if group not in dirty:
+            for index in sweep_order(len(units), seed, sweep):
+                unit = units[index]
+                if dirty.isdisjoint(unit):
                     continue
-                cost = matcher.cost(group, perms)
-                col, warm[group] = solve_lap(cost, warm.get(group))
-                dirty.discard(group)
-                if not torch.equal(col, perms[group]):
-                    old = cost.gather(1, perms[group][:, None]).sum().item()
-                    new = cost.gather(1, col[:, None]).sum().item()
-                    perms[group] = col
-                    dirty |= matcher.dependents[group]
-                    gain_total += new - old
-                    progress = progress or new - old > 1e-12 * (1.0 + abs(new))
+                costs = [matcher.cost(group, perms) for group in unit]
+                if unit[0] in tie_of:
+                    cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
+                else:
+                    col, warm[unit[0]] = solve_lap(costs[0], warm.get(unit[0]))
+                    cols = [col]
+                for group, cost, col in zip(unit, costs, cols):
+                    dirty.discard(group)
+                    if not torch.equal(col, perms[group]):
+                        old = cost.gather(1, perms[group][:, None]).sum().item()
+                        new = cost.gather(1, col[:, None]).sum().item()
+                        perms[group] = col
+                        dirty |= matcher.dependents[group]
+                        gain_total += new - old
+                        progress = progress or new - old > 1e-12 * (1.0 + abs(new))
             if matcher.self_dependent:
                 history.append(matching_objective(state_a, state_b, start, params))
             else:

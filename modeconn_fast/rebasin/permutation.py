@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .spec import PermutationSpec, SpecError, as_args, unit_index
+from .spec import PermutationSpec, SpecError, as_args, axis_index
 
 
 class FunctionChangedError(RuntimeError):
@@ -50,16 +50,18 @@ class Permutation:
         return out
 
     def check(self, state: Mapping[str, Tensor]) -> None:
-        """Raise SpecError unless the spec fits `state` and every permutation has its group's size."""
+        """Raise SpecError unless the spec fits `state`, every permutation has its group's size, and those of
+        head-structured groups move whole heads in one order."""
         sizes = self.spec.sizes(state)
         for group, perm in self.perms.items():
             if group not in sizes or perm.shape != (sizes[group],):
                 raise SpecError(f"permutation of group {group!r} has shape {tuple(perm.shape)}, expected ({sizes.get(group)},)")
+        self.spec.check_heads(self.perms)
 
     def permute_tensor(self, name: str, value: Tensor) -> Tensor:
         """`value` (the tensor called `name` in the spec) with its permuted axes permuted."""
-        for dim, (group, inner) in self.spec.axes_of(name).items():
-            value = value.index_select(dim, unit_index(self.perms[group].to(value.device), inner))
+        for axis, group in self.spec.axes_of(name):
+            value = value.index_select(axis.dim, axis_index(self.perms[group].to(value.device), axis, value.shape[axis.dim]))
         return value
 
     def apply(
