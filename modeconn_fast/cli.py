@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from .engine.metrics import METRICS
+
 KINDS = {  # kind: (checkpoints it takes, what it is)
     "through": (3, "the plane through three models in Garipov's orthonormal frame (START MIDDLE END)"),
     "affine": (3, "the plane m0 + x (m1 − m0) + y (m2 − m0)"),
@@ -114,7 +116,7 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random kinds: 'biasbn' gives biases and norm parameters (1-d tensors) a zero direction "
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random kinds: seed of the directions (default: %(default)s)")
-    parser.add_argument("--metrics", nargs="+", choices=("loss", "error"), default=["loss", "error"],
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["loss", "error"],
                         help="what to compute at every point (default: loss error)")
     parser.add_argument("--bn", choices=("auto", "recompute", "eval"), default="auto",
                         help="BatchNorm: recompute statistics per point from the BN data, mix the stored ones (eval), or "
@@ -342,7 +344,7 @@ def _run_curve(args: argparse.Namespace) -> None:
         if args.test_data:
             splits["test"] = load_factory(args.test_data, "--test-data")()
     splits = _to(splits, args.device)
-    bn_data = splits["train"][0]
+    bn_data = splits["train"]  # its inputs: tensors or a DataLoader's batches
     kind = {"bezier": BezierCurve, "polychain": PolyChain}[args.kind]
     curve = kind(model_a, model_b, bends=args.bends)
     progress = not args.no_progress

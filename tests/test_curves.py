@@ -2,6 +2,7 @@
 evaluate_curve against a per-point loop, BatchNorm recomputation, bad input."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -173,9 +174,14 @@ def test_garipov_schedule_and_history():
     inputs, targets = torch.randn(40, 19), torch.randint(0, 5, (40,))
     curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
     history = mc.train_curve(curve, (inputs, targets), epochs=4, lr=0.1, batch_size=16, t_per_step=2, progress=False)
-    assert history.lr == pytest.approx([garipov_schedule(0.1, e, 4) for e in range(4)])
+    # epochs counted from 1, as the reference's training loop counts them: the last epoch runs at 0.01·lr
+    assert history.lr == pytest.approx([garipov_schedule(0.1, e, 4) for e in range(1, 5)])
+    assert history.lr[0] == pytest.approx(0.1) and history.lr[-1] == pytest.approx(0.001)
     assert len(history.loss) == 4 and len(history.step_loss) == 4 * 3
     assert history.loss[-1] < history.loss[0]
+    assert {name.split(".")[0] for name in curve.state_dict()} == {"control_points"}  # the view is a cache only
+    copied = copy.deepcopy(curve)  # after training, a copy (e.g. the best curve so far) is an independent curve
+    torch.testing.assert_close(copied(inputs, 0.4), curve(inputs, 0.4))
 
 
 def test_bad_input_raises_before_training():

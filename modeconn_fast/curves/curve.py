@@ -65,7 +65,7 @@ class Curve(TrainableSubspace):
         """The curve's length in weight space (parameters only), Σ_i ‖θ(t_{i+1}) − θ(t_i)‖ over `points` values of t."""
         rows = self.coefficients(torch.linspace(0, 1, points, dtype=torch.float64))
         with torch.no_grad():
-            gram = self.gram().double()
+            gram = self.gram().double().cpu()
         return float(segment_lengths(rows, gram).sum())
 
 

@@ -101,6 +101,9 @@ def neb_step(chain: PolyChain, inputs: Any, targets: Tensor, loss_fn: Callable[[
         values = losses.detach()
         for k in range(1, chain.size - 1):
             parameters = list(chain.control_points[k].parameters())
+            for p in parameters:  # a parameter the forward never used has no gradient: zero
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             gradient = torch.cat([p.grad.reshape(-1) for p in parameters])
             tangent = upwind_tangent(flat[k - 1], flat[k], flat[k + 1], values[k - 1:k + 2])
             gap = (flat[k + 1] - flat[k]).norm() - (flat[k] - flat[k - 1]).norm()

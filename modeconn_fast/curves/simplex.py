@@ -178,7 +178,8 @@ def simplex_loss(simplex: Simplex, inputs: Any, targets: Tensor, alphas: Tensor,
                  loss_fn: Callable[[Tensor, Tensor], Tensor], weight_decay: float, reg: float) -> Tensor:
     """Mean over the rows α of L(θ(α)) + ½·wd·‖θ(α)‖², minus λ·log V: all rows in one pass of the view."""
     stacked = simplex.stacked()
-    rows = alphas.to(next(iter(stacked.values())).dtype)
+    first = next(iter(stacked.values()))
+    rows = alphas.to(device=first.device, dtype=first.dtype)
     outputs = simplex.outputs(inputs, rows, stacked)  # [S, B, ...]
     points = outputs.shape[0]
     loss = loss_fn(outputs.reshape(-1, *outputs.shape[2:]),

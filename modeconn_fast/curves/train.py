@@ -24,8 +24,8 @@ SCHEDULES = ("garipov", "constant")
 
 
 def garipov_schedule(lr: float, epoch: int, epochs: int) -> float:
-    """The reference's learning rate for an epoch: lr for the first half, then a linear decay to 0.01·lr at
-    90 % of the epochs, then 0.01·lr."""
+    """The reference's learning rate for epoch `epoch` of `epochs`, counted from 1 as the reference counts them:
+    lr while epoch/epochs ≤ ½, then a linear decay to 0.01·lr at 90 % of the epochs, then 0.01·lr."""
     alpha = epoch / epochs
     if alpha <= 0.5:
         factor = 1.0
@@ -71,7 +71,7 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
     curve.train()
     try:
         for epoch in tqdm(range(epochs), desc="train curve", unit="epoch", disable=not progress, leave=False):
-            rate = garipov_schedule(lr, epoch, epochs) if schedule == "garipov" else lr
+            rate = garipov_schedule(lr, epoch + 1, epochs) if schedule == "garipov" else lr
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss_sum, samples = 0.0, 0
@@ -96,7 +96,8 @@ def _step_loss(curve: Curve, inputs: Any, targets: Tensor, t: Tensor, loss_fn: C
                weight_decay: float) -> Tensor:
     """Mean over the t values of the data loss plus ½·wd·‖θ(t)‖², all t in one pass of the view."""
     stacked = curve.stacked()
-    rows = curve.coefficients(t).to(next(iter(stacked.values())).dtype)
+    first = next(iter(stacked.values()))
+    rows = curve.coefficients(t).to(device=first.device, dtype=first.dtype)
     outputs = curve.outputs(inputs, rows, stacked)  # [T, B, ...]
     points = outputs.shape[0]
     data_loss = loss_fn(outputs.reshape(-1, *outputs.shape[2:]),

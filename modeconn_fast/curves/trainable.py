@@ -88,7 +88,8 @@ class TrainableSubspace(nn.Module):
         `stacked()` gives them, when the caller has them already). In train mode Dropout is on and BatchNorm
         normalises each point's batch with its own statistics; in eval mode BatchNorm mixes the stored ones."""
         stacked = self.stacked() if stacked is None else stacked
-        rows = rows.to(next(iter(stacked.values())).dtype)
+        first = next(iter(stacked.values()))
+        rows = rows.to(device=first.device, dtype=first.dtype)
         inputs = (x,) if isinstance(x, Tensor) else tuple(x)
         view = self._subspace_view(rows, inputs)
         view.rebind(stacked)
@@ -100,8 +101,13 @@ class TrainableSubspace(nn.Module):
         if self._view is None:
             view = SubspaceView(self.architecture, self.basis())
             view.prepare(rows.detach(), inputs)
-            self._view = view
+            object.__setattr__(self, "_view", view)  # a cache, not a submodule: no entries in state_dict()
         return self._view
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the cached view and tensor look-ups (rebuilt at first use): after a
+        training step the view holds tensors of that step's graph, which cannot be deep-copied."""
+        return {**super().__getstate__(), "_view": None, "_entries": None}
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): the view is rebuilt for the new tensors
         self._view = self._entries = None
@@ -113,7 +119,8 @@ class TrainableSubspace(nn.Module):
         targets), tensors or batches), BatchNorm running statistics are recomputed there as the 2018 reference's
         update_bn does; otherwise they are the control points' statistics mixed by the row."""
         basis = self.basis()
-        row = torch.as_tensor(row).reshape(1, -1).to(next(iter(basis.stacked.values())).dtype)
+        first = next(iter(basis.stacked.values()))
+        row = torch.as_tensor(row).reshape(1, -1).to(device=first.device, dtype=first.dtype)
         state = basis.point(row[0])
         if bn_data is not None:
             batches = Batches(bn_data, "bn_data", targets_optional=True)

@@ -88,6 +88,7 @@ class SubspaceView(nn.Module):
         for layer, prefix in self._bindings:
             for name in layer.stacked:
                 layer.stacked[name] = stacked[prefix + name]
+            layer._cache = None  # outputs of the old tensors
         self._basis = Basis(stacked, self._basis.constants)
 
     def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0, batch: Hashable | None = None) -> Tensor:

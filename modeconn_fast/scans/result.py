@@ -14,13 +14,13 @@ Saved as one `.npz` file that `numpy.load` opens without this package (no pickle
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import write_atomically
 from .surface import write_vtk
 
 FORMAT = "modeconn_fast.GridResult/1"
@@ -75,11 +75,7 @@ class GridResult:
         arrays = {"x": self.x, **({"y": self.y} if self.y is not None else {}), **self.values,
                   **{f"curve_{i}": self.curves[name] for i, name in enumerate(names)},
                   **({"trajectory": self.trajectory} if self.trajectory is not None else {})}
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(temporary, "wb") as file:
-            np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(temporary, path)
-        return path
+        return write_atomically(path, lambda file: np.savez(file, meta=np.array(json.dumps(meta)), **arrays))
 
     def to_vtk(self, path: str | Path, *, metric: str | None = None, log: bool = False) -> Path:
         """Write the plane's surface as a legacy-VTK ASCII structured grid for ParaView or Blender: points

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import write_atomically
 
 FORMAT = "modeconn_fast.scan/1"
 MANIFEST = "manifest.json"
@@ -37,15 +38,6 @@ def _checksum(values: dict[str, np.ndarray], index: int) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(values[name], dtype=np.float64).tobytes())
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 class ScanStore:
@@ -73,10 +65,10 @@ class ScanStore:
                 (folder / RESULT).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CHUNKS).mkdir(exist_ok=True)
-        for leftover in folder.glob(f"{CHUNKS}/.chunk_*.tmp-*"):  # from a killed process
+        for leftover in [*folder.glob(f"{CHUNKS}/.chunk_*.tmp-*"), *folder.glob(".*.tmp-*")]:  # a killed process's
             leftover.unlink(missing_ok=True)
         if not stored_path.exists() or not resume:
-            _write_atomically(stored_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            write_atomically(stored_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         return cls(folder, manifest)
 
     @classmethod
@@ -101,7 +93,7 @@ class ScanStore:
             np.savez(file, index=np.array(index), seconds=np.array(seconds), bn_mode=np.array(bn_mode),
                      rank=np.array(rank), checksum=np.array(checksum), **arrays)
 
-        _write_atomically(self.chunk_path(index), write)
+        write_atomically(self.chunk_path(index), write)
 
     def read_chunk(self, index: int, points: int) -> tuple[dict[str, np.ndarray], float, str] | None:
         """(values, seconds, bn_mode) of a finished chunk; None when it is missing or damaged (then removed)."""

@@ -13,6 +13,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from .atomic import write_atomically
+
 PATTERN = "step_*.pt"
 
 
@@ -51,9 +53,7 @@ class TrajectoryRecorder:
         path = self.out / f"step_{self.steps:06d}.pt"
         if path in self.files:
             return path
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(self.model.state_dict(), temporary)
-        os.replace(temporary, path)
+        write_atomically(path, lambda file: torch.save(self.model.state_dict(), file))
         self.files.append(path)
         return path
 
