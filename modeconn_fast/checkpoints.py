@@ -3,6 +3,7 @@ state dicts (`torch.save(model.state_dict(), path)`), read with `torch.load(...,
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,16 +29,25 @@ def load_factory(spec: str, option: str) -> Callable[[], Any]:
     return target
 
 
+def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict saved with torch.save(model.state_dict(), path), read with torch.load(weights_only=True) onto
+    the CPU."""
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist (a .pt file of torch.save(model.state_dict()))")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
+        raise ValueError(f"checkpoint {str(path)!r} is not a state dict of tensors: save it with "
+                         "torch.save(model.state_dict(), path)")
+    return dict(state)
+
+
 def load_checkpoint(factory: Callable[[], nn.Module], path: str | Path, factory_name: str) -> nn.Module:
     """A fresh model from `factory` holding the state dict saved at `path`; names the entry and both shapes
     where the checkpoint is of another architecture."""
     model = factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {factory_name} returned a {type(model).__name__}, not an nn.Module")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
-        raise ValueError(f"checkpoint {path} is not a state dict of tensors: save it with "
-                         "torch.save(model.state_dict(), path)")
+    state = read_state(path)
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in state:

@@ -146,8 +146,8 @@ def _check_same_dtypes(reference: Mapping[str, Tensor], states: Sequence[Mapping
                                  f"member.to({ref.dtype}) or model.to({tensor.dtype}))")
 
 
-def check_same_architecture(model_a: StateLike, model_b: StateLike, name_a: str = "model_a",
-                            name_b: str = "model_b") -> None:
+def check_same_entries(model_a: StateLike, model_b: StateLike, name_a: str = "model_a",
+                       name_b: str = "model_b") -> None:
     """Raise ValueError naming the entry (and both shapes) where two models' state dicts differ."""
     _check_same_entries(_state_dict(model_a), _state_dict(model_b), name_a, name_b)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..subspace import check_same_architecture
+from ..subspace import check_same_entries
 from .trainable import TrainableSubspace
 
 INITS = ("linear",)
@@ -31,7 +31,7 @@ class Curve(TrainableSubspace):
             raise ValueError(f"bends must be an integer ≥ 1 (the control points between the two ends), got {bends!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        check_same_architecture(model_a, model_b, "model_a", "model_b")
+        check_same_entries(model_a, model_b, "model_a", "model_b")
         super().__init__(model_a)
         self.bends = bends
         state_a, state_b = model_a.state_dict(), model_b.state_dict()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
-from ..subspace import check_same_architecture
+from ..subspace import check_same_entries
 from .evaluate import CurveResult, evaluate_curve
 from .polychain import PolyChain
 from .train import _minibatches
@@ -59,7 +59,7 @@ def autoneb(model_a: nn.Module, model_b: nn.Module, train_data: Any, *, pivots: 
     the dense profiles are evaluated (usually the training data).
     """
     _check_arguments(pivots, cycles, steps, lr, spring, insert, threshold, sub_points, batch_size)
-    check_same_architecture(model_a, model_b, "model_a", "model_b")
+    check_same_entries(model_a, model_b, "model_a", "model_b")
     data = Batches(train_data, "train_data")
     loss_fn = loss_fn or F.cross_entropy
     generator = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
-from ..subspace import check_same_architecture
+from ..subspace import check_same_entries
 from .ensemble import Ensemble
 from .trainable import TrainableSubspace
 from .train import _minibatches
@@ -198,7 +198,7 @@ def espro(models: Sequence[nn.Module], train_data: Any, **options: Any) -> list[
     if not models:
         raise ValueError("espro needs at least one starting model")
     for index, other in enumerate(models[1:], start=1):
-        check_same_architecture(models[0], other, "models[0]", f"models[{index}]")
+        check_same_entries(models[0], other, "models[0]", f"models[{index}]")
     seed = options.pop("seed", 0)
     return [train_simplex(model, train_data, seed=seed + index, **options) for index, model in enumerate(models)]
 

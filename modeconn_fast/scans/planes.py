@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..subspace import Basis, StateLike
 from .directions import Ignore, Normalization, check_direction_options, random_direction
-from .trajectory import read_state
+from ..checkpoints import read_state
 
 Checkpoint = Union[StateLike, str, os.PathLike]
 

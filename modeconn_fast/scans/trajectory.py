@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .atomic import write_atomically
 
@@ -59,15 +58,3 @@ class TrajectoryRecorder:
 
     def __repr__(self) -> str:
         return f"TrajectoryRecorder(every={self.every}, out={str(self.out)!r}, steps={self.steps}, files={len(self.files)})"
-
-
-def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict saved with torch.save(model.state_dict(), path), read with torch.load(weights_only=True) onto
-    the CPU."""
-    if not Path(path).is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist (a .pt file of torch.save(model.state_dict()))")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
-        raise ValueError(f"checkpoint {str(path)!r} is not a state dict of tensors: save it with "
-                         "torch.save(model.state_dict(), path)")
-    return dict(state)
