@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..engine.batches import Batches, move
 from ..subspace import Basis
 from .ensemble import Ensemble
+from .train import minibatches
 
 
 def fge_learning_rate(epoch: int, iteration: int, iterations_per_epoch: int, cycle_epochs: int,
@@ -117,13 +118,7 @@ class _Minibatches:
         return len(self.source)
 
     def epoch(self) -> Iterator[tuple[Any, Tensor]]:
-        if self.source.tensors is None:
-            yield from self.source
-            return
-        inputs, targets = self.source.tensors
-        for rows in torch.randperm(len(targets), generator=self.generator).split(self.batch_size):
-            rows = rows.to(targets.device)
-            yield (inputs[rows] if isinstance(inputs, Tensor) else tuple(x[rows] for x in inputs)), targets[rows]
+        return minibatches(self.source, self.batch_size, self.generator)
 
 
 def _check_arguments(cycles: int, cycle_epochs: int, lr_1: float, lr_2: float, batch_size: int) -> None:

@@ -29,7 +29,7 @@ from ..engine.batches import Batches, move
 from ..subspace import check_same_entries
 from .evaluate import CurveResult, evaluate_curve
 from .polychain import PolyChain
-from .train import _minibatches
+from .train import minibatches
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _with_inserted_pivots(chain: PolyChain, model_a: nn.Module, model_b: nn.Modu
 def _endless(data: Batches, batch_size: int, generator: torch.Generator):
     """Minibatches epoch after epoch, each epoch reshuffled."""
     while True:
-        yield from _minibatches(data, batch_size, generator)
+        yield from minibatches(data, batch_size, generator)
 
 
 def _check_arguments(pivots: int, cycles: int, steps: int, lr: float, spring: float, insert: int, threshold: float,

@@ -29,7 +29,7 @@ from ..engine.batches import Batches, move
 from ..subspace import check_same_entries
 from .ensemble import Ensemble
 from .trainable import TrainableSubspace
-from .train import _minibatches
+from .train import minibatches
 
 VOLUME_EPSILON = 1e-4
 
@@ -159,7 +159,7 @@ def train_simplex(model: nn.Module, train_data: Any, *, vertices: int = 3, epoch
             for group in optimizer.param_groups:
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
             loss_sum, samples = 0.0, 0
-            for inputs, targets in _minibatches(data, batch_size, generator):
+            for inputs, targets in minibatches(data, batch_size, generator):
                 alphas = dirichlet_rows(samples_per_step, simplex.size, generator)
                 loss = simplex_loss(simplex, move(inputs, free[0].device), targets.to(free[0].device), alphas,
                                     loss_fn, weight_decay, reg)

@@ -10,7 +10,7 @@ with each t's own batch statistics; Dropout is on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss_sum, samples = 0.0, 0
-            for inputs, targets in _minibatches(data, batch_size, generator):
+            for inputs, targets in minibatches(data, batch_size, generator):
                 t = torch.rand(t_per_step, generator=generator, dtype=torch.float64)
                 loss = _step_loss(curve, move(inputs, device), targets.to(device), t, loss_fn, weight_decay)
                 optimizer.zero_grad()
@@ -108,7 +108,7 @@ def _step_loss(curve: Curve, inputs: Any, targets: Tensor, t: Tensor, loss_fn: C
     return data_loss + 0.5 * weight_decay * squared_norms.mean()
 
 
-def _minibatches(data: Batches, batch_size: int, generator: torch.Generator):
+def minibatches(data: Batches, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
     """Shuffled minibatches of a tensor dataset (the order drawn from `generator`), or the batches as given."""
     if data.tensors is None:
         yield from data
