@@ -95,6 +95,7 @@ def test_dataloader_sets_the_steps_per_epoch_and_randomness_comes_from_the_seed(
     (dict(cycle_epochs=3), "even and at least 2"),
     (dict(cycle_epochs=0), "even and at least 2"),
     (dict(batch_size=0), "batch_size"),
+    (dict(cycles=2.0), "cycles must be at least 1"),
     (dict(train_data=(torch.randn(0, 19), torch.zeros(0, dtype=torch.long))), "empty"),
     (dict(train_data=[]), "empty"),
 ])

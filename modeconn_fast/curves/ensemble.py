@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -31,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..engine import SubspaceView
 from ..engine.batches import Batches, Inputs, move
-from ..engine.chunks import plan_chunks
-from ..subspace import Basis
 from ..engine.calibration import ReliabilityBins
+from ..engine.chunks import plan_chunks
+from ..engine.evaluate import batchnorm_mode
+from ..subspace import Basis
 
 
 class CurveLike(Protocol):
@@ -249,20 +249,10 @@ class Ensemble:
         return view
 
     def _batchnorm_mode(self, view: SubspaceView) -> str:
-        in_fallback = view.batchnorm_in_fallback()
-        if not (in_fallback or any(layer.tracks_statistics for layer in view.batchnorm_layers())):
-            return "none"
-        if self.bn_data is None:
-            one_hot = bool(((self.coeffs == 0) | (self.coeffs == 1)).all() and (self.coeffs.sum(dim=1) == 1).all())
-            if not one_hot:
-                warnings.warn("the ensemble's members mix BatchNorm statistics of several basis members, which is "
-                              "only sound close to them: pass bn_data (the training data) to recompute them",
-                              stacklevel=4)
-            return "eval"
-        if in_fallback:
-            raise ValueError(f"BatchNorm inside {in_fallback}, run per point with vmap, cannot have its statistics "
-                             "recomputed: build the ensemble without bn_data")
-        return "recompute"
+        """As `evaluate` decides it; members that are basis members themselves (one-hot rows) use their own
+        statistics without a warning."""
+        one_hot = bool(((self.coeffs == 0) | (self.coeffs == 1)).all() and (self.coeffs.sum(dim=1) == 1).all())
+        return batchnorm_mode("eval" if self.bn_data is None and one_hot else "auto", view, self.bn_data)
 
     def _recomputed_statistics(self) -> dict[str, Tensor]:
         """{'<layer>.running_mean' / '.running_var': [M, C]} from the view's recomputation, or {} without it."""

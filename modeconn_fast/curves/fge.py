@@ -122,16 +122,16 @@ class _Minibatches:
 
 
 def _check_arguments(cycles: int, cycle_epochs: int, lr_1: float, lr_2: float, batch_size: int) -> None:
-    if cycles < 1:
-        raise ValueError(f"cycles must be at least 1 (one snapshot per cycle), got {cycles}")
-    if cycle_epochs < 2 or cycle_epochs % 2:
+    if not isinstance(cycles, int) or cycles < 1:
+        raise ValueError(f"cycles must be at least 1 (an integer: one snapshot per cycle), got {cycles!r}")
+    if not isinstance(cycle_epochs, int) or cycle_epochs < 2 or cycle_epochs % 2:
         raise ValueError(f"cycle_epochs must be even and at least 2 (the snapshot is taken after half a cycle, "
                          f"at an epoch's end), got {cycle_epochs}")
     if not 0 <= lr_2 <= lr_1:
         raise ValueError(f"FGE needs 0 ≤ lr_2 ≤ lr_1 (lr_1 is the largest rate of a cycle, lr_2 the rate at its "
                          f"snapshot), got lr_1={lr_1}, lr_2={lr_2}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
