@@ -111,6 +111,24 @@ def test_resume_reads_stored_chunks_and_recomputes_missing_or_damaged_ones(model
     np.testing.assert_array_equal(GridResult.load(tmp_path / "result.npz").loss, first.loss)
 
 
+def test_a_scan_over_a_shuffled_loader_resumes(models, data, tmp_path):
+    """The fingerprint of a DataLoader does not depend on the order of its samples; other samples change it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    plane = Plane.through(*models)
+    grid = dict(xs=np.linspace(-1, 6, 4), ys=np.linspace(-1, 4, 3), chunk_points=3, progress=False)
+    loader = DataLoader(TensorDataset(*data), batch_size=7, shuffle=True)
+    first = scan(plane, models[0], loader, out=tmp_path, **grid)
+    (tmp_path / "result.npz").unlink()
+    sorted((tmp_path / "chunks").glob("chunk_*.npz"))[-1].unlink()
+    again = scan(plane, models[0], loader, out=tmp_path, **grid)
+    assert again.timings["chunks_computed"] == 1
+    np.testing.assert_allclose(again.loss, first.loss, rtol=1e-5)
+    other = DataLoader(TensorDataset(data[0][:-1], data[1][:-1]), batch_size=7, shuffle=True)
+    with pytest.raises(ScanMismatchError, match="data"):
+        scan(plane, models[0], other, out=tmp_path, **grid)
+
+
 def test_a_stored_scan_with_other_arguments_is_refused_naming_what_differs(models, data, tmp_path):
     plane = Plane.through(*models)
     grid = dict(xs=[0.0, 1.0], ys=[0.0, 1.0], progress=False)
