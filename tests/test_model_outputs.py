@@ -70,6 +70,20 @@ def test_output_reaches_interpolate_and_barrier():
     assert mc.barrier(a, b, data, points=3, output="logits") == pytest.approx(expected.barrier())
 
 
+def test_output_reaches_ensembles_and_fge():
+    models = [seeded(lambda: Returning("dict"), seed) for seed in (1, 2)]
+    inputs, targets = torch.randn(12, 19), torch.randint(0, 5, (12,))
+    ensemble = mc.Ensemble(models, output="logits")
+    expected = mc.Ensemble([Logits(m) for m in models])
+    torch.testing.assert_close(ensemble.predict(inputs).probs, expected.predict(inputs).probs)
+    assert ensemble.evaluate((inputs, targets)).loss == pytest.approx(expected.evaluate((inputs, targets)).loss)
+    settings = dict(cycles=2, cycle_epochs=2, lr_1=0.05, lr_2=0.01, batch_size=4, progress=False)
+    snapshots = mc.fge(models[0], (inputs, targets), output="logits", **settings)
+    plain = mc.fge(Logits(models[0]), (inputs, targets), **settings)
+    torch.testing.assert_close(snapshots.history.loss, plain.history.loss)
+    torch.testing.assert_close(snapshots.predict(inputs).probs, plain.predict(inputs).probs)
+
+
 @pytest.mark.parametrize("kind, suggestion", [("tuple", "output=0"), ("dict", "output='logits'"),
                                               ("dataclass", "output='logits'")])
 def test_without_output_the_error_names_it(kind, suggestion):

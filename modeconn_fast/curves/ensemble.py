@@ -33,6 +33,7 @@ from ..engine.batches import Batches, Inputs, move
 from ..engine.calibration import ReliabilityBins
 from ..engine.chunks import plan_chunks
 from ..engine.evaluate import batchnorm_mode
+from ..engine.outputs import OutputSelector
 from ..subspace import Basis
 
 
@@ -81,31 +82,33 @@ class Ensemble:
     BatchNorm: with `bn_data` (batches or tensors, usually the training data), every member's statistics are
     recomputed in one pass through the view (at first use); otherwise the stored ones are used, which for
     plain models are each member's own. Results say which (`bn_mode`). `memory_budget` bounds the bytes of
-    one chunk of members, as in `evaluate`.
+    one chunk of members, as in `evaluate`. `output` picks the logits of a model that returns a tuple, dict or
+    dataclass, as in `evaluate`.
     """
 
     history: Any = None  # how the members were made, where known (e.g. `FGEHistory`)
 
-    def __init__(self, models: Sequence[nn.Module], *, bn_data: Any = None, memory_budget: int | None = None):
+    def __init__(self, models: Sequence[nn.Module], *, bn_data: Any = None, memory_budget: int | None = None,
+                 output: OutputSelector = None):
         models = list(models)
         if not models:
             raise ValueError("an ensemble needs at least one model")
         if not all(isinstance(m, nn.Module) for m in models):
             raise TypeError("Ensemble takes a list of nn.Modules; for state dicts use Ensemble.from_basis")
         basis = Basis.from_members(models, like=models[0])
-        self._setup(models[0], basis, torch.eye(len(models)), bn_data, memory_budget)
+        self._setup(models[0], basis, torch.eye(len(models)), bn_data, memory_budget, output)
 
     @classmethod
     def from_basis(cls, architecture: nn.Module, basis: Basis, coeffs: Tensor, *, bn_data: Any = None,
-                   memory_budget: int | None = None) -> "Ensemble":
+                   memory_budget: int | None = None, output: OutputSelector = None) -> "Ensemble":
         """Members θ_m = Σ_k coeffs[m, k] basis[k] of `architecture`: coeffs [M, K]."""
         ensemble = cls.__new__(cls)
-        ensemble._setup(architecture, basis, coeffs, bn_data, memory_budget)
+        ensemble._setup(architecture, basis, coeffs, bn_data, memory_budget, output)
         return ensemble
 
     @classmethod
     def from_curve(cls, curve: CurveLike, ts: Sequence[float] | Tensor, *, bn_data: Any = None,
-                   memory_budget: int | None = None) -> "Ensemble":
+                   memory_budget: int | None = None, output: OutputSelector = None) -> "Ensemble":
         """The curve's points at `ts` as members: `curve.basis()` with the rows `curve.coefficients(ts)`.
         Pass `bn_data`: running statistics mixed from the control points mean nothing along a curve."""
         ts = torch.as_tensor(ts).flatten()
@@ -115,10 +118,11 @@ class Ensemble:
             raise ValueError("ts is empty: give the curve parameters t of the members")
         with torch.no_grad():
             coeffs = curve.coefficients(ts).detach()
-        return cls.from_basis(curve.architecture, curve.basis(), coeffs, bn_data=bn_data, memory_budget=memory_budget)
+        return cls.from_basis(curve.architecture, curve.basis(), coeffs, bn_data=bn_data, memory_budget=memory_budget,
+                              output=output)
 
     def _setup(self, architecture: nn.Module, basis: Basis, coeffs: Tensor, bn_data: Any,
-               memory_budget: int | None) -> None:
+               memory_budget: int | None, output: OutputSelector) -> None:
         self.architecture = copy.deepcopy(architecture).eval().requires_grad_(False)
         basis.check_compatible(self.architecture)
         coeffs = torch.as_tensor(coeffs).detach()
@@ -131,6 +135,7 @@ class Ensemble:
         self.coeffs = coeffs.to(self.device, first.dtype if first is not None else torch.get_default_dtype())
         self.bn_data = bn_data
         self.memory_budget = memory_budget
+        self.output = output
         self.bn_mode: str | None = None  # known once the view is built (first use)
         self._view: SubspaceView | None = None
         self._batch_names = itertools.count()
@@ -234,7 +239,7 @@ class Ensemble:
         source = bn_batches if bn_batches is not None else probe
         assert source is not None, "a probe batch or bn_data is needed to build the view"
         first = source.first[0]
-        view = SubspaceView(self.architecture, self.basis)
+        view = SubspaceView(self.architecture, self.basis, output=self.output)
         view.prepare(self.coeffs, move(first[:2] if isinstance(first, Tensor) else tuple(x[:2] for x in first),
                                        self.device))
         self.bn_mode = self._batchnorm_mode(view)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
+from ..engine.outputs import OutputSelector, pick_output
 from ..subspace import Basis
 from .ensemble import Ensemble
 from .train import minibatches
@@ -50,7 +51,7 @@ class FGEHistory:
 
 def fge(model: nn.Module, train_data: Any, *, cycles: int, cycle_epochs: int, lr_1: float, lr_2: float,
         momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128, seed: int = 0,
-        bn_data: Any = None, progress: bool = True) -> Ensemble:
+        bn_data: Any = None, output: OutputSelector = None, progress: bool = True) -> Ensemble:
     """An ensemble of `cycles` snapshots taken along SGD with the FGE cyclic learning rate, starting from the
     trained `model` (which is not modified: a copy is trained).
 
@@ -63,6 +64,7 @@ def fge(model: nn.Module, train_data: Any, *, cycles: int, cycle_epochs: int, lr
     BatchNorm: each snapshot keeps the running statistics that train mode accumulated up to it. Pass `bn_data`
     (usually the training data) to have the ensemble recompute every member's statistics in one pass; the
     ensemble's results say which mode ran (`bn_mode`). The returned ensemble's `history` is an `FGEHistory`.
+    output: which part of a tuple, dict or dataclass output holds the logits, as in `evaluate`.
     """
     _check_arguments(cycles, cycle_epochs, lr_1, lr_2, batch_size)
     device = _device_of(model)
@@ -82,7 +84,7 @@ def fge(model: nn.Module, train_data: Any, *, cycles: int, cycle_epochs: int, lr
                         group["lr"] = lr
                     inputs = move(inputs, device)
                     outputs = net(inputs) if isinstance(inputs, Tensor) else net(*inputs)
-                    loss = F.cross_entropy(outputs, targets.to(device))
+                    loss = F.cross_entropy(pick_output(outputs, output), targets.to(device))
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -94,7 +96,7 @@ def fge(model: nn.Module, train_data: Any, *, cycles: int, cycle_epochs: int, lr
                     snapshots.append({name: t.detach().clone() for name, t in net.state_dict().items()})
                     snapshot_steps.append(len(lrs))
     basis = Basis.from_members(snapshots, like=model)
-    ensemble = Ensemble.from_basis(model, basis, torch.eye(cycles), bn_data=bn_data)
+    ensemble = Ensemble.from_basis(model, basis, torch.eye(cycles), bn_data=bn_data, output=output)
     ensemble.history = FGEHistory(lr=torch.tensor(lrs, dtype=torch.float64),
                                   loss=torch.tensor(losses, dtype=torch.float64),
                                   iterations_per_epoch=per_epoch, snapshot_steps=snapshot_steps)
