@@ -118,6 +118,14 @@ class SubspaceBatchNorm(SubspaceLayer):
         self._sums[0][state.where] += mean * state.samples
         self._sums[1][state.where] += unbiased * state.samples
         self._samples[state.where] += state.samples
+        state.collected += 1
+        if state.collected == state.collections_per_forward:
+            raise CollectionDone  # nothing after the last statistics matters to the recomputation
+
+
+class CollectionDone(Exception):
+    """Raised by the last BatchNorm layer of a recomputation pass once its statistics are accumulated: the view
+    stops the forward there (the layers after it would only compute outputs nobody reads)."""
 
 
 def _batch_statistics(values: Tensor) -> tuple[Tensor, Tensor]:

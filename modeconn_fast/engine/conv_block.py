@@ -9,7 +9,9 @@ normalises:
   convolution over points (groups = P·groups) on a channels-last [N, P·C, H, W] input (measured with torch 2.13
   on one core, 4 points of [128, 16, 4, 4] → 32 channels: 0.45 ms with the pooling, against 0.60 ms for the
   grouped convolution on contiguous NCHW with its transposes and 0.62 ms for a loop of per-point convolutions);
-- BatchNorm's statistics (recomputation, or BatchNorm without running statistics) over the whole map;
+- BatchNorm's statistics (recomputation, or BatchNorm without running statistics) over the whole map; for the
+  shared input, from the K outputs' means and covariances (once per batch): μ(p) = Σ_k c[p,k] m_k and
+  σ²(p) = cᵀ Σ c per channel, without a pass over the points' outputs;
 - then pooling first: for scale ≥ 0 the BatchNorm affine x · scale + shift is non-decreasing in x (so is its
   float rounding), as is ReLU, and a max commutes with non-decreasing functions: max-pooling before them gives
   the very same numbers, and they run on a map 4× smaller. Where some scale is negative BatchNorm runs first.
@@ -37,6 +39,10 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv, self.norm, self.relu, self.pool = conv, norm, relu, pool
         self.pool_2x2 = is_plain_2x2(pool.pool)
+        # For the shared input: (its K outputs, their means [K, C], their covariances [C, K, K]), kept per batch;
+        # `_moments` is set for the forward in flight where BatchNorm takes its statistics from them.
+        self._kept_moments: tuple[Tensor, Tensor, Tensor] | None = None
+        self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
@@ -46,7 +52,10 @@ class ConvBlock(nn.Module):
         values = _values(y, points, points_first)
         scale = shift = None
         if self.norm is not None:
-            mean, var = self.norm.statistics(lambda: _statistics(values), per_channel=values.shape[0] * values.shape[2])
+            moments = self._moments
+            batch_statistics = (lambda: _statistics(values)) if moments is None else (lambda: _mixed_statistics(
+                moments[1], moments[2], self.conv.state.coeffs))
+            mean, var = self.norm.statistics(batch_statistics, per_channel=values.shape[0] * values.shape[2])
             scale, shift = self.norm.scale_shift(mean, var)
             if not bool((scale >= 0).all()):  # pooling does not commute with a decreasing affine map
                 y = _from_values(torch.addcmul(shift[:, None, :], values, scale[:, None, :]), y.shape, points_first)
@@ -88,12 +97,18 @@ class ConvBlock(nn.Module):
         options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
         points, coeffs = state.points, state.coeffs
         shared = state.shared_rows(x)
+        self._moments = None
         if shared is not None and conv.per_basis_is_cheaper():
             rows = shared[1]
             per_basis = conv.per_basis_outputs(  # [K, N, H, W, C]
                 shared, lambda eye: ops.combined_conv(rows, weight, bias, eye, **options).permute(0, 1, 3, 4, 2).contiguous(),
                 layout="channels_last")
             if per_basis is not None:
+                if self.norm is not None and (state.bn_phase == "collect" or not self.norm.tracks_statistics):
+                    kept = self._kept_moments
+                    if kept is None or kept[0] is not per_basis:
+                        kept = self._kept_moments = (per_basis, *_moments(per_basis))
+                    self._moments = kept
                 y = ops.mix(coeffs.to(per_basis.dtype), per_basis)
                 return y.reshape(-1, *y.shape[2:]).permute(0, 3, 1, 2), True
         x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
@@ -137,6 +152,22 @@ def _statistics(values: Tensor) -> tuple[Tensor, Tensor]:
     mean = values.mean(dim=(0, 2), keepdim=True)
     var = (values - mean).square_().mean(dim=(0, 2))
     return mean[0, :, 0], var
+
+
+def _moments(per_basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Means [K, C] and covariances [C, K, K] (float64, over samples and positions) of K outputs [K, N, H, W, C]."""
+    values = per_basis.reshape(per_basis.shape[0], -1, per_basis.shape[-1]).double()  # [K, M, C]
+    mean = values.mean(dim=1)
+    centred = values - mean[:, None]
+    return mean, torch.einsum("kmc,lmc->ckl", centred, centred) / values.shape[1]
+
+
+def _mixed_statistics(mean: Tensor, covariance: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance [P, C] of y[p] = Σ_k c[p,k] Y_k from the moments of the Y_k: μ = c·m,
+    σ² = cᵀ Σ c per channel (exact; no pass over the P mixed outputs)."""
+    c = coeffs.double()
+    var = torch.einsum("pk,ckl,pl->pc", c, covariance, c).clamp_min_(0)
+    return (c @ mean).to(coeffs.dtype), var.to(coeffs.dtype)
 
 
 def fuse_conv_blocks(sequence: nn.Sequential) -> None:

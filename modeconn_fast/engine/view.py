@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from ..subspace import Basis
 from .attention import SubspaceMultiheadAttention, supports_attention
-from .batchnorm import SubspaceBatchNorm
+from .batchnorm import CollectionDone, SubspaceBatchNorm
 from .conv_block import fuse_conv_blocks
 from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
@@ -206,19 +206,27 @@ class SubspaceView(nn.Module):
 
     def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunks: Sequence[slice] | None = None) -> None:
         """One pass over `batches` in train-mode BatchNorm, chunk by chunk of points (all at once by default):
-        every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
+        every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks. After the first
+        forward each one stops once the last BatchNorm layer has its statistics."""
         points = coeffs.shape[0]
         chunks = chunks or [slice(0, points)]
         layers = self.batchnorm_layers()
         for layer in layers:
             layer.start_collection(points)
         self.bn_phase = "collect"
+        state = self.state
         try:
             for index, inputs in enumerate(batches):
                 for chunk in chunks:
-                    self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
+                    state.collected = 0
+                    try:
+                        self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
+                    except CollectionDone:  # the forward stopped after the last statistics (known after the first)
+                        pass
+                    state.collections_per_forward = state.collected
         finally:
             self.bn_phase = "stored"
+            state.collections_per_forward = None
         for layer in layers:
             layer.finish_collection()
         self.bn_phase = "recomputed"
