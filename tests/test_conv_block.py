@@ -62,8 +62,8 @@ def blocks_of(view: SubspaceView) -> list[ConvBlock]:
 @pytest.mark.parametrize("name", MODELS)
 def test_view_forward_fast_equals_plain_in_every_phase(name, monkeypatch):
     fast_calls = []
-    convolved = ConvBlock._convolved
-    monkeypatch.setattr(ConvBlock, "_convolved", lambda self, x: fast_calls.append(1) or convolved(self, x))
+    pooled = ConvBlock._pooled
+    monkeypatch.setattr(ConvBlock, "_pooled", lambda self, *args, **kw: fast_calls.append(1) or pooled(self, *args, **kw))
     members, inputs, _ = members_and_data(name)
     coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [-0.3, 0.9, 0.4]])
     views = {fast: SubspaceView(members[0], Basis.from_members(members)) for fast in (True, False)}
@@ -130,3 +130,22 @@ def test_two_by_two_pooling_as_maxima_equals_max_pool2d(shape):
     x.view(-1)[::7] = float("nan")
     x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(max_pool_2x2_channels_last(x), F.max_pool2d(x, 2), rtol=0, atol=0, equal_nan=True)
+
+
+def test_recomputation_stops_each_forward_after_the_last_batchnorm():
+    members, inputs, targets = members_and_data("two_blocks", seed=7)
+    calls = []
+    view = SubspaceView(members[0], Basis.from_members(members))
+    head = view.net[8]  # the Linear after the last BatchNorm
+    head.register_forward_hook(lambda *_: calls.append(1))
+    coeffs = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    view.prepare(coeffs, inputs[:2])
+    calls.clear()
+    with torch.no_grad():
+        view.recompute_batchnorm(coeffs, [inputs[:15], inputs[15:30], inputs[30:]], [slice(0, 1), slice(1, 2)])
+    assert len(calls) == 1  # only the first forward ran to the end
+    result = evaluate(members[0], members, coeffs, [(inputs, targets)], bn_data=[inputs[:15], inputs[15:30], inputs[30:]],
+                      progress=False)
+    expected = plain_loop(members[0], members, coeffs, [(inputs, targets)], bn="recompute",
+                          bn_batches=[inputs[:15], inputs[15:30], inputs[30:]])
+    assert_same_loss_and_error(result, expected)

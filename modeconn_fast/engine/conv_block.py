@@ -21,6 +21,8 @@ maps, padding modes other than zeros, the view's plain mode) it runs its layers 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,9 @@ from .layers import SubspaceConv
 from .pooling import SMALL_MAP, MaxPool2dFastCPU, is_plain_2x2, max_pool_2x2_channels_last
 
 
+POINT_GROUP = 4  # points mixed at a time from the shared input's K outputs: their maps stay in cache
+
+
 class ConvBlock(nn.Module):
     """conv → [norm] → [relu] → pool, with the fast path above for evaluation on CPU."""
 
@@ -39,34 +44,34 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv, self.norm, self.relu, self.pool = conv, norm, relu, pool
         self.pool_2x2 = is_plain_2x2(pool.pool)
-        # For the shared input: (its K outputs, their means [K, C], their covariances [C, K, K]), kept per batch;
-        # `_moments` is set for the forward in flight where BatchNorm takes its statistics from them.
-        self._kept_moments: tuple[Tensor, Tensor, Tensor] | None = None
+        # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return self._plain(x)
-        points = self.conv.state.points
-        y, points_first = self._convolved(x)
-        values = _values(y, points, points_first)
-        scale = shift = None
-        if self.norm is not None:
-            moments = self._moments
-            batch_statistics = (lambda: _statistics(values)) if moments is None else (lambda: _mixed_statistics(
-                moments[1], moments[2], self.conv.state.coeffs))
-            mean, var = self.norm.statistics(batch_statistics, per_channel=values.shape[0] * values.shape[2])
-            scale, shift = self.norm.scale_shift(mean, var)
-            if not bool((scale >= 0).all()):  # pooling does not commute with a decreasing affine map
-                y = _from_values(torch.addcmul(shift[:, None, :], values, scale[:, None, :]), y.shape, points_first)
-                scale = shift = None
-        y = max_pool_2x2_channels_last(y) if self.pool_2x2 else self.pool.pool(y)
-        if scale is not None:
-            values = _values(y, points, points_first)
-            y = _from_values(torch.addcmul(shift[:, None, :], values, scale[:, None, :]), y.shape, points_first)
-        if self.relu is not None:
-            y = torch.relu_(y)  # y is this block's own
-        return _points_nchw(y, points, points_first)
+        state = self.conv.state
+        points, coeffs = state.points, state.coeffs
+        per_basis = self._per_basis_outputs(x)
+        if per_basis is None:
+            y = self._grouped_convolution(x)
+            values = _values(y, points, points_first=False)
+            scale, shift = self._affine(lambda: _statistics(values), values.shape[0] * values.shape[2])
+            return _points_nchw(self._pooled(y, scale, shift, points, points_first=False), points, points_first=False)
+        samples = per_basis.shape[1]
+        scale, shift = self._affine(lambda: _mixed_statistics(*self._moments_of(per_basis), coeffs),
+                                    samples * per_basis.shape[2] * per_basis.shape[3])
+        out = None
+        for start in range(0, points, POINT_GROUP):  # point-major: each group's rows of the output in turn
+            group = slice(start, min(start + POINT_GROUP, points))
+            y = ops.mix(coeffs[group].to(per_basis.dtype), per_basis)  # [G, N, H, W, C]
+            y = y.reshape(-1, *y.shape[2:]).permute(0, 3, 1, 2)  # channels-last [G·N, C, H, W]
+            pooled = self._pooled(y, None if scale is None else scale[group], None if shift is None else shift[group],
+                                  group.stop - start, points_first=True)
+            if out is None:
+                out = pooled.new_empty(points * samples, *pooled.shape[1:])
+            out[start * samples:group.stop * samples] = pooled
+        return out
 
     def _plain(self, x: Tensor) -> Tensor:
         y = self.conv(x)
@@ -89,37 +94,61 @@ class ConvBlock(nn.Module):
             out = conv_output_size(x.shape[2:], weight.shape[3:], conv.stride, padding, conv.dilation)
         return out[0] * out[1] <= SMALL_MAP
 
-    def _convolved(self, x: Tensor) -> tuple[Tensor, bool]:
-        """The convolution's output as a channels-last 4-d tensor: point-major [P·N, C, H, W] (True) or sample-major
-        [N, P·C, H, W] (False)."""
+    def _affine(self, batch_statistics: Callable[[], tuple[Tensor, Tensor]], per_channel: int
+                ) -> tuple[Tensor | None, Tensor | None]:
+        """BatchNorm's scale and shift [P, C] for the points in flight, (None, None) without BatchNorm."""
+        if self.norm is None:
+            return None, None
+        return self.norm.scale_shift(*self.norm.statistics(batch_statistics, per_channel))
+
+    def _pooled(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int, points_first: bool) -> Tensor:
+        """pool(relu(y · scale + shift)) of a channels-last map, pooling first where that gives the same numbers."""
+        if scale is not None and not bool((scale >= 0).all()):  # pooling does not commute with a decreasing map
+            y = _affine_map(y, scale, shift, points, points_first)
+            scale = shift = None
+        y = max_pool_2x2_channels_last(y) if self.pool_2x2 else self.pool.pool(y)
+        if scale is not None:
+            y = _affine_map(y, scale, shift, points, points_first)
+        return torch.relu_(y) if self.relu is not None else y  # y is this block's own
+
+    def _per_basis_outputs(self, x: Tensor) -> Tensor | None:
+        """For the input shared by all points, where K convolutions cost less than P: the K outputs [K, N, H, W, C]
+        (kept per batch), else None."""
+        conv, state = self.conv, self.conv.state
+        shared = state.shared_rows(x)
+        if shared is None or not conv.per_basis_is_cheaper():
+            return None
+        weight, bias, rows = conv.stacked["weight"], conv.stacked.get("bias"), shared[1]
+        options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        return conv.per_basis_outputs(
+            shared, lambda eye: ops.combined_conv(rows, weight, bias, eye, **options).permute(0, 1, 3, 4, 2).contiguous(),
+            layout="channels_last")
+
+    def _moments_of(self, per_basis: Tensor) -> tuple[Tensor, Tensor]:
+        if self._moments is None or self._moments[0] is not per_basis:
+            self._moments = (per_basis, *_moments(per_basis))
+        return self._moments[1], self._moments[2]
+
+    def _grouped_convolution(self, x: Tensor) -> Tensor:
+        """One convolution grouped over points: channels-last, sample-major [N, P·C, H, W]."""
         conv, state = self.conv, self.conv.state
         weight, bias = conv.stacked["weight"], conv.stacked.get("bias")
-        options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
         points, coeffs = state.points, state.coeffs
         shared = state.shared_rows(x)
-        self._moments = None
-        if shared is not None and conv.per_basis_is_cheaper():
-            rows = shared[1]
-            per_basis = conv.per_basis_outputs(  # [K, N, H, W, C]
-                shared, lambda eye: ops.combined_conv(rows, weight, bias, eye, **options).permute(0, 1, 3, 4, 2).contiguous(),
-                layout="channels_last")
-            if per_basis is not None:
-                if self.norm is not None and (state.bn_phase == "collect" or not self.norm.tracks_statistics):
-                    kept = self._kept_moments
-                    if kept is None or kept[0] is not per_basis:
-                        kept = self._kept_moments = (per_basis, *_moments(per_basis))
-                    self._moments = kept
-                y = ops.mix(coeffs.to(per_basis.dtype), per_basis)
-                return y.reshape(-1, *y.shape[2:]).permute(0, 3, 1, 2), True
         x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
         _, samples, channels, height, width = x_points.shape
         grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
         w = ops.mix(coeffs.to(weight.dtype), weight)
         w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
         b = None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
-        y = F.conv2d(grouped.contiguous(memory_format=torch.channels_last), w, b, conv.stride, conv.padding,
-                     conv.dilation, points * conv.groups)
-        return y, False
+        return F.conv2d(grouped.contiguous(memory_format=torch.channels_last), w, b, conv.stride, conv.padding,
+                        conv.dilation, points * conv.groups)
+
+
+def _affine_map(y: Tensor, scale: Tensor, shift: Tensor, points: int, points_first: bool) -> Tensor:
+    """y · scale + shift per point and channel (scale, shift [P, C]) of a channels-last map, as BatchNorm computes it."""
+    values = _values(y, points, points_first)
+    return _from_values(torch.addcmul(shift[:, None, :], values, scale[:, None, :]), y.shape)
 
 
 def _values(y: Tensor, points: int, points_first: bool) -> Tensor:
@@ -131,7 +160,7 @@ def _values(y: Tensor, points: int, points_first: bool) -> Tensor:
     return channels_last.reshape(-1, points, 1, y.shape[1] // points)
 
 
-def _from_values(values: Tensor, shape: torch.Size, points_first: bool) -> Tensor:
+def _from_values(values: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of `_values`: the 4-d map of that shape (channels-last) holding `values`."""
     rows, channels, height, width = shape
     return values.reshape(rows, height, width, channels).permute(0, 3, 1, 2)
