@@ -15,6 +15,8 @@ engine offers two modes (DESIGN §2):
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,21 +57,35 @@ class SubspaceBatchNorm(SubspaceLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
-        phase = state.bn_phase
-        if phase == "batch":
+        if state.bn_phase == "batch":
             return self._batch_normalised(x)
         channels = x.shape[1]
         values = x.reshape(state.points, -1, channels, x[0, 0].numel())  # [P, M, C, S]: M = N (or N·positions)
+        mean, var = self.statistics(lambda: _batch_statistics(values), per_channel=values.shape[1] * values.shape[3])
+        scale, shift = self.scale_shift(mean, var)
+        y = torch.addcmul(shift[:, None, :, None], values, scale[:, None, :, None])
+        return y.reshape(x.shape)
+
+    def statistics(self, batch_statistics: Callable[[], tuple[Tensor, Tensor]], per_channel: int) -> tuple[Tensor, Tensor]:
+        """(mean, variance) [P, C] that the points in flight normalise with, in every phase but "batch":
+        `batch_statistics()` (mean, biased variance of this batch, accumulated while collecting) where the phase
+        or the layer asks for them, else the recomputed or the mixed stored ones. per_channel: values per point
+        and channel in this batch."""
+        state = self.state
+        phase = state.bn_phase
         if phase == "collect" or not self.tracks_statistics:
-            mean, var = _batch_statistics(values)
+            mean, var = batch_statistics()
             if phase == "collect" and self.tracks_statistics:
-                self._accumulate(mean, var, per_channel=values.shape[1] * values.shape[3])
-        elif phase == "recomputed":
+                self._accumulate(mean, var, per_channel)
+            return mean, var
+        if phase == "recomputed":
             if self.recomputed is None:
                 raise RuntimeError("BatchNorm statistics were not recomputed for these points")
-            mean, var = self.recomputed[0][state.where], self.recomputed[1][state.where]
-        else:
-            mean, var = self.mixed("running_mean"), self.mixed("running_var")
+            return self.recomputed[0][state.where], self.recomputed[1][state.where]
+        return self.mixed("running_mean"), self.mixed("running_var")
+
+    def scale_shift(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """y = x · scale + shift per point and channel: scale = γ / √(σ² + ε), shift = β − μ · scale."""
         scale = torch.rsqrt(var + self.eps)
         weight, bias = self.mixed("weight"), self.mixed("bias")
         if weight is not None:
@@ -77,8 +93,7 @@ class SubspaceBatchNorm(SubspaceLayer):
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias
-        y = torch.addcmul(shift[:, None, :, None], values, scale[:, None, :, None])
-        return y.reshape(x.shape)
+        return scale, shift
 
     def _batch_normalised(self, x: Tensor) -> Tensor:
         """Each point's batch normalised with its own (biased) batch statistics, by torch's fused batch_norm:
@@ -103,6 +118,14 @@ class SubspaceBatchNorm(SubspaceLayer):
         self._sums[0][state.where] += mean * state.samples
         self._sums[1][state.where] += unbiased * state.samples
         self._samples[state.where] += state.samples
+        state.collected += 1
+        if state.collected == state.collections_per_forward:
+            raise CollectionDone  # nothing after the last statistics matters to the recomputation
+
+
+class CollectionDone(Exception):
+    """Raised by the last BatchNorm layer of a recomputation pass once its statistics are accumulated: the view
+    stops the forward there (the layers after it would only compute outputs nobody reads)."""
 
 
 def _batch_statistics(values: Tensor) -> tuple[Tensor, Tensor]:

@@ -52,6 +52,7 @@ def evaluate(
     memory_budget: int | None = None,
     progress: bool | None = None,
     output: OutputSelector = None,
+    fast: bool = True,
 ) -> Evaluation:
     """Metrics (loss and error by default) of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
 
@@ -67,6 +68,7 @@ def evaluate(
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
+    fast: False runs every layer's plain torch path (the reference the fast paths are tested against; for debugging).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -75,6 +77,7 @@ def evaluate(
     datasets = _named_datasets(data)
     broken = basis.nonfinite_members()
     view = SubspaceView(model, basis.with_nonfinite_zeroed() if broken else basis, output=output)
+    view.state.plain = not fast
     view.prepare(coeffs, move(_first_rows(datasets), device))
     bn_mode = batchnorm_mode(bn, view, bn_data)
     if bn_mode == "eval":

@@ -38,17 +38,26 @@ class SubspaceLayer(nn.Module):
         """For input i shared by all points: y[p] = Σ_k c[p,k] Y_k with Y_k = layer_k(shared rows), the K outputs
         computed once per batch and kept while chunk after chunk of points runs over it (evaluation only).
         None where that does not apply (gradients recorded, or the batch not named by the caller)."""
+        outputs = self.per_basis_outputs(shared, per_basis)
+        return None if outputs is None else ops.mix(self.state.coeffs, outputs)
+
+    def per_basis_outputs(self, shared: tuple[int, Tensor], per_basis: Callable[[Tensor], Tensor],
+                          layout: str = "") -> Tensor | None:
+        """The K outputs Y_k = per_basis(identity coefficients) of `mixed_per_basis`, kept per batch (and per
+        `layout`, naming what per_basis arranges them in); None where they are not kept."""
         state = self.state
         if torch.is_grad_enabled() or state.batch is None:
             return None
         index, rows = shared
-        key = (state.batch, index, tuple(rows.shape), *((t.data_ptr(), t._version) for t in self.stacked.values()))
+        key = (state.batch, index, layout, tuple(rows.shape),
+               *((t.data_ptr(), t._version) for t in self.stacked.values()))
         entry = self._cache
         if entry is None or entry[0] != key:
             self._cache = None  # free the old outputs first
             entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device)))
             self._cache = entry
-        return ops.mix(state.coeffs, entry[1])
+        return entry[1]
+
 
 class SubspaceLinear(SubspaceLayer):
     """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
@@ -96,13 +105,18 @@ class SubspaceConv(SubspaceLayer):
         options = dict(stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups)
         shared = state.shared_rows(x)
         y = None
-        if shared is not None and weight.shape[0] < weight[0, 0].numel():  # K < C/groups · kernel size
+        if shared is not None and self.per_basis_is_cheaper():
             rows = shared[1]
             y = self.mixed_per_basis(shared, lambda eye: ops.combined_conv(rows, weight, bias, eye, **options))
         if y is None:
             x_points = shared[1] if shared is not None else state.per_point(x)
             y = ops.combined_conv(x_points, weight, bias, state.coeffs, **options)
         return y.reshape(-1, *y.shape[2:])
+
+    def per_basis_is_cheaper(self) -> bool:
+        """For a shared input: K convolutions then a mix, rather than one per point (K < C/groups · kernel size)."""
+        weight = self.stacked["weight"]
+        return weight.shape[0] < weight[0, 0].numel()
 
     def materialised_bytes_per_point(self) -> int:
         return self.stacked["weight"][0].numel() * self.stacked["weight"].element_size()

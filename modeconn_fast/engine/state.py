@@ -28,6 +28,9 @@ class ViewState:
     shared_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (data_ptr, numel, version) per input
     batch: Hashable | None = None  # names the batch of this forward; layers may keep results per batch
     bn_phase: BatchNormPhase = "stored"
+    plain: bool = False  # run every layer's plain path (the reference of the fast ones, e.g. `conv_block.py`)
+    collected: int = 0  # BatchNorm statistics accumulated so far in this forward (recomputation)
+    collections_per_forward: int | None = None  # how many a whole forward accumulates, once known
 
     @property
     def points(self) -> int:

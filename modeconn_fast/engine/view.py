@@ -22,7 +22,8 @@ from torch.nn.utils import parametrize
 
 from ..subspace import Basis
 from .attention import SubspaceMultiheadAttention, supports_attention
-from .batchnorm import SubspaceBatchNorm
+from .batchnorm import CollectionDone, SubspaceBatchNorm
+from .conv_block import fuse_conv_blocks
 from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
@@ -205,19 +206,27 @@ class SubspaceView(nn.Module):
 
     def recompute_batchnorm(self, coeffs: Tensor, batches: Iterable[Inputs], chunks: Sequence[slice] | None = None) -> None:
         """One pass over `batches` in train-mode BatchNorm, chunk by chunk of points (all at once by default):
-        every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks."""
+        every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks. After the first
+        forward each one stops once the last BatchNorm layer has its statistics."""
         points = coeffs.shape[0]
         chunks = chunks or [slice(0, points)]
         layers = self.batchnorm_layers()
         for layer in layers:
             layer.start_collection(points)
         self.bn_phase = "collect"
+        state = self.state
         try:
             for index, inputs in enumerate(batches):
                 for chunk in chunks:
-                    self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
+                    state.collected = 0
+                    try:
+                        self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
+                    except CollectionDone:  # the forward stopped after the last statistics (known after the first)
+                        pass
+                    state.collections_per_forward = state.collected
         finally:
             self.bn_phase = "stored"
+            state.collections_per_forward = None
         for layer in layers:
             layer.finish_collection()
         self.bn_phase = "recomputed"
@@ -229,9 +238,8 @@ class SubspaceView(nn.Module):
         """The running statistics `recompute_batchnorm` gave every point, as state-dict entries of the model with
         a leading point axis (`"<module>.running_mean"`, `"<module>.running_var"`: [P, C]); {} before any."""
         state = {}
-        for name, layer in self.net.named_modules():
+        for layer, prefix in self._bindings:  # the model's own names (a ConvBlock holds its layers under others)
             if isinstance(layer, SubspaceBatchNorm) and layer.recomputed is not None:
-                prefix = f"{name}." if name else ""
                 state[prefix + "running_mean"], state[prefix + "running_var"] = layer.recomputed
         return state
 
@@ -251,10 +259,12 @@ class SubspaceView(nn.Module):
 
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         hooks = [m.register_forward_hook(record) for m in self.net.modules()]
+        plain, self.state.plain = self.state.plain, True  # every layer's output seen (fast paths hold as much)
         try:
             with torch.no_grad():
                 self(coeffs[:1], [x[:1] for x in inputs])
         finally:
+            self.state.plain = plain
             for hook in hooks:
                 hook.remove()
         input_bytes = sum(x[:1].numel() * x.element_size() for x in inputs)
@@ -288,6 +298,8 @@ class SubspaceView(nn.Module):
                     module._modules[name] = self._convert(child, f"{prefix}{name}.", basis, done)
             stand_in = STAND_INS.get(type(module))
             converted = stand_in(module) if stand_in is not None and not _has_hooks(module) else module
+            if type(converted) is nn.Sequential and not _has_hooks(converted):
+                fuse_conv_blocks(converted)
         done[id(module)] = converted
         return converted
 

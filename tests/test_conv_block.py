@@ -1,0 +1,151 @@
+"""The Conv2d → BatchNorm2d → ReLU → MaxPool2d block's fast path equals the layers run one by one and a per-point loop."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import assert_same_loss_and_error, mixed_state, one_thread, plain_loop, seeded, settle_batchnorm  # noqa: F401
+from modeconn_fast import Basis, SubspaceView, evaluate
+from modeconn_fast.engine.conv_block import ConvBlock
+from modeconn_fast.engine.pooling import max_pool_2x2_channels_last
+
+
+def two_blocks() -> nn.Sequential:
+    """Odd shapes: 3 → 8 channels on 9×7, then a grouped conv without bias, BatchNorm without affine, no ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, (3, 2), padding=(1, 1), groups=2, bias=False), nn.BatchNorm2d(6, affine=False), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 5),
+    )
+
+
+def negative_scales() -> nn.Sequential:
+    """BatchNorm weights of both signs (pooling must wait for the affine map), padding 'same' with dilation,
+    stride 2, a 3×3 pooling, and a BatchNorm without running statistics."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 7, 3, padding="same", dilation=2), nn.BatchNorm2d(7), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(7, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5, track_running_stats=False), nn.ReLU(),
+        nn.MaxPool2d(3, stride=1, padding=1),
+        nn.Flatten(), nn.Linear(5 * 2 * 2, 3),
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(-1, 1)
+    return model
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "two_blocks": (two_blocks, (3, 9, 7)),
+    "negative_scales": (negative_scales, (2, 7, 8)),
+}
+
+
+def members_and_data(name: str, seed: int = 0):
+    factory, shape = MODELS[name]
+    torch.manual_seed(seed)
+    inputs = torch.randn(45, *shape)
+    targets = torch.randint(0, 3, (45,))
+    members = [settle_batchnorm(seeded(factory, seed + k), inputs) for k in range(3)]
+    for member in members:  # the members differ in the sign of some BatchNorm scales
+        with torch.no_grad():
+            member[1].weight.mul_(torch.randn(member[1].weight.shape).sign())
+    return members, inputs, targets
+
+
+def blocks_of(view: SubspaceView) -> list[ConvBlock]:
+    return [m for m in view.modules() if isinstance(m, ConvBlock)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_view_forward_fast_equals_plain_in_every_phase(name, monkeypatch):
+    fast_calls = []
+    pooled = ConvBlock._pooled
+    monkeypatch.setattr(ConvBlock, "_pooled", lambda self, *args, **kw: fast_calls.append(1) or pooled(self, *args, **kw))
+    members, inputs, _ = members_and_data(name)
+    coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [-0.3, 0.9, 0.4]])
+    views = {fast: SubspaceView(members[0], Basis.from_members(members)) for fast in (True, False)}
+    for fast, view in views.items():
+        view.state.plain = not fast
+        view.prepare(coeffs, inputs[:2])
+    assert len(blocks_of(views[True])) == 2
+    with torch.no_grad():
+        for phase in ("stored", "recompute"):
+            outputs = {}
+            for fast, view in views.items():
+                if phase == "recompute":
+                    view.recompute_batchnorm(coeffs, [inputs[:20], inputs[20:]], [slice(0, 2), slice(2, 3)])
+                outputs[fast] = view(coeffs, inputs[:13], batch=phase)
+            torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+    assert len(fast_calls) >= 2 * 3  # both blocks, both phases and the collection ran the fast path
+    fast_state, plain_state = (views[f].recomputed_batchnorm_state() for f in (True, False))
+    assert fast_state.keys() == plain_state.keys() and fast_state
+    for key in fast_state:
+        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bn", ["eval", "recompute"])
+def test_evaluate_fast_equals_plain_path_and_per_point_loop(bn):
+    members, inputs, targets = members_and_data("two_blocks", seed=3)
+    coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0], [0.4, -0.2, 0.8]])
+    batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 45, 16)]
+    bn_batches = [x for x, _ in batches]
+    options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
+    fast = evaluate(members[0], members, coeffs, batches, **options)
+    plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    loop = plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches)
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, loop)
+
+
+def test_training_through_the_view_runs_the_layers_and_matches_a_per_point_loop():
+    members, inputs, _ = members_and_data("two_blocks", seed=5)
+    basis = Basis.from_members(members)
+    stacked = {name: t.clone().requires_grad_(t.is_floating_point()) for name, t in basis.stacked.items()}
+    view = SubspaceView(members[0], basis)
+    view.rebind(stacked)
+    view.train()
+    coeffs = torch.tensor([[0.3, 0.3, 0.4], [0.7, 0.2, 0.1]])
+    x = inputs[:11]
+    view(coeffs, x).square().sum().backward()
+    trainable = {n: t for n, t in stacked.items() if "running" not in n and "num_batches" not in n}
+    grads = {name: t.grad.clone() for name, t in trainable.items()}
+
+    reference = {name: t.detach().clone().requires_grad_(True) for name, t in trainable.items()}
+    total = 0.0
+    for row in coeffs:
+        params = {name: torch.einsum("k,k...->...", row, t) for name, t in reference.items()}
+        net = seeded(two_blocks, 0).train()
+        total = total + torch.func.functional_call(net, params, (x,)).square().sum()
+    total.backward()
+    for name, t in reference.items():
+        torch.testing.assert_close(grads[name], t.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 8, 8), (4, 6, 7, 9), (2, 1, 3, 2)])
+def test_two_by_two_pooling_as_maxima_equals_max_pool2d(shape):
+    x = torch.randn(shape)
+    x.view(-1)[::7] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(max_pool_2x2_channels_last(x), F.max_pool2d(x, 2), rtol=0, atol=0, equal_nan=True)
+
+
+def test_recomputation_stops_each_forward_after_the_last_batchnorm():
+    members, inputs, targets = members_and_data("two_blocks", seed=7)
+    calls = []
+    view = SubspaceView(members[0], Basis.from_members(members))
+    head = view.net[8]  # the Linear after the last BatchNorm
+    head.register_forward_hook(lambda *_: calls.append(1))
+    coeffs = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    view.prepare(coeffs, inputs[:2])
+    calls.clear()
+    with torch.no_grad():
+        view.recompute_batchnorm(coeffs, [inputs[:15], inputs[15:30], inputs[30:]], [slice(0, 1), slice(1, 2)])
+    assert len(calls) == 1  # only the first forward ran to the end
+    result = evaluate(members[0], members, coeffs, [(inputs, targets)], bn_data=[inputs[:15], inputs[15:30], inputs[30:]],
+                      progress=False)
+    expected = plain_loop(members[0], members, coeffs, [(inputs, targets)], bn="recompute",
+                          bn_batches=[inputs[:15], inputs[15:30], inputs[30:]])
+    assert_same_loss_and_error(result, expected)
