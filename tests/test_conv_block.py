@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import assert_same_loss_and_error, mixed_state, one_thread, plain_loop, seeded, settle_batchnorm  # noqa: F401
 from modeconn_fast import Basis, SubspaceView, evaluate
-from modeconn_fast.engine.conv_block import ConvBlock
+from modeconn_fast.engine.conv_block import ConvBlock, FusedSequential
 from modeconn_fast.engine.pooling import max_pool_2x2_channels_last
 
 
@@ -56,7 +56,9 @@ def members_and_data(name: str, seed: int = 0):
 
 
 def blocks_of(view: SubspaceView) -> list[ConvBlock]:
-    return [m for m in view.modules() if isinstance(m, ConvBlock)]
+    """The ConvBlocks the view's fused Sequentials run (planned at their first forward)."""
+    return [step for m in view.modules() if isinstance(m, FusedSequential) for step in m._steps
+            if isinstance(step, ConvBlock)]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -149,3 +151,40 @@ def test_recomputation_stops_each_forward_after_the_last_batchnorm():
     expected = plain_loop(members[0], members, coeffs, [(inputs, targets)], bn="recompute",
                           bn_batches=[inputs[:15], inputs[15:30], inputs[30:]])
     assert_same_loss_and_error(result, expected)
+
+
+
+class SkipBeforePooling(nn.Module):
+    """Keeps the activation before the pooling (as a U-Net does), by iterating over its Sequential and by
+    slicing it: the fused Sequential's children must stay the layers themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(2 * 4 * 8 * 6 + 4 * 4 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sliced = self.down[:3](x)
+        for index, layer in enumerate(self.down):
+            if index == 3:
+                skip = x
+            x = layer(x)
+        return self.head(torch.cat([skip.flatten(1), sliced.flatten(1), x.flatten(1)], dim=1))
+
+
+def test_a_model_that_reads_inside_a_fused_sequential_gets_each_layers_output():
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(20, 3, 8, 6), torch.randint(0, 3, (20,))
+    members = [settle_batchnorm(seeded(SkipBeforePooling, seed), inputs) for seed in range(2)]
+    coeffs = torch.tensor([[1.0, 0.0], [0.3, 0.7], [-0.5, 1.5]])
+    whole = nn.Sequential(*members[0].down)  # the same layers called as a whole are fused
+    view = SubspaceView(whole, Basis.from_members([nn.Sequential(*m.down) for m in members]))
+    view.prepare(coeffs, inputs[:2])
+    with torch.no_grad():
+        view(coeffs, inputs)
+    assert len(blocks_of(view)) == 1
+    for bn in ("eval", "recompute"):
+        result = evaluate(members[0], members, coeffs, (inputs, targets), bn=bn,
+                          bn_data=inputs if bn == "recompute" else None)
+        expected = plain_loop(members[0], members, coeffs, [(inputs, targets)], bn=bn, bn_batches=[inputs])
+        assert_same_loss_and_error(result, expected)

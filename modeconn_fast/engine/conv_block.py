@@ -201,28 +201,49 @@ def _mixed_statistics(mean: Tensor, covariance: Tensor, coeffs: Tensor) -> tuple
     return (c @ mean).to(coeffs.dtype), var.to(coeffs.dtype)
 
 
-def fuse_conv_blocks(sequence: nn.Sequential) -> None:
-    """Each run SubspaceConv (2-d) → [SubspaceBatchNorm] → [ReLU] → MaxPool2dFastCPU of the converted `sequence`
-    becomes one ConvBlock in the convolution's place, the others nn.Identity (indices keep their meaning)."""
-    names = list(sequence._modules)
-    modules = [sequence._modules[name] for name in names]
-    i = 0
+class FusedSequential(nn.Sequential):
+    """A converted nn.Sequential whose own forward runs each SubspaceConv (2-d) → [SubspaceBatchNorm] → [ReLU] →
+    MaxPool2dFastCPU run of its children as one ConvBlock.
+
+    Its children stay the layers themselves: a model that iterates over it, indexes it or slices it (e.g. to
+    keep the activation before a pooling as a skip connection) gets every layer's own output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        modules = tuple(self._modules.values())
+        if getattr(self, "_planned_for", None) != modules:  # first call, or children added or replaced
+            object.__setattr__(self, "_steps", _fused_steps(list(modules)))  # not submodules: no new names
+            object.__setattr__(self, "_planned_for", modules)
+        for step in self._steps:
+            x = step(x)
+        return x
+
+
+def fuse_conv_blocks(sequence: nn.Sequential) -> nn.Sequential:
+    """`sequence` as a FusedSequential where it holds a conv → [norm] → [relu] → pool run, else unchanged."""
+    if not any(isinstance(step, ConvBlock) for step in _fused_steps(list(sequence._modules.values()))):
+        return sequence
+    sequence.__class__ = FusedSequential  # in place: the same children, names, hooks and attributes
+    return sequence
+
+
+def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
+    """`modules` with each conv → [norm] → [relu] → pool run replaced by one ConvBlock of those layers."""
+    steps, i = [], 0
     while i < len(modules):
         conv = modules[i]
-        if not (isinstance(conv, SubspaceConv) and conv.stacked["weight"].dim() == 5):
-            i += 1
-            continue
-        j = i + 1
-        norm = modules[j] if j < len(modules) and isinstance(modules[j], SubspaceBatchNorm) else None
-        j += norm is not None
-        relu = modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not _hooked(modules[j]) else None
-        j += relu is not None
-        if j < len(modules) and isinstance(modules[j], MaxPool2dFastCPU):
-            sequence._modules[names[i]] = ConvBlock(conv, norm, relu, modules[j])
-            for k in range(i + 1, j + 1):
-                sequence._modules[names[k]] = nn.Identity()
-            i = j
+        if isinstance(conv, SubspaceConv) and conv.stacked["weight"].dim() == 5:
+            j = i + 1
+            norm = modules[j] if j < len(modules) and isinstance(modules[j], SubspaceBatchNorm) else None
+            j += norm is not None
+            relu = modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not _hooked(modules[j]) else None
+            j += relu is not None
+            if j < len(modules) and isinstance(modules[j], MaxPool2dFastCPU):
+                steps.append(ConvBlock(conv, norm, relu, modules[j]))
+                i = j + 1
+                continue
+        steps.append(conv)
         i += 1
+    return steps
 
 
 def _hooked(module: nn.Module) -> bool:

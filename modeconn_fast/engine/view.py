@@ -299,7 +299,7 @@ class SubspaceView(nn.Module):
             stand_in = STAND_INS.get(type(module))
             converted = stand_in(module) if stand_in is not None and not _has_hooks(module) else module
             if type(converted) is nn.Sequential and not _has_hooks(converted):
-                fuse_conv_blocks(converted)
+                converted = fuse_conv_blocks(converted)
         done[id(module)] = converted
         return converted
 
