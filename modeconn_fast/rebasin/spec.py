@@ -19,6 +19,7 @@ way, and move heads only all in the same order (q·k of every head and head h's 
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -132,7 +133,12 @@ class PermutationSpec:
         for name, axes in self.groups.items():
             for axis in axes:
                 if axis.tensor not in state:
-                    raise SpecError(f"group {name!r}: the model has no tensor {axis.tensor!r}")
+                    near = difflib.get_close_matches(axis.tensor, list(state), n=3)
+                    hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+                    raise SpecError(
+                        f"group {name!r}: the model has no tensor {axis.tensor!r}{hint}; a spec names tensors by their "
+                        "state_dict() keys: fix the spec, or derive it with permutation_spec(model, example_input)"
+                    )
                 shape = state[axis.tensor].shape
                 if not 0 <= axis.dim < len(shape):
                     raise SpecError(f"group {name!r}: {axis.tensor} has shape {tuple(shape)}, no axis {axis.dim}")
@@ -180,6 +186,23 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
         if tensor.shape != state_b[key].shape:
             raise SpecError(
                 f"models have different architectures: {key} is {tuple(tensor.shape)} vs {tuple(state_b[key].shape)}"
+            )
+    check_same_placement(state_a, state_b)
+
+
+def check_same_placement(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:
+    """Raise SpecError unless every tensor of both state dicts has one device and one dtype per key."""
+    for key, tensor in state_a.items():
+        other = state_b[key]
+        if tensor.device != other.device:
+            raise SpecError(
+                f"{key} is on {tensor.device} in model_a but on {other.device} in model_b: move both models to one "
+                f"device first, e.g. model_b.to({str(tensor.device)!r})"
+            )
+        if tensor.dtype != other.dtype:
+            raise SpecError(
+                f"{key} is {tensor.dtype} in model_a but {other.dtype} in model_b: convert both models to one dtype "
+                f"first, e.g. model_b.to({tensor.dtype})"
             )
 
 
