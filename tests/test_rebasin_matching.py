@@ -10,7 +10,7 @@ import torch
 from rebasin_models import build, inputs, mlp
 from test_rebasin_spec import ARCHITECTURES, random_permutation
 
-from modeconn_fast.rebasin import Heads, Permutation, PermutationSpec, SpecError, lap, matching_objective, permutation_spec, weight_matching
+from modeconn_fast.rebasin import Heads, Permutation, PermutationSpec, SpecError, lap, lap_loading, matching_objective, permutation_spec, weight_matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import rebasin_port  # noqa: E402
@@ -58,6 +58,7 @@ def _port_spec(spec):
 @pytest.mark.parametrize(("seed", "width"), [(0, 48), (1, 200)])
 def test_same_trajectory_as_the_reference_port(seed: int, width: int, monkeypatch) -> None:
     monkeypatch.setattr(lap, "DENSE_BELOW", 100)  # width 200 takes the sparse, certified LAP
+    lap_loading.wait()  # not scipy's solver while the compiled one loads
     torch.manual_seed(10 + seed)
     model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
     spec = permutation_spec(model_a, torch.randn(2, 64))
