@@ -37,7 +37,8 @@ from ..ops import permutation_cost
 from . import lap_loading
 from .derive import permutation_spec
 from .permutation import Permutation
-from .spec import Axis, PermutationSpec, SpecError, as_args, axis_index, check_same_architecture, parameter_names
+from .sources import ModelSource, objective_tensors, read_source
+from .spec import Axis, PermutationSpec, SpecError, as_args, axis_index, check_same_architecture, check_same_states
 
 if TYPE_CHECKING:
     from .lap import WarmStart
@@ -220,8 +221,8 @@ def matching_objective(
 
 
 def weight_matching(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     spec: PermutationSpec | None = None,
     example_input: Tensor | tuple[Tensor, ...] | None = None,
@@ -231,19 +232,28 @@ def weight_matching(
 ) -> Permutation:
     """Permutation of model_b's hidden units that maximises Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ (Ainsworth et al. 2023, Alg. 1).
 
-    The spec is derived from model_a and `example_input` unless given. Returns a Permutation whose `apply(model_b)`
-    gives the aligned model; `objective_history` and `iterations` (sweeps) record the run.
+    The models are modules, state dicts, or paths of saved state dicts, read memory-mapped (see `sources.py`;
+    then `spec` is needed). The spec is derived from model_a and `example_input` unless given. Returns a
+    Permutation whose `apply(model_b)` gives the aligned model; `objective_history` and `iterations` (sweeps)
+    record the run.
     """
-    check_same_architecture(model_a, model_b)
+    state_a, state_b = read_source(model_a, "model_a"), read_source(model_b, "model_b")
+    if isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module):
+        check_same_architecture(model_a, model_b)
+    else:
+        check_same_states(state_a, state_b)
     if spec is None:
-        if example_input is None:
-            raise SpecError("weight_matching needs spec= or example_input= to derive one")
+        if example_input is None or not isinstance(model_a, nn.Module):
+            raise SpecError(
+                "weight_matching needs spec=, or example_input= with model_a a module to derive one "
+                "(permutation_spec(model, example_input) derives it once for state dicts and files)"
+            )
         spec = permutation_spec(model_a, example_input)
     elif example_input is not None and spec.example_input is None:
-        spec = PermutationSpec(spec.groups, example_input=as_args(example_input))
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+        spec = PermutationSpec(spec.groups, example_input=as_args(example_input), heads=spec.heads)
+    spec.sizes(state_a)
     spec.sizes(state_b)
-    params = parameter_names(model_a)
+    params = objective_tensors(model_a, state_a)
     for label, state in (("model_a", state_a), ("model_b", state_b)):
         bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
         if bad is not None:

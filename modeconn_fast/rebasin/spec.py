@@ -178,7 +178,11 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     if types_a != types_b:
         diff = next(((a, b) for a, b in zip(types_a, types_b) if a != b), (types_a[len(types_b):], types_b[len(types_a):]))
         raise SpecError(f"models have different architectures: module {diff[0]} vs {diff[1]}")
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    check_same_states(model_a.state_dict(), model_b.state_dict())
+
+
+def check_same_states(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:
+    """Raise SpecError unless both state dicts have the same tensor names and shapes, devices and dtypes."""
     if list(state_a) != list(state_b):
         missing = sorted(set(state_a) ^ set(state_b))
         raise SpecError(f"models have different architectures: tensors not in both: {missing[:5]}")
@@ -204,11 +208,6 @@ def check_same_placement(state_a: Mapping[str, Tensor], state_b: Mapping[str, Te
                 f"{key} is {tensor.dtype} in model_a but {other.dtype} in model_b: convert both models to one dtype "
                 f"first, e.g. model_b.to({tensor.dtype})"
             )
-
-
-def parameter_names(model: nn.Module) -> set[str]:
-    """Names of the trainable tensors (the weight-matching objective uses these, not buffers)."""
-    return {name for name, _ in model.named_parameters()}
 
 
 def _overlap(a: Axis, b: Axis) -> bool:
