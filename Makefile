@@ -14,6 +14,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -c "from modeconn_fast.rebasin import lap; lap.warm_up()"  # fills numba's cache: no compiling at first use
 	touch $@
 
 demo: $(VENV)/.installed

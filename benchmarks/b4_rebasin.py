@@ -1,4 +1,8 @@
-"""B4 rebasin-wide: weight matching of two MLPs 64-h-h-h-10 to convergence, against the straightforward port.
+"""B4 rebasin-wide: weight matching of two models to convergence, against the straightforward port.
+
+Three kinds of pair at each width h: `mlp` (MLP 64-h-h-h-10, trained), `mlp-init` (the same, freshly
+initialised: no structure to find, the hardest case for warm starts) and `vgg` (VGG-style, freshly initialised:
+three 3×3 convolutions of h channels with BatchNorm and ReLU, 2×2 max-pools after the last two, a linear head).
 
 Both runs visit the groups in the same random order, so they must reach the same objective (relative difference
 ≤ 1e-6, computed by one function for both). The ceiling is one LAP of size h (scipy) measured in the same run.
@@ -7,13 +11,14 @@ Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or 
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of two runs
 up to width 2048 in the full run (one in --quick), for both implementations alike.
 
-    python -m benchmarks.b4_rebasin [--quick] [--widths 8192]
+    python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import pstats
+import resource
 import time
 from typing import Any, Callable
 
@@ -24,9 +29,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmarks.peers import rebasin_port
-from modeconn_fast.rebasin import Permutation, lap, matching_objective, permutation_spec, weight_matching
+from modeconn_fast.rebasin import Permutation, lap_loading, matching_objective, permutation_spec, weight_matching
 
 WIDTHS = (512, 2048, 4096, 8192)
+KINDS = ("mlp", "mlp-init", "vgg")
 PORT_MAX_WIDTH = 4096  # the port needs tens of minutes at 8192 on 2 cores
 EPOCHS = 2
 
@@ -49,6 +55,48 @@ def mlp(width: int, seed: int, epochs: int = EPOCHS) -> nn.Sequential:
                 F.cross_entropy(model(x[batch]), y[batch]).backward()
                 optimizer.step()
     return model.eval()
+
+
+def vgg(width: int, seed: int) -> nn.Sequential:
+    """VGG-style net on 1×8×8 inputs, freshly initialised from `seed`: (conv3×3 → BatchNorm → ReLU) ×3 with
+    2×2 max-pools after the second and third, then a linear head on the 2×2×width features."""
+    torch.manual_seed(seed)
+    def block(c_in: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1), *block(width), nn.MaxPool2d(2), *block(width), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * width, 10)
+    ).eval()  # fmt: skip
+
+
+def pair(kind: str, width: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The two models of one B4 row (seeds 0 and 1) and an example input."""
+    if kind == "mlp":
+        return mlp(width, 0), mlp(width, 1), torch.randn(2, 64)
+    if kind == "mlp-init":
+        return mlp(width, 0, epochs=0), mlp(width, 1, epochs=0), torch.randn(2, 64)
+    if kind == "vgg":
+        return vgg(width, 0), vgg(width, 1), torch.randn(2, 1, 8, 8)
+    raise ValueError(f"unknown B4 kind {kind!r}: use one of {KINDS}")
+
+
+def gemm_rate(n: int = 2048) -> float:
+    """This machine's fp32 GEMM rate now (FLOP/s): the fastest of three n×n×n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def trajectory_flops(spec, state: dict[str, torch.Tensor], sweeps: int) -> float:
+    """FLOPs of the published trajectory's cost matrices: every group in every sweep, each from scratch
+    (Σ over its axes of 2·n·numel(tensor) for the n×n product)."""
+    per_sweep = sum(2 * state[a.tensor].numel() * state[a.tensor].shape[a.dim] for axes in spec.groups.values()
+                    for a in axes if a.tensor in state)  # fmt: skip
+    return per_sweep * sweeps
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
@@ -77,30 +125,35 @@ def _fastest(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, dict[str,
     return min((_profiled(fn) for _ in range(repeats)), key=lambda run: run[1])
 
 
-def run_width(width: int, *, with_port: bool, repeats: int = 1) -> dict[str, Any]:
-    model_a, model_b = mlp(width, 0), mlp(width, 1)
-    spec = permutation_spec(model_a, torch.randn(2, 64))
+def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp") -> dict[str, Any]:
+    model_a, model_b, example = pair(kind, width)
+    spec = permutation_spec(model_a, example)
     params = {name for name, _ in model_a.named_parameters()}
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    state_a = {k: v for k, v in model_a.state_dict().items() if k in params}  # the objective holds no buffers
+    state_b = {k: v for k, v in model_b.state_dict().items() if k in params}
     ours, ours_s, ours_split = _fastest(lambda: weight_matching(model_a, model_b, spec=spec), repeats)
     row: dict[str, Any] = {
         "width": width,
+        "kind": kind,
         "ours_s": round(ours_s, 3),
         "sweeps": ours.iterations,
         "objective": ours.objective,
+        "floor_s": round(trajectory_flops(spec, state_a, ours.iterations) / gemm_rate(), 3),
         **{f"ours_{k}": round(v, 3) for k, v in ours_split.items()},
     }
-    cost = (state_a["2.weight"] @ state_b["2.weight"].T).numpy()
+    hidden = spec.groups[sorted(spec.groups)[1]][0]  # a hidden group's cost, as the ceiling's LAP
+    cost = torch.movedim(state_a[hidden.tensor], hidden.dim, 0).reshape(width, -1)
+    cost = (cost @ torch.movedim(state_b[hidden.tensor], hidden.dim, 0).reshape(width, -1).T).numpy()
     start = time.perf_counter()
     linear_sum_assignment(cost, maximize=True)
     row["lap_ceiling_s"] = round(time.perf_counter() - start, 3)
     if with_port:
         axes_to_perm = {k: tuple(v) for k, v in _axes_to_perm(spec, state_a).items()}
-        perm_to_axes = {g: [(a.tensor, a.dim) for a in axes] for g, axes in spec.groups.items()}
+        perm_to_axes = {g: [(a.tensor, a.dim) for a in axes if a.tensor in params] for g, axes in spec.groups.items()}
         (perms, sweeps), port_s, port_split = _fastest(
             lambda: rebasin_port.weight_matching(state_a, state_b, perm_to_axes, axes_to_perm), repeats
         )
-        port_objective = matching_objective(state_a, state_b, Permutation(spec, perms), params)
+        port_objective = matching_objective(model_a.state_dict(), model_b.state_dict(), Permutation(spec, perms), params)
         row.update(
             port_s=round(port_s, 3),
             port_sweeps=sweeps,
@@ -109,6 +162,7 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1) -> dict[str, Any
             same_objective=abs(port_objective - ours.objective) <= 1e-6 * abs(port_objective),
             **{f"port_{k}": round(v, 3) for k, v in port_split.items()},
         )
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # the process so far
     return row
 
 
@@ -116,17 +170,24 @@ def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
     table = {key: [None] * value.dim() for key, value in state.items()}
     for group, axes in spec.groups.items():
         for axis in axes:
-            table[axis.tensor][axis.dim] = group
+            if axis.tensor in table:
+                table[axis.tensor][axis.dim] = group
     return table
 
 
-def run(quick: bool = False, widths: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """One row per width: our seconds, the port's, the ratio, the LAP ceiling, both objectives and agreement."""
+def run(
+    quick: bool = False, widths: tuple[int, ...] | None = None, kinds: tuple[str, ...] = KINDS
+) -> list[dict[str, Any]]:
+    """One row per kind and width: our seconds, the port's, the ratio, the LAP ceiling, both objectives and
+    agreement."""
     widths = widths or ((512, 2048) if quick else WIDTHS)
     with torch.no_grad():  # not set globally: the workloads after this one train
-        # the first LAP in a process loads the compiled (numba) code, about 0.3 s: not part of any width's time
-        lap.solve_lap(torch.randn(lap.DENSE_BELOW, lap.DENSE_BELOW, dtype=torch.float64))
-        return [run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=1 if quick or w > 2048 else 2) for w in widths]
+        lap_loading.wait()  # the first call's loading of the compiled LAP (see lap_loading.py) is not timed here
+        return [
+            run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=1 if quick or w > 2048 else 2, kind=kind)
+            for kind in kinds
+            for w in widths
+        ]
 
 
 def main() -> None:
@@ -134,10 +195,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="widths 512 and 2048 only")
     parser.add_argument("--widths", type=int, nargs="+",
                         help=f"these widths instead (the port runs up to {PORT_MAX_WIDTH})")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="model pairs to run")
     args = parser.parse_args()
-    rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None)
-    columns = ["width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
-               "port_objective", "same_objective", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
+    rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None, kinds=tuple(args.kinds))
+    columns = ["kind", "width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
+               "port_objective", "same_objective", "floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
                "port_cost_s", "port_other_s"]  # fmt: skip
     print(" | ".join(columns))
     for row in rows:

@@ -16,13 +16,17 @@ B4_RATIO, B4_WIDTH, B4_BIG_WIDTH, B4_BIG_SECONDS = 5.0, 2048, 8192, 120.0
 
 def b4_row(raw: dict[str, Any]) -> Row:
     width, ours_s = raw["width"], raw["ours_s"]
-    row = Row("B4 rebasin-wide", f"MLP 64-h-h-h-10, h = {width}", None, ours_s)
+    model = {"mlp": "MLP 64-h-h-h-10 trained", "mlp-init": "MLP 64-h-h-h-10 untrained",
+             "vgg": "VGG-style 3 conv h ch + BN, untrained"}[raw.get("kind", "mlp")]
+    row = Row("B4 rebasin-wide", f"{model}, h = {width}", None, ours_s)
     if raw.get("port_s") is not None:
         difference = abs(raw["port_objective"] - raw["objective"]) / max(abs(raw["port_objective"]), 1e-30)
         check = f"{'ok' if raw['same_objective'] else 'FAILED'} (objective rel diff {difference:.1e}, ≤ 1e-6)"
         row.peers.append(PeerTime("Re-Basin port", raw["port_s"], None, check, bool(raw["same_objective"])))
     if raw.get("lap_ceiling_s") is not None:
         row.ceiling = f"one LAP of size h {raw['lap_ceiling_s']:.3g} s (ours = {ours_s / raw['lap_ceiling_s']:.1f} LAPs)"
+    if raw.get("floor_s") is not None:
+        row.ceiling = f"{row.ceiling or ''}; GEMM floor {raw['floor_s']:.3g} s; peak RSS {raw['peak_rss_gb']:.2f} GB"
     if width == B4_WIDTH:
         row.target = f"≥ {B4_RATIO:g}× the port, same objective"
         row.met = bool(row.peers) and row.checks_ok and (row.ratio or 0) >= B4_RATIO

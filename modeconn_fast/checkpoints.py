@@ -29,12 +29,12 @@ def load_factory(spec: str, option: str) -> Callable[[], Any]:
     return target
 
 
-def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tensor]:
     """A state dict saved with torch.save(model.state_dict(), path), read with torch.load(weights_only=True) onto
-    the CPU."""
+    the CPU; with `mmap`, its tensors stay in the file (memory-mapped) and are read where used."""
     if not Path(path).is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist (a .pt file of torch.save(model.state_dict()))")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not (isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())):
         raise ValueError(f"checkpoint {str(path)!r} is not a state dict of tensors: save it with "
                          "torch.save(model.state_dict(), path)")

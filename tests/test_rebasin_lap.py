@@ -1,11 +1,14 @@
 """The certified LAP returns the dense optimum, cold and warm-started."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from rebasin_models import mlp
 from scipy.optimize import linear_sum_assignment
 
-from modeconn_fast.rebasin import lap
+from modeconn_fast.rebasin import lap, lap_loading, weight_matching
 from modeconn_fast.rebasin.lap import solve_lap
 
 
@@ -71,3 +74,25 @@ def test_non_finite_entries_raise() -> None:
     cost[5, :] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         solve_lap(cost)
+
+
+def test_scipy_answers_while_the_compiled_solver_loads(monkeypatch) -> None:
+    """Before the load completes, small LAPs get scipy's exact optimum at once (and no warm start)."""
+    monkeypatch.setattr(lap_loading, "_ready", threading.Event())  # as if still loading
+    monkeypatch.setattr(lap_loading, "_thread", threading.Thread(target=lambda: None))
+    cost = torch.randn(300, 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sigma, warm = lap_loading.solve(cost)
+    assert warm is None and torch.equal(sigma, optimum(cost))
+
+
+def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
+    """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
+    leaves numba's cache complete)."""
+    lap.warm_up()
+    compiled = (lap._row_best, lap._auction, lap._augment)  # called from Python (_shortest_path from _augment)
+    assert all(len(f.signatures) == 1 for f in compiled)
+    lap_loading.wait()
+    torch.manual_seed(0)
+    model_a, model_b = mlp((64, 128, 128, 10)), mlp((64, 128, 128, 10))
+    weight_matching(model_a, model_b, example_input=torch.randn(2, 64))
+    assert all(len(f.signatures) == 1 for f in compiled)

@@ -10,7 +10,7 @@ import torch
 from rebasin_models import build, inputs, mlp
 from test_rebasin_spec import ARCHITECTURES, random_permutation
 
-from modeconn_fast.rebasin import Heads, Permutation, SpecError, lap, matching_objective, permutation_spec, weight_matching
+from modeconn_fast.rebasin import Heads, Permutation, PermutationSpec, SpecError, lap, lap_loading, matching_objective, permutation_spec, weight_matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import rebasin_port  # noqa: E402
@@ -58,6 +58,7 @@ def _port_spec(spec):
 @pytest.mark.parametrize(("seed", "width"), [(0, 48), (1, 200)])
 def test_same_trajectory_as_the_reference_port(seed: int, width: int, monkeypatch) -> None:
     monkeypatch.setattr(lap, "DENSE_BELOW", 100)  # width 200 takes the sparse, certified LAP
+    lap_loading.wait()  # not scipy's solver while the compiled one loads
     torch.manual_seed(10 + seed)
     model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
     spec = permutation_spec(model_a, torch.randn(2, 64))
@@ -146,3 +147,24 @@ def test_activation_matching_recovers_a_planted_permutation(name: str) -> None:
     assert bool(hidden) == any("leaves 2 group(s) in place" in str(w.message) for w in caught)
     for group, perm in planted.inverse().perms.items():
         assert torch.equal(result.perms[group], perm), group
+
+
+def test_models_of_different_dtypes_are_refused_with_the_fix() -> None:
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1).double()
+    with pytest.raises(SpecError, match=r"float32 in model_a but torch.float64 in model_b.*model_b.to\(torch.float32\)"):
+        weight_matching(model_a, model_b, example_input=inputs(model_a))
+
+
+def test_models_on_different_devices_are_refused_with_the_fix() -> None:
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1).to("meta")
+    with pytest.raises(SpecError, match=r"on cpu in model_a but on meta in model_b.*model_b.to\('cpu'\)"):
+        weight_matching(model_a, model_b, example_input=inputs(model_a))
+
+
+def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
+    spec = permutation_spec(model_a, inputs(model_a))
+    name = spec.groups[next(iter(spec.groups))][0].tensor
+    typo = PermutationSpec({"g": [(name.replace("weight", "wieght"), 0)]})
+    with pytest.raises(SpecError, match=rf"no tensor {typo.groups['g'][0].tensor!r} \(did you mean {name!r}.*state_dict\(\) keys"):
+        weight_matching(model_a, model_b, spec=typo)

@@ -52,12 +52,13 @@ class WarmStart:
     candidates: Tensor
 
 
-def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
+def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = False) -> tuple[Tensor, WarmStart | None]:
     """(σ, warm start): an optimal assignment of `cost` ([n, n], maximised), and what it leaves for the next
-    solve (None when the dense solver answered). `warm` only makes it faster."""
+    solve (None when the dense solver answered). `warm` only makes it faster. `force`: the certified path also
+    under DENSE_BELOW units."""
     n = cost.shape[0]
     c = cost.double()
-    if n < DENSE_BELOW:
+    if n < DENSE_BELOW and not force:
         return _dense(c), None
     if warm is None:
         prices = c.amax(dim=0)
@@ -102,15 +103,29 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, Warm
     return _dense(c), None
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every compiled function of this module for the argument types that
+    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix. `make` runs it at install, so
+    that the cache is filled before the first use."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 4, generator=generator, dtype=torch.float64), torch.randn(4, 64, generator=generator)
+    cost = torch.cat([a @ b.double(), a @ b.double().roll(1, 1)], dim=1).repeat(4, 2)
+    cost = cost + 1e-3 * torch.rand(cost.shape, generator=generator, dtype=torch.float64)
+    sigma, warm = solve_lap(cost, force=True)
+    solve_lap(cost + 0.1 * cost.roll(1, 0), warm, force=True)
+
+
 def _dense(c: Tensor) -> Tensor:
     return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _row_best(c, p, rows):  # pragma: no cover - compiled
-    """max_k (C[i, k] − p_k) for each i in rows: one read of those rows, no n×n temporary."""
+    """max_k (C[i, k] − p_k) for each i in rows: one read of those rows, no n×n temporary. Serial: a parallel
+    loop starts numba's own OpenMP threads, which spin against torch's and made every torch call after it
+    several times slower on 2 cores."""
     best = np.empty(rows.shape[0])
-    for t in numba.prange(rows.shape[0]):
+    for t in range(rows.shape[0]):
         i = rows[t]
         m = -np.inf
         for k in range(c.shape[1]):

@@ -15,7 +15,8 @@ step's result:
      instead of the full one;
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
-     paths, and the same check certifies the exact optimum.
+     paths, and the same check certifies the exact optimum. A process's first call does not wait for the
+     compiled solver to load (`lap_loading.py`): meanwhile scipy's solves the small LAPs.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history is exact: J before the first sweep and at the end are computed directly (float64);
@@ -31,10 +32,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .. import ops_torch
 from ..ops import permutation_cost
+from . import lap_loading
 from .derive import permutation_spec
 from .permutation import Permutation
-from .spec import Axis, PermutationSpec, SpecError, as_args, axis_index, check_same_architecture, parameter_names
+from .sources import ModelSource, objective_tensors, read_source
+from .spec import Axis, PermutationSpec, SpecError, as_args, axis_index, check_same_architecture, check_same_states
 
 if TYPE_CHECKING:
     from .lap import WarmStart
@@ -109,6 +113,15 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     return perms
 
 
+def _products(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Σ_j a_j · b_jᵀ ([n, n]). On the CPU plain torch: the `permutation_cost` op's dispatch costs a process
+    about 2 s at its first call (it imports torch._dynamo) and buys nothing here (no autograd, no kernel); on
+    other devices the op, for its kernel."""
+    if a[0].device.type == "cpu":
+        return ops_torch.permutation_cost(a, b, [None] * len(a))
+    return permutation_cost(a, b, [None] * len(a))
+
+
 def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
     """mat_a(w): [n, m] with the n units of axis `dim` (blocks of `inner`) as rows."""
     return torch.movedim(w, dim, 0).reshape(n, -1)
@@ -154,7 +167,7 @@ class _Matcher:
                     shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
                     self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
                     self.dependents[q].add(group)
-            self.const[group] = permutation_cost(const_a, const_b, [None] * len(const_a)).double() if const_a else None
+            self.const[group] = _products(const_a, const_b).double() if const_a else None
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
@@ -178,7 +191,7 @@ class _Matcher:
             if a.shape[0] <= SMALL_UPDATE:
                 cache.addmm_(a.T.double(), b.double())
             else:
-                cache += permutation_cost([a.T], [b.T], [None])
+                cache += _products([a.T], [b.T])
             term.seen = now
         if not self.generic[group]:
             return cache
@@ -189,7 +202,7 @@ class _Matcher:
                 if other.dim != axis.dim:
                     wb = wb.index_select(other.dim, axis_index(perms[q], other, wb.shape[other.dim]))
             a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
-            total += permutation_cost([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)], [None]).double()
+            total += _products([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)]).double()
         return total
 
 
@@ -208,8 +221,8 @@ def matching_objective(
 
 
 def weight_matching(
-    model_a: nn.Module,
-    model_b: nn.Module,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     spec: PermutationSpec | None = None,
     example_input: Tensor | tuple[Tensor, ...] | None = None,
@@ -219,21 +232,28 @@ def weight_matching(
 ) -> Permutation:
     """Permutation of model_b's hidden units that maximises Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ (Ainsworth et al. 2023, Alg. 1).
 
-    The spec is derived from model_a and `example_input` unless given. Returns a Permutation whose `apply(model_b)`
-    gives the aligned model; `objective_history` and `iterations` (sweeps) record the run.
+    The models are modules, state dicts, or paths of saved state dicts, read memory-mapped (see `sources.py`;
+    then `spec` is needed). The spec is derived from model_a and `example_input` unless given. Returns a
+    Permutation whose `apply(model_b)` gives the aligned model; `objective_history` and `iterations` (sweeps)
+    record the run.
     """
-    from .lap import solve_lap  # here, not at the top: numba's import (0.4 s) only when matching runs
-
-    check_same_architecture(model_a, model_b)
+    state_a, state_b = read_source(model_a, "model_a"), read_source(model_b, "model_b")
+    if isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module):
+        check_same_architecture(model_a, model_b)
+    else:
+        check_same_states(state_a, state_b)
     if spec is None:
-        if example_input is None:
-            raise SpecError("weight_matching needs spec= or example_input= to derive one")
+        if example_input is None or not isinstance(model_a, nn.Module):
+            raise SpecError(
+                "weight_matching needs spec=, or example_input= with model_a a module to derive one "
+                "(permutation_spec(model, example_input) derives it once for state dicts and files)"
+            )
         spec = permutation_spec(model_a, example_input)
     elif example_input is not None and spec.example_input is None:
-        spec = PermutationSpec(spec.groups, example_input=as_args(example_input))
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+        spec = PermutationSpec(spec.groups, example_input=as_args(example_input), heads=spec.heads)
+    spec.sizes(state_a)
     spec.sizes(state_b)
-    params = parameter_names(model_a)
+    params = objective_tensors(model_a, state_a)
     for label, state in (("model_a", state_a), ("model_b", state_b)):
         bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
         if bad is not None:
@@ -267,7 +287,7 @@ def weight_matching(
                 if unit[0] in tie_of:
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    col, warm[unit[0]] = solve_lap(costs[0], warm.get(unit[0]))
+                    col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)

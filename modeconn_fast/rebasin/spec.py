@@ -19,6 +19,7 @@ way, and move heads only all in the same order (q·k of every head and head h's 
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -132,7 +133,12 @@ class PermutationSpec:
         for name, axes in self.groups.items():
             for axis in axes:
                 if axis.tensor not in state:
-                    raise SpecError(f"group {name!r}: the model has no tensor {axis.tensor!r}")
+                    near = difflib.get_close_matches(axis.tensor, list(state), n=3)
+                    hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+                    raise SpecError(
+                        f"group {name!r}: the model has no tensor {axis.tensor!r}{hint}; a spec names tensors by their "
+                        "state_dict() keys: fix the spec, or derive it with permutation_spec(model, example_input)"
+                    )
                 shape = state[axis.tensor].shape
                 if not 0 <= axis.dim < len(shape):
                     raise SpecError(f"group {name!r}: {axis.tensor} has shape {tuple(shape)}, no axis {axis.dim}")
@@ -172,7 +178,11 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     if types_a != types_b:
         diff = next(((a, b) for a, b in zip(types_a, types_b) if a != b), (types_a[len(types_b):], types_b[len(types_a):]))
         raise SpecError(f"models have different architectures: module {diff[0]} vs {diff[1]}")
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    check_same_states(model_a.state_dict(), model_b.state_dict())
+
+
+def check_same_states(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:
+    """Raise SpecError unless both state dicts have the same tensor names and shapes, devices and dtypes."""
     if list(state_a) != list(state_b):
         missing = sorted(set(state_a) ^ set(state_b))
         raise SpecError(f"models have different architectures: tensors not in both: {missing[:5]}")
@@ -181,11 +191,23 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
             raise SpecError(
                 f"models have different architectures: {key} is {tuple(tensor.shape)} vs {tuple(state_b[key].shape)}"
             )
+    check_same_placement(state_a, state_b)
 
 
-def parameter_names(model: nn.Module) -> set[str]:
-    """Names of the trainable tensors (the weight-matching objective uses these, not buffers)."""
-    return {name for name, _ in model.named_parameters()}
+def check_same_placement(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:
+    """Raise SpecError unless every tensor of both state dicts has one device and one dtype per key."""
+    for key, tensor in state_a.items():
+        other = state_b[key]
+        if tensor.device != other.device:
+            raise SpecError(
+                f"{key} is on {tensor.device} in model_a but on {other.device} in model_b: move both models to one "
+                f"device first, e.g. model_b.to({str(tensor.device)!r})"
+            )
+        if tensor.dtype != other.dtype:
+            raise SpecError(
+                f"{key} is {tensor.dtype} in model_a but {other.dtype} in model_b: convert both models to one dtype "
+                f"first, e.g. model_b.to({tensor.dtype})"
+            )
 
 
 def _overlap(a: Axis, b: Axis) -> bool:

@@ -1,0 +1,63 @@
+"""The compiled LAP (`lap.py`, numba) loads in a background thread; until it is ready, LAPs go to scipy.
+
+Loading costs a new process about 0.3 s for `import numba` and 0.3–0.5 s to read the compiled code from numba's
+cache (several seconds if the cache is empty: `make` fills it at install, see `lap.warm_up`). The first
+`weight_matching` call starts the load and does not wait for it: a LAP of up to `SCIPY_WHILE_LOADING` units
+meanwhile goes to `scipy.optimize.linear_sum_assignment`, which returns an exact optimum as well (the same one
+but for exact ties); a larger LAP waits for the compiled solver, which is then faster than scipy's.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .lap import WarmStart
+
+SCIPY_WHILE_LOADING = 1024  # largest LAP given to scipy rather than waiting for the compiled solver
+
+_ready = threading.Event()
+_started = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def start() -> None:
+    """Start loading the compiled LAP in a daemon thread (once per process; later calls return at once)."""
+    global _thread
+    with _started:
+        if _thread is None:
+            _thread = threading.Thread(target=_load, name="modeconn_fast-lap-loading", daemon=True)
+            _thread.start()
+
+
+def _load() -> None:
+    try:
+        from . import lap
+
+        lap.warm_up()
+    finally:
+        _ready.set()  # also on failure: the waiting caller's own import of lap then raises the error
+
+
+def wait() -> None:
+    """Block until the compiled LAP is loaded (starting the load if needed)."""
+    start()
+    _ready.wait()
+
+
+def solve(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
+    """`lap.solve_lap(cost, warm)` once the compiled solver is loaded; before, scipy's exact dense solver for
+    up to SCIPY_WHILE_LOADING units (no warm start is left then), else wait for the load."""
+    start()
+    if not _ready.is_set() and cost.shape[0] <= SCIPY_WHILE_LOADING:
+        cols = linear_sum_assignment(np.ascontiguousarray(cost.double().numpy()), maximize=True)[1]
+        return torch.as_tensor(cols, dtype=torch.long), None
+    _ready.wait()
+    from .lap import solve_lap
+
+    return solve_lap(cost, warm)
