@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from helpers import assert_same_loss_and_error, plain_loop, seeded
 from modeconn_fast import Basis, SubspaceView, evaluate
-from modeconn_fast.engine import recurrent, transformer
+from modeconn_fast.engine import recurrent
 
 COEFFS = torch.tensor([[1.0, 0.0], [0.6, 0.4], [-0.2, 1.2], [0.0, 1.0]])
 TOKENS = 13
@@ -138,17 +138,6 @@ class Decoder(nn.Module):
 def test_transformer_decoder_with_causal_mask(norm_first, stack):
     torch.manual_seed(0)
     assert_native_and_matches_loop(lambda: Decoder(norm_first, stack), torch.randn(10, 6, 5), torch.randint(0, 3, (10,)))
-
-
-def test_transformer_layers_in_blocks_of_points(monkeypatch):
-    """Layers run point by point (the blocks of large inputs): folded padding masks and memories are cut to each
-    block's rows; values and gradients as before."""
-    monkeypatch.setattr(transformer, "BLOCK_BYTES", 1)
-    torch.manual_seed(0)
-    assert_native_and_matches_loop(lambda: EncoderClassifier(False, False), tokens_with_padding(),
-                                   torch.randint(0, 3, (9,)))
-    assert_native_and_matches_loop(lambda: Decoder(True, True), torch.randn(10, 6, 5), torch.randint(0, 3, (10,)))
-    assert_gradients_match(lambda: EncoderClassifier(norm_first=True, dropout=0.0), tokens_with_padding(5, 6))
 
 
 def test_wrapped_attention_exposes_what_callers_read():

@@ -16,23 +16,17 @@ mask), set the outputs at padded positions to zero before the final norm as torc
 attention over the memory between the two blocks. Reads of any other attribute (`norm_first`, `num_layers`,
 ...) go to the original module.
 
-On CPU a layer runs its points in blocks whose largest intermediate (q/k/v, or the feed-forward's hidden units)
-stays under BLOCK_BYTES: the points do not interact, and the products of one point ([M·L, E] × [E, 3E]) are
-large enough alone, while tensors of many points at once leave the cache and, above glibc's 32 MiB threshold,
-are fresh pages on every call. Without gradients, residual sums and ReLU run in place.
+Without gradients, residual sums and ReLU run in place.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import SubspaceLayer
-from .state import ViewState
-
-BLOCK_BYTES = 8 << 20
 
 
 class StandIn(nn.Module):
@@ -66,16 +60,15 @@ class SubspaceTransformerEncoderLayer(StandIn):
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
         batch_first = self.self_attn.batch_first
+        x = _points_first(src, batch_first)
         masks = dict(attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        x = _in_point_blocks(self, self._block, _points_first(src, batch_first), None, masks)
-        return _points_first(x, batch_first)
-
-    def _block(self, x: Tensor, memory: None, masks: dict[str, Any]) -> Tensor:
         if self.norm_first:
             x = _residual(x, self.dropout1(_attend(self.self_attn, self.norm1(x), None, masks)))
-            return _residual(x, _feed_forward(self, self.norm2(x), self.dropout2))
-        x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, masks))))
-        return self.norm2(_residual(x, _feed_forward(self, x, self.dropout2)))
+            x = _residual(x, _feed_forward(self, self.norm2(x), self.dropout2))
+        else:
+            x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, masks))))
+            x = self.norm2(_residual(x, _feed_forward(self, x, self.dropout2)))
+        return _points_first(x, batch_first)
 
 
 class SubspaceTransformerDecoderLayer(StandIn):
@@ -86,65 +79,18 @@ class SubspaceTransformerDecoderLayer(StandIn):
                 tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
                 tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
         batch_first = self.self_attn.batch_first
-        masks = dict(attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal,
-                     memory_mask=memory_mask, memory_key_padding_mask=memory_key_padding_mask,
-                     memory_is_causal=memory_is_causal)
-        x = _in_point_blocks(self, self._block, _points_first(tgt, batch_first), _points_first(memory, batch_first),
-                             masks)
-        return _points_first(x, batch_first)
-
-    def _block(self, x: Tensor, memory: Tensor, masks: dict[str, Any]) -> Tensor:
-        own = {name: masks[name] for name in ("attn_mask", "key_padding_mask", "is_causal")}
-        other = dict(attn_mask=masks["memory_mask"], key_padding_mask=masks["memory_key_padding_mask"],
-                     is_causal=masks["memory_is_causal"])
+        x, memory = _points_first(tgt, batch_first), _points_first(memory, batch_first)
+        own = dict(attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal)
+        other = dict(attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, is_causal=memory_is_causal)
         if self.norm_first:
             x = _residual(x, self.dropout1(_attend(self.self_attn, self.norm1(x), None, own)))
             x = _residual(x, self.dropout2(_attend(self.multihead_attn, self.norm2(x), memory, other)))
-            return _residual(x, _feed_forward(self, self.norm3(x), self.dropout3))
-        x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, own))))
-        x = self.norm2(_residual(x, self.dropout2(_attend(self.multihead_attn, x, memory, other))))
-        return self.norm3(_residual(x, _feed_forward(self, x, self.dropout3)))
-
-
-def _in_point_blocks(layer: StandIn, block: Callable[[Tensor, Any, dict[str, Any]], Tensor], x: Tensor,
-                     memory: Tensor | None, masks: dict[str, Any]) -> Tensor:
-    """block(x, memory, masks) on points-first x [P·M, L, E], run over blocks of points (see the module
-    docstring): the view's state holds one block's coefficient rows at a time; inputs and masks with a row per
-    folded sequence (or per sequence and head) are cut to the block's rows."""
-    state: ViewState | None = getattr(layer.self_attn, "state", None)
-    if state is None or state.points < 2 or x.device.type != "cpu" or x.shape[0] % state.points:
-        return block(x, memory, masks)
-    points, rows = state.points, x.shape[0] // state.points
-    widest = max(3 * x.shape[-1], layer.linear1.out_features)
-    per_point = x[:rows].numel() // x.shape[-1] * widest * x.element_size()
-    size = max(1, BLOCK_BYTES // per_point)
-    if size >= points:
-        return block(x, memory, masks)
-    coeffs, offset = state.coeffs, state.offset
-    heads = layer.self_attn.num_heads
-    outputs = []
-    try:
-        for start in range(0, points, size):
-            stop = min(points, start + size)
-            state.coeffs, state.offset = coeffs[start:stop], offset + start
-            cut = {name: _rows(mask, points * rows, heads, start * rows, stop * rows) for name, mask in masks.items()}
-            part = None if memory is None else memory[start * rows:stop * rows]
-            outputs.append(block(x[start * rows:stop * rows], part, cut))
-    finally:
-        state.coeffs, state.offset = coeffs, offset
-    return torch.cat(outputs)
-
-
-def _rows(mask: Any, folded: int, heads: int, start: int, stop: int) -> Any:
-    """The rows start:stop of a mask given per folded sequence ([P·M, S]) or per sequence and head
-    ([P·M·heads, L, S]); other masks (per position, or once for the M samples of one point) as they are."""
-    if not isinstance(mask, Tensor) or mask.dim() < 2:
-        return mask
-    if mask.shape[0] == folded and mask.dim() == 2:
-        return mask[start:stop]
-    if mask.shape[0] == folded * heads and mask.dim() == 3:
-        return mask[start * heads:stop * heads]
-    return mask
+            x = _residual(x, _feed_forward(self, self.norm3(x), self.dropout3))
+        else:
+            x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, own))))
+            x = self.norm2(_residual(x, self.dropout2(_attend(self.multihead_attn, x, memory, other))))
+            x = self.norm3(_residual(x, _feed_forward(self, x, self.dropout3)))
+        return _points_first(x, batch_first)
 
 
 def _residual(x: Tensor, update: Tensor) -> Tensor:
