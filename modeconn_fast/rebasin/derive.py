@@ -116,10 +116,7 @@ class _Derivation:
         return len(self.parent) - 1
 
     def find(self, slot: int) -> int:
-        while self.parent[slot] != slot:
-            self.parent[slot] = self.parent[self.parent[slot]]
-            slot = self.parent[slot]
-        return slot
+        return _root(self.parent, slot)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -137,9 +134,7 @@ class _Derivation:
         return len(self.tag_parent) - 1
 
     def find_tag(self, tag: int) -> int:
-        while self.tag_parent[tag] != tag:
-            tag = self.tag_parent[tag]
-        return tag
+        return _root(self.tag_parent, tag)
 
     def union_tags(self, a: int, b: int) -> int:
         ra, rb = self.find_tag(a), self.find_tag(b)
@@ -706,6 +701,14 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
 
 def _ndim(node: torch.fx.Node) -> int:
     return len(_shape(node))
+
+
+def _root(parent: list[int], item: int) -> int:
+    """The root of `item` in the union-find forest `parent` (halving the path on the way)."""
+    while parent[item] != item:
+        parent[item] = parent[parent[item]]
+        item = parent[item]
+    return item
 
 
 def _aligned(x: Feature, offset: int) -> Feature:
