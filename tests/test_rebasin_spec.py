@@ -111,12 +111,17 @@ class _Untraceable(nn.Module):
 
 
 class _Bilinear(nn.Module):
-    def __init__(self) -> None:
+    """fc1(x) @ fc2(x)ᵀ contracts the units of fc1 with those of fc2; `outer`: fc1(x)ᵀ @ fc2(x) does not."""
+
+    def __init__(self, outer: bool = False) -> None:
         super().__init__()
+        self.outer = outer
         self.fc1 = nn.Linear(4, 8)
         self.fc2 = nn.Linear(4, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outer:
+            return torch.matmul(self.fc1(x).T, self.fc2(x))
         return torch.matmul(self.fc1(x), self.fc2(x).T)
 
 
@@ -136,11 +141,21 @@ def test_untraceable_model_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("model", "example", "node"),
-    [(_Bilinear(), torch.randn(3, 4), "matmul"), (_Grouped(), torch.randn(1, 4, 5, 5), "conv")],
+    [(_Bilinear(outer=True), torch.randn(3, 4), "matmul"), (_Grouped(), torch.randn(1, 4, 5, 5), "conv")],
 )
 def test_unsupported_construct_names_the_node(model: nn.Module, example: torch.Tensor, node: str) -> None:
     with pytest.raises(SpecError, match=f"fx node '{node}'"):
         permutation_spec(model, example)
+
+
+def test_contracted_units_form_one_group() -> None:
+    model = _Bilinear()
+    spec = permutation_spec(model, torch.randn(3, 4))
+    assert {g: [str(a) for a in axes] for g, axes in spec.groups.items()} == {
+        "fc1": ["fc1.weight[0]", "fc1.bias[0]", "fc2.weight[0]", "fc2.bias[0]"]
+    }
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(random_permutation(spec, model).apply(model)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_input_residual_is_fixed() -> None:

@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from helpers import assert_same_loss_and_error, plain_loop, seeded
 from modeconn_fast import Basis, SubspaceView, evaluate
+from modeconn_fast.engine import recurrent
 
 COEFFS = torch.tensor([[1.0, 0.0], [0.6, 0.4], [-0.2, 1.2], [0.0, 1.0]])
 TOKENS = 13
@@ -250,6 +251,17 @@ def test_recurrent_networks(kind, layers, bidirectional, batch_first, first):
     torch.manual_seed(0)
     assert_native_and_matches_loop(lambda: RecurrentClassifier(kind, layers, bidirectional, batch_first, first=first),
                                    torch.randn(9, 6, 5), torch.randint(0, 3, (9,)))
+
+
+@pytest.mark.parametrize("kind, bidirectional", [("gru", True), ("lstm", False), ("rnn", True)])
+def test_recurrent_input_products_in_blocks_of_steps(kind, bidirectional, monkeypatch):
+    """Input products made a few steps at a time (the blocks of long sequences), forwards and backwards."""
+    monkeypatch.setattr(recurrent, "BLOCK_BYTES", 3 * 4 * 9 * 7 * 4)  # 4 points × 9 samples × 7 units (fp32):
+    # one step of gates at a time for the LSTM and GRU, blocks of 3, 3 and 1 steps for the RNN
+    torch.manual_seed(0)
+    assert_native_and_matches_loop(lambda: RecurrentClassifier(kind, 2, bidirectional, first=True),
+                                   torch.randn(9, 7, 5), torch.randint(0, 3, (9,)))
+    assert_gradients_match(lambda: RecurrentClassifier(kind, 2, bidirectional), torch.randn(4, 5, 5))
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_relu"])

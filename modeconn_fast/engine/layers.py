@@ -136,9 +136,12 @@ class SubspaceLayerNorm(SubspaceLayer):
             return y
         points = self.state.points
         y = y.reshape(points, -1, *self.normalized_shape)
-        if weight is not None:
+        if weight is not None and bias is not None:  # one pass; in place when no gradient is recorded
+            recorded = torch.is_grad_enabled() and (y.requires_grad or weight.requires_grad or bias.requires_grad)
+            y = torch.addcmul(bias.unsqueeze(1), y, weight.unsqueeze(1), **({} if recorded else {"out": y}))
+        elif weight is not None:
             y = y * weight.unsqueeze(1)
-        if bias is not None:
+        elif bias is not None:
             y = y + bias.unsqueeze(1)
         return y.reshape(x.shape)
 

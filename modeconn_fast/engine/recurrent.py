@@ -12,6 +12,10 @@ weights (one batched product a step over [P, N, H] states):
     GRU:  r, z = σ(gx_r + gh_r), σ(gx_z + gh_z);  n = tanh(gx_n + r ⊙ gh_n);  h = (1 − z) ⊙ n + z ⊙ h
     LSTM: i, f, o = σ(·), g = tanh(·) of gx + gh;  c = f ⊙ c + i ⊙ g;  h = o ⊙ tanh(c)
 
+b_hh goes into gx wherever it adds alike (all of it but GRU's b_hn), and each step's product accumulates onto
+gx (baddbmm), so a step costs one batched product (two for GRU: r, z and n) and a few in-place element-wise
+passes. The input products are made for blocks of steps at a time (BLOCK_BYTES of gx).
+
 Layers are stacked with dropout between them in train mode; a reverse direction reads the steps backwards.
 Inputs are [P·N, T, I] (batch_first) or [T, P·N, I]; PackedSequence and unbatched inputs are refused (the view
 then runs the whole model per point); `proj_size` is left to the vmap fallback.
@@ -27,6 +31,7 @@ from .layers import SubspaceLayer
 from .state import ViewState
 
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+BLOCK_BYTES = 8 << 20
 
 
 def supports_recurrent(module: nn.RNNBase) -> bool:
@@ -61,8 +66,8 @@ class SubspaceRecurrent(SubspaceLayer):
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 index = layer * directions + direction
-                gx = self._input_products(layer_input, suffix, layer == 0, steps, samples)
-                states, h, c = self._recur(gx, suffix, h0[index], None if c0 is None else c0[index], bool(direction))
+                states, h, c = self._layer(layer_input, suffix, layer == 0, steps, samples, h0[index],
+                                           None if c0 is None else c0[index], bool(direction))
                 outputs.append(states)
                 last_h.append(h)
                 last_c.append(c)
@@ -79,58 +84,81 @@ class SubspaceRecurrent(SubspaceLayer):
             return out, h_n
         return out, (h_n, torch.stack(last_c).reshape(len(last_c), rows, self.hidden_size))
 
-    def _input_products(self, x: Tensor, suffix: str, first: bool, steps: int, samples: int) -> Tensor:
-        """gx [T, P, N, G·H] (a strided view of [P, T, N, G·H]) for a layer input [P·N, T, I] (the first layer)
-        or [T, P, N, F]. Rows are put in time-major order before the product (the input is the smaller tensor)."""
+    def _input_products(self, x: Tensor, suffix: str, first: bool, span: slice, samples: int) -> Tensor:
+        """gx [t, P, N, G·H] for the steps `span` (t of them; a strided view of [P, t, N, G·H]) of a layer input
+        [P·N, T, I] (the first layer) or [T, P, N, F]. Rows are put in time-major order before the product (the
+        input is the smaller tensor). b_hh is added here where it adds to gx alike (GRU: its r and z parts)."""
         state, points = self.state, self.state.points
         weight, bias = self.stacked["weight_ih" + suffix], self.stacked.get("bias_ih" + suffix)
-        if self.mode != "GRU" and "bias_hh" + suffix in self.stacked:  # b_hh adds to gx alike: one addition here
-            hidden_bias = self.stacked["bias_hh" + suffix]
+        hidden_bias = self.stacked.get("bias_hh" + suffix)
+        if hidden_bias is not None:
+            if self.mode == "GRU":  # b_hn stays inside r ⊙ (h W_hnᵀ + b_hn)
+                hidden_bias = torch.cat([hidden_bias[:, :2 * self.hidden_size],
+                                         hidden_bias.new_zeros(hidden_bias.shape[0], self.hidden_size)], dim=1)
             bias = hidden_bias if bias is None else bias + hidden_bias
         if first:
             shared = state.shared_rows(x)
-            if shared is not None:  # [T·N, I] once for all points
-                rows = shared[1].transpose(0, 1).reshape(-1, x.shape[-1])
+            if shared is not None:  # [t·N, I] once for all points
+                rows = shared[1][:, span].transpose(0, 1).reshape(-1, x.shape[-1])
             else:
-                rows = x.reshape(points, samples, steps, -1).transpose(1, 2).reshape(points, -1, x.shape[-1])
+                rows = x.reshape(points, samples, x.shape[1], -1)[:, :, span]
+                rows = rows.transpose(1, 2).reshape(points, -1, x.shape[-1])
         else:
-            rows = x.transpose(0, 1).reshape(points, -1, x.shape[-1])  # [P, T·N, F]
-        gx = ops.combined_linear(rows, weight, bias, state.coeffs)  # [P, T·N, G·H]
-        return gx.reshape(points, steps, samples, -1).transpose(0, 1)
+            rows = x[span].transpose(0, 1).reshape(points, -1, x.shape[-1])  # [P, t·N, F]
+        gx = ops.combined_linear(rows, weight, bias, state.coeffs)  # [P, t·N, G·H]
+        return gx.reshape(points, -1, samples, gx.shape[-1]).transpose(0, 1)
 
-    def _recur(self, gx: Tensor, suffix: str, h: Tensor, c: Tensor | None, reverse: bool
-               ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Runs the steps of one layer and direction: (states [T, P, N, H], last h, last c). Without gradients the
-        states are written straight into their [T, ...] tensor."""
+    def _layer(self, x: Tensor, suffix: str, first: bool, steps: int, samples: int, h: Tensor, c: Tensor | None,
+               reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Runs the steps of one layer and direction: (states [T, P, N, H], last h, last c). The input products
+        are made for blocks of steps whose gx stays under BLOCK_BYTES (on CPU: in the cache, and not fresh pages
+        each time). Without gradients the states are written straight into their [T, ...] tensor."""
         coeffs, H = self.state.coeffs, self.hidden_size
         weight = ops.mix(coeffs, self.stacked["weight_hh" + suffix]).transpose(1, 2)  # [P, H, G·H]
-        hidden_bias = self.mixed("bias_hh" + suffix) if self.mode == "GRU" else None  # others: in gx already
-        in_place = not (torch.is_grad_enabled() and (gx.requires_grad or weight.requires_grad or h.requires_grad))
-        states = h.new_empty(gx.shape[0], *h.shape) if in_place else []
-        for t in (range(gx.shape[0] - 1, -1, -1) if reverse else range(gx.shape[0])):
-            gh = torch.bmm(h, weight)
-            g = gx[t]
-            if self.mode == "GRU":  # b_hh stays inside r ⊙ (h W_hnᵀ + b_hn)
-                gh = gh + hidden_bias.unsqueeze(1)
-                r, z = torch.sigmoid(g[..., :2 * H] + gh[..., :2 * H]).chunk(2, dim=-1)
-                n = torch.tanh(torch.addcmul(g[..., 2 * H:], r, gh[..., 2 * H:]))
-                h = torch.addcmul(n, z, h - n, out=states[t]) if in_place else torch.addcmul(n, z, h - n)
-            elif self.mode == "LSTM":
-                gates = g + gh
-                i, f = torch.sigmoid(gates[..., :2 * H]).chunk(2, dim=-1)
-                o = torch.sigmoid(gates[..., 3 * H:])
-                c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * H:3 * H]))
-                h = torch.mul(o, torch.tanh(c), out=states[t]) if in_place else o * torch.tanh(c)
-            elif in_place:
-                h = torch.add(g, gh, out=states[t])
-                h = h.tanh_() if self.mode == "RNN_TANH" else h.relu_()
-            else:
-                h = torch.tanh(g + gh) if self.mode == "RNN_TANH" else torch.relu(g + gh)
-            if not in_place:
-                states.append(h)
-        if not in_place:
-            states = torch.stack(states[::-1] if reverse else states)
+        b_hn = None
+        if self.mode == "GRU" and "bias_hh" + suffix in self.stacked:
+            b_hn = ops.mix(coeffs, self.stacked["bias_hh" + suffix][:, 2 * H:]).unsqueeze(1)  # [P, 1, H]
+        recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or h.requires_grad
+                                                or any(t.requires_grad for t in self.stacked.values()))
+        states = h.new_empty(steps, *h.shape) if not recorded else [None] * steps
+        per_step = h.numel() * GATES[self.mode] * h.element_size()
+        span = steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step)
+        starts = list(range(0, steps, span))
+        for start in (reversed(starts) if reverse else starts):
+            stop = min(steps, start + span)
+            gx = self._input_products(x, suffix, first, slice(start, stop), samples)
+            for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
+                out = None if recorded else states[t]
+                h, c = self._step(gx[t - start], h, c, weight, b_hn, out)
+                if recorded:
+                    states[t] = h
+        if recorded:
+            states = torch.stack(states)
         return states, h, c
+
+    def _step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None,
+              out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One step for all points: g = gx[t] [P, N, G·H], h [P, N, H], weight [P, H, G·H]; the new h is written
+        to `out` (then every temporary is updated in place) or returned as a new tensor (gradients recorded)."""
+        H, inplace = self.hidden_size, out is not None
+        if self.mode == "GRU":
+            rz = torch.baddbmm(g[..., :2 * H], h, weight[..., :2 * H])
+            rz = rz.sigmoid_() if inplace else rz.sigmoid()
+            r, z = rz.chunk(2, dim=-1)
+            hn = torch.bmm(h, weight[..., 2 * H:]) if b_hn is None else torch.baddbmm(b_hn, h, weight[..., 2 * H:])
+            n = torch.addcmul(g[..., 2 * H:], r, hn)
+            n = n.tanh_() if inplace else n.tanh()
+            return (torch.lerp(n, h, z, out=out) if inplace else torch.lerp(n, h, z)), None
+        gates = torch.baddbmm(g, h, weight)  # b_hh is in g already
+        if self.mode == "LSTM":
+            i, f = torch.sigmoid(gates[..., :2 * H]).chunk(2, dim=-1)
+            o = torch.sigmoid(gates[..., 3 * H:])
+            c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * H:3 * H]))
+            return (torch.mul(o, torch.tanh(c), out=out) if inplace else o * torch.tanh(c)), c
+        if inplace:
+            out.copy_(gates)
+            return (out.tanh_() if self.mode == "RNN_TANH" else out.relu_()), None
+        return (torch.tanh(gates) if self.mode == "RNN_TANH" else torch.relu(gates)), None
 
     def _initial_states(self, hx: Tensor | tuple[Tensor, Tensor] | None, rows: int, directions: int
                         ) -> tuple[Tensor, Tensor | None]:

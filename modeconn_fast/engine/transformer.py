@@ -15,12 +15,15 @@ and, where torch's encoder would run its layers on a nested tensor (eval mode, a
 mask), set the outputs at padded positions to zero before the final norm as torch does. The decoder layer adds
 attention over the memory between the two blocks. Reads of any other attribute (`norm_first`, `num_layers`,
 ...) go to the original module.
+
+Without gradients, residual sums and ReLU run in place.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import SubspaceLayer
@@ -60,11 +63,11 @@ class SubspaceTransformerEncoderLayer(StandIn):
         x = _points_first(src, batch_first)
         masks = dict(attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         if self.norm_first:
-            x = x + self.dropout1(_attend(self.self_attn, self.norm1(x), None, masks))
-            x = x + _feed_forward(self, self.norm2(x), self.dropout2)
+            x = _residual(x, self.dropout1(_attend(self.self_attn, self.norm1(x), None, masks)))
+            x = _residual(x, _feed_forward(self, self.norm2(x), self.dropout2))
         else:
-            x = self.norm1(x + self.dropout1(_attend(self.self_attn, x, None, masks)))
-            x = self.norm2(x + _feed_forward(self, x, self.dropout2))
+            x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, masks))))
+            x = self.norm2(_residual(x, _feed_forward(self, x, self.dropout2)))
         return _points_first(x, batch_first)
 
 
@@ -80,14 +83,21 @@ class SubspaceTransformerDecoderLayer(StandIn):
         own = dict(attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal)
         other = dict(attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, is_causal=memory_is_causal)
         if self.norm_first:
-            x = x + self.dropout1(_attend(self.self_attn, self.norm1(x), None, own))
-            x = x + self.dropout2(_attend(self.multihead_attn, self.norm2(x), memory, other))
-            x = x + _feed_forward(self, self.norm3(x), self.dropout3)
+            x = _residual(x, self.dropout1(_attend(self.self_attn, self.norm1(x), None, own)))
+            x = _residual(x, self.dropout2(_attend(self.multihead_attn, self.norm2(x), memory, other)))
+            x = _residual(x, _feed_forward(self, self.norm3(x), self.dropout3))
         else:
-            x = self.norm1(x + self.dropout1(_attend(self.self_attn, x, None, own)))
-            x = self.norm2(x + self.dropout2(_attend(self.multihead_attn, x, memory, other)))
-            x = self.norm3(x + _feed_forward(self, x, self.dropout3))
+            x = self.norm1(_residual(x, self.dropout1(_attend(self.self_attn, x, None, own))))
+            x = self.norm2(_residual(x, self.dropout2(_attend(self.multihead_attn, x, memory, other))))
+            x = self.norm3(_residual(x, _feed_forward(self, x, self.dropout3)))
         return _points_first(x, batch_first)
+
+
+def _residual(x: Tensor, update: Tensor) -> Tensor:
+    """x + update; in place into `update` (a fresh tensor of the layer's own) when no gradient is recorded."""
+    if torch.is_grad_enabled() and (x.requires_grad or update.requires_grad):
+        return x + update
+    return update.add_(x)
 
 
 def _attend(attention: nn.Module, x: Tensor, memory: Tensor | None, masks: dict[str, Any]) -> Tensor:
@@ -100,7 +110,12 @@ def _attend(attention: nn.Module, x: Tensor, memory: Tensor | None, masks: dict[
 
 
 def _feed_forward(layer: StandIn, x: Tensor, dropout: nn.Module) -> Tensor:
-    return dropout(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+    hidden = layer.linear1(x)
+    if layer.activation is F.relu and not (torch.is_grad_enabled() and hidden.requires_grad):
+        hidden = hidden.relu_()
+    else:
+        hidden = layer.activation(hidden)
+    return dropout(layer.linear2(layer.dropout(hidden)))
 
 
 class SubspaceTransformerEncoder(StandIn):

@@ -95,7 +95,7 @@ def activation_matching(
     if hidden:
         warnings.warn(
             f"activation_matching leaves {len(hidden)} group(s) in place that no traced activation carries (units "
-            f"inside nn.MultiheadAttention or nn.TransformerEncoderLayer: {hidden[:3]}); weight_matching aligns them",
+            f"within attention heads: {hidden[:3]}); weight_matching aligns them",
             stacklevel=2,
         )
     carriers = {name: (group, dim, inner) for group, nodes in traced_a.activations.items() for name, dim, inner in nodes}

@@ -11,7 +11,12 @@ permutation acting on it:
   - the model's inputs and outputs belong to the special FIXED slot: whatever unites with it is not permuted;
   - nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder are leaves of the trace whose
     structure is written out here: the residual stream, the feed-forward units, and per attention module a q/k
-    group and a v group whose units permute within each head, heads moving as blocks (spec.Heads).
+    group and a v group whose units permute within each head, heads moving as blocks (spec.Heads);
+  - attention written out by hand (GPT style) is followed op by op: a view that splits a unit axis of E into
+    [H, E/H] gives the tensor a head axis (a head tag, its own union-find), `q @ kᵀ` or scaled_dot_product_attention
+    unites the q and k groups and ties the heads of q, k and v, `weights @ v` keeps v's units, and the view that
+    merges [H, E/H] back gives plain units of a head-structured group; `split`/`chunk` of a fused qkv Linear's
+    output carves its rows into one group per part.
 Anything else raises SpecError naming the fx node.
 """
 from __future__ import annotations
@@ -60,15 +65,33 @@ _POOL_FUNCTIONS = {
 }  # fmt: skip
 _RESHAPES = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_SPLITS = {torch.split, torch.chunk, "split", "chunk"}
+_MASKED_FILL = {torch.masked_fill, "masked_fill", "masked_fill_"}
+_CONSTANTS = {  # tensors made from shapes or fixed tensors only (masks, positions): nothing to permute
+    torch.arange, torch.ones, torch.zeros, torch.full, torch.empty, torch.eye, torch.tril, torch.triu, torch.ones_like,
+    torch.zeros_like, torch.logical_not, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.invert, "tril", "triu", "bool", "long", "int", "eq", "ne", "logical_not",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Feature:
-    """A tensor whose axis `dim` carries units of slot `slot`, each a block of `inner` entries; dim None: none."""
+    """A tensor whose axis `dim` carries units of slot `slot`, each a block of `inner` entries; dim None: none.
+
+    Attention heads split out of the unit axis: axis `heads` indexes the head (head tag `tag`) and axis `dim` the
+    units within it; a tensor with `heads` but dim None (attention scores) carries the head order only."""
 
     dim: int | None
     slot: int = FIXED
     inner: int = 1
+    heads: int | None = None
+    tag: int = 0
+
+    @property
+    def live(self) -> bool:
+        """Whether any axis of the tensor follows a permutation (units or head order)."""
+        return self.dim is not None or self.heads is not None
 
 
 class _Derivation:
@@ -81,6 +104,10 @@ class _Derivation:
         self.axes: list[tuple[str, int, int, int, int, int | None]] = []  # tensor, dim, slot, inner, start, stop
         self.state: dict[torch.fx.Node, Any] = {}
         self.carriers: list[tuple[str, Feature]] = []  # every node whose output carries permuted units
+        self.tag_parent: list[int] = []  # union-find over head tags: heads that must move in one order
+        self.tag_heads: list[int] = []  # number of heads of each tag
+        self.tag_fixed: set[int] = set()  # tags whose heads must stay in place
+        self.slot_tag: dict[int, int] = {}  # root slot -> head tag of a head-structured group
 
     # union-find over slots; FIXED is its own class
     def new_slot(self, opener: str) -> int:
@@ -89,15 +116,51 @@ class _Derivation:
         return len(self.parent) - 1
 
     def find(self, slot: int) -> int:
-        while self.parent[slot] != slot:
-            self.parent[slot] = self.parent[self.parent[slot]]
-            slot = self.parent[slot]
-        return slot
+        return _root(self.parent, slot)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:  # the older slot (FIXED first) stays root, so groups are named after their first opener
-            self.parent[max(ra, rb)] = min(ra, rb)
+            root, child = min(ra, rb), max(ra, rb)
+            self.parent[child] = root
+            if child in self.slot_tag:  # a group joined with a head-structured one keeps its head structure
+                tag = self.slot_tag.pop(child)
+                self.slot_tag[root] = self.union_tags(self.slot_tag[root], tag) if root in self.slot_tag else tag
+
+    # union-find over head tags
+    def new_tag(self, num_heads: int) -> int:
+        self.tag_parent.append(len(self.tag_parent))
+        self.tag_heads.append(num_heads)
+        return len(self.tag_parent) - 1
+
+    def find_tag(self, tag: int) -> int:
+        return _root(self.tag_parent, tag)
+
+    def union_tags(self, a: int, b: int) -> int:
+        ra, rb = self.find_tag(a), self.find_tag(b)
+        if self.tag_heads[ra] != self.tag_heads[rb]:
+            raise SpecError(f"attention tensors with {self.tag_heads[ra]} and {self.tag_heads[rb]} heads meet")
+        if ra != rb:
+            self.tag_parent[max(ra, rb)] = min(ra, rb)
+            if max(ra, rb) in self.tag_fixed:
+                self.tag_fixed.add(min(ra, rb))
+        return min(ra, rb)
+
+    def fix_heads(self, tag: int) -> None:
+        self.tag_fixed.add(self.find_tag(tag))
+
+    def slot_heads(self, node: torch.fx.Node, slot: int, num_heads: int) -> int:
+        """The head tag of `slot` split into `num_heads` heads (a new one unless the slot has heads already)."""
+        root = self.find(slot)
+        if root == self.find(FIXED):  # fixed units: the heads of whatever meets them stay in place
+            tag = self.new_tag(num_heads)
+            self.fix_heads(tag)
+            return tag
+        if root not in self.slot_tag:
+            self.slot_tag[root] = self.new_tag(num_heads)
+        elif self.tag_heads[self.find_tag(self.slot_tag[root])] != num_heads:
+            raise self.fail(node, f"units already split into {self.tag_heads[self.find_tag(self.slot_tag[root])]} heads")
+        return self.slot_tag[root]
 
     def claim(self, tensor: str, dim: int, feature: Feature, start: int = 0, stop: int | None = None) -> None:
         if feature.dim is not None:
@@ -116,6 +179,8 @@ class _Derivation:
                 for value in _tensors_in(node.args, self.state):
                     if isinstance(value, Feature) and value.dim is not None:
                         self.union(value.slot, FIXED)
+                    if isinstance(value, Feature) and value.heads is not None:
+                        self.fix_heads(value.tag)
             elif node.op == "get_attr":
                 self.state[node] = ("param", node.target)
             elif node.op == "call_module":
@@ -123,7 +188,7 @@ class _Derivation:
             else:
                 self.state[node] = self.function(node)
             value = self.state.get(node)
-            if isinstance(value, Feature) and value.dim is not None and node.op != "output":
+            if isinstance(value, Feature) and value.dim is not None and value.heads is None and node.op != "output":
                 self.carriers.append((node.name, value))
 
     def input(self, node: torch.fx.Node, index: int = 0) -> Feature:
@@ -136,6 +201,8 @@ class _Derivation:
         name = node.target
         x = self.input(node)
         ndim = _ndim(node.args[0])
+        if x.heads is not None and not isinstance(mod, _ELEMENTWISE_MODULES):
+            raise self.fail(node, f"module type {type(mod).__name__} over attention heads is not supported")
         if isinstance(mod, nn.Linear):
             if x.dim is not None and x.dim != ndim - 1:
                 raise self.fail(node, f"Linear over axis {ndim - 1} while the units lie on axis {x.dim}")
@@ -302,10 +369,28 @@ class _Derivation:
                 return items[node.args[1]]
         if _tensor_meta(node) is None:  # shapes, sizes, getattr of a non-tensor: nothing to permute
             return None
+        if target is operator.getitem:
+            return self.index(node)
+        if target in _CONSTANTS:
+            if any(isinstance(v, Feature) and v.live for v in _tensors_in((node.args, node.kwargs), self.state)):
+                raise self.fail(node, "comparison or mask made from permuted units")
+            return Feature(None)
         if target in _BINARY:
             return self.binary(node)
         if target in _ELEMENTWISE_FUNCTIONS or (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
             return self.input(node)
+        if target in (torch.pow, "pow") and not isinstance(node.args[1], torch.fx.Node):
+            return self.input(node)
+        if target in _MASKED_FILL:
+            x = self.input(node)
+            self.fixed_operand(node, x, node.args[1])
+            return x
+        if target in _MATMULS:
+            return self.matmul(node)
+        if target is F.scaled_dot_product_attention:
+            return self.sdpa(node)
+        if target in _SPLITS:
+            return self.split(node)
         if target in _POOL_FUNCTIONS:
             x = self.input(node)
             if x.dim not in (None, 1):
@@ -321,6 +406,8 @@ class _Derivation:
                 return x
             ndim = _ndim(node)
             swap = {ndim - 1: ndim - 2, ndim - 2: ndim - 1}
+            if x.heads is not None:
+                raise self.fail(node, ".T of a tensor split into attention heads: use transpose")
             return Feature(ndim - 1 - x.dim if node.args[1] == "T" else swap.get(x.dim, x.dim), x.slot, x.inner)
         if target in _REDUCTIONS:
             return self.reduce(node, self.input(node))
@@ -334,35 +421,172 @@ class _Derivation:
         others: list[Any] = []
         for arg in node.args[:2]:
             value = self.state.get(arg) if isinstance(arg, torch.fx.Node) else None
-            (features if isinstance(value, Feature) else others).append((arg, value))
-        live = [(arg, f) for arg, f in features if f.dim is not None]
-        if not live:
+            if isinstance(value, Feature) and value.live:
+                features.append(_aligned(value, out_ndim - _ndim(arg)))
+            else:
+                others.append(arg)
+        if not features:
             return Feature(None)
-        arg0, first = live[0]
-        dim = first.dim + out_ndim - _ndim(arg0)
-        for arg, f in live[1:]:
-            if f.dim + out_ndim - _ndim(arg) != dim or f.inner != first.inner:
+        first = features[0]
+        for f in features[1:]:
+            if (f.dim, f.inner, f.heads) != (first.dim, first.inner, first.heads):
                 raise self.fail(node, "operands carry units on different axes")
-            self.union(first.slot, f.slot)
-        for arg, value in features + others:
-            if not isinstance(arg, torch.fx.Node) or (isinstance(value, Feature) and value.dim is not None):
-                continue
-            shape = _shape(arg)
-            local = dim - (out_ndim - len(shape))
-            if local < 0 or shape[local] == 1:
-                continue  # broadcast along the units: invariant
-            if isinstance(value, tuple) and value[0] == "param":  # a parameter added per unit, e.g. a bias
-                self.claim(value[1], local, first)
-            else:  # a fixed tensor (e.g. the input) meets permuted units: they cannot be permuted
-                self.union(first.slot, FIXED)
-        return Feature(dim, first.slot, first.inner)
+            if f.dim is not None:
+                self.union(first.slot, f.slot)
+            if f.heads is not None:
+                self.union_tags(first.tag, f.tag)
+        for arg in others:
+            self.fixed_operand(node, first, arg)
+        return first
+
+    def fixed_operand(self, node: torch.fx.Node, x: Feature, arg: Any) -> None:
+        """`arg` (a parameter, a fixed tensor or a number) meets the permuted tensor `x` element-wise."""
+        if not isinstance(arg, torch.fx.Node) or _tensor_meta(arg) is None:
+            return
+        value = self.state.get(arg)
+        shape = _shape(arg)
+        offset = _ndim(node) - len(shape)
+
+        def extent(axis: int | None) -> int:
+            return 1 if axis is None or axis < offset else shape[axis - offset]
+
+        if x.heads is not None and extent(x.heads) > 1:  # e.g. a per-head bias: the heads stay in place
+            self.fix_heads(x.tag)
+        if extent(x.dim) == 1:
+            return  # broadcast along the units: invariant
+        if isinstance(value, tuple) and value[0] == "param" and x.heads is None:  # a parameter per unit, e.g. a bias
+            self.claim(value[1], x.dim - offset, x)
+        else:  # a fixed tensor (e.g. the input) meets permuted units: they cannot be permuted
+            self.union(x.slot, FIXED)
+
+    def index(self, node: torch.fx.Node) -> Any:
+        """x[...] with slices, integers, None and Ellipsis; the unit and head axes must be kept whole."""
+        value = self.state.get(node.args[0])
+        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+            raise self.fail(node, "indexing with tensors is not supported")
+        if isinstance(value, tuple) and value[0] == "param":  # a slice of a parameter, e.g. positions[:T]
+            return value if all(isinstance(i, slice) or i is Ellipsis for i in items) else Feature(None)
+        if not isinstance(value, Feature) or not value.live:
+            return Feature(None)
+        ndim = _ndim(node.args[0])
+        consumed = sum(isinstance(i, (int, slice)) for i in items)
+        where: dict[int, int] = {}  # input axis -> output axis
+        axis = out = 0
+        for item in items:
+            if item is None:
+                out += 1
+            elif item is Ellipsis:
+                for _ in range(ndim - consumed):
+                    where[axis], axis, out = out, axis + 1, out + 1
+            else:
+                if axis in (value.dim, value.heads) and item != slice(None):
+                    raise self.fail(node, "indexing into the unit or head axis")
+                if isinstance(item, slice):
+                    where[axis], out = out, out + 1
+                axis += 1
+        while axis < ndim:
+            where[axis], axis, out = out, axis + 1, out + 1
+        dim = None if value.dim is None else where[value.dim]
+        heads = None if value.heads is None else where[value.heads]
+        return Feature(dim, value.slot, value.inner, heads, value.tag)
+
+    def matmul(self, node: torch.fx.Node) -> Feature:
+        """a @ b over a's last and b's second-to-last axis: units on both sides of the contraction unite (q·kᵀ),
+        units on b's last axis pass on (weights @ v); head axes among the leading axes must meet."""
+        n = _ndim(node)
+        a, b = (_aligned(self.input(node, i), n - _ndim(node.args[i])) for i in range(2))
+        if _ndim(node.args[0]) < 2 or _ndim(node.args[1]) < 2:
+            raise self.fail(node, "matmul with a vector is not supported")
+        if a.dim not in (None, n - 1) or b.dim not in (None, n - 2, n - 1) or (a.dim is not None and b.dim == n - 1):
+            raise self.fail(node, "matmul over units that are not contracted with units, nor carried by the values")
+        if (a.dim is None) != (b.dim != n - 2):
+            contracted = a if a.dim is not None else b
+            self.union(contracted.slot, FIXED)  # units contracted with a fixed tensor
+        elif a.dim is not None:
+            if a.inner != b.inner:
+                raise self.fail(node, "contracted units with different block sizes")
+            self.union(a.slot, b.slot)
+        heads = [f for f in (a, b) if f.heads is not None]
+        for f in heads[1:]:
+            if f.heads != heads[0].heads:
+                raise self.fail(node, "operands carry heads on different axes")
+            self.union_tags(heads[0].tag, f.tag)
+        for f, arg in ((a, node.args[1]), (b, node.args[0])):
+            if f.heads is not None and not (isinstance(self.state.get(arg), Feature) and self.state[arg].heads is not None):
+                self.fixed_operand(node, Feature(None, heads=f.heads, tag=f.tag), arg)
+        head = heads[0] if heads else Feature(None)
+        if b.dim == n - 1:
+            return Feature(n - 1, b.slot, b.inner, head.heads, head.tag)
+        return Feature(None, FIXED, 1, head.heads, head.tag)
+
+    def sdpa(self, node: torch.fx.Node) -> Feature:
+        """F.scaled_dot_product_attention(q, k, v, attn_mask, ...): q and k units united, v's units carried on,
+        the heads of all three tied; a mask with an extent over the heads keeps them in place."""
+        n = _ndim(node)
+        q, k, v = (_aligned(self.input(node, i), n - _ndim(node.args[i])) for i in range(3))
+        for f in (q, k, v):
+            if f.dim not in (None, n - 1):
+                raise self.fail(node, "attention over units that are not on the last axis")
+        if (q.dim is None) != (k.dim is None):
+            self.union((q if q.dim is not None else k).slot, FIXED)
+        elif q.dim is not None:
+            self.union(q.slot, k.slot)
+        heads = [f for f in (q, k, v) if f.heads is not None]
+        if heads and len(heads) < 3:
+            raise self.fail(node, "some of q, k, v are split into heads and some are not")
+        for f in heads[1:]:
+            if f.heads != heads[0].heads:
+                raise self.fail(node, "q, k, v carry heads on different axes")
+            self.union_tags(heads[0].tag, f.tag)
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if heads:
+            self.fixed_operand(node, Feature(None, heads=v.heads, tag=v.tag), mask)
+        return v
+
+    def split(self, node: torch.fx.Node) -> tuple[str, list[Feature]]:
+        """split / chunk: along other axes every part keeps the units; along the units of a Linear's output (a
+        fused q/k/v projection) each part opens its own group over its rows of the weight and bias."""
+        x = self.input(node)
+        parts = [tuple(meta.shape) for meta in _tensor_meta(node)]
+        ndim = _ndim(node.args[0])
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % ndim
+        if dim not in (x.dim, x.heads):
+            return ("tuple", [x] * len(parts))
+        source = node.args[0]
+        if not (
+            dim == x.dim and x.heads is None and x.inner == 1 and source.op == "call_module"
+            and isinstance(self.gm.get_submodule(source.target), nn.Linear) and len(source.users) == 1
+        ):  # fmt: skip
+            raise self.fail(node, "split of the units of anything but a Linear's output used only here")
+        own = [i for i, axis in enumerate(self.axes) if axis[2] == x.slot]
+        if self.find(x.slot) != x.slot or any(self.parent[s] == x.slot for s in range(len(self.parent)) if s != x.slot):
+            raise self.fail(node, "split of units already tied to others")
+        rows = [self.axes[i] for i in own]
+        self.axes = [axis for i, axis in enumerate(self.axes) if i not in own]
+        features, start = [], 0
+        for i, shape in enumerate(parts):
+            part = Feature(x.dim, self.new_slot(f"{source.target}[{i}]"))
+            for tensor, axis_dim, _, _, _, _ in rows:
+                self.claim(tensor, axis_dim, part, start, start + shape[dim])
+            features.append(part)
+            start += shape[dim]
+        return ("tuple", features)
 
     def reshape(self, node: torch.fx.Node, x: Feature) -> Feature:
-        if x.dim is None:
+        if not x.live:
             return x
         shape_in, shape_out = _shape(node.args[0]), _shape(node)
-        lead = math.prod(shape_in[: x.dim])
         prefix = [math.prod(shape_out[:j]) for j in range(len(shape_out) + 1)]
+        if x.heads is not None:  # only [..., H, d, ...] -> [..., H·d, ...]: the heads merge back into units
+            lead = math.prod(shape_in[: x.heads])
+            if x.dim != x.heads + 1 or lead not in prefix:
+                raise self.fail(node, "reshape of attention heads other than merging [heads, units] into one axis")
+            j = prefix.index(lead)
+            if j >= len(shape_out) or shape_out[j] != shape_in[x.heads] * shape_in[x.dim] or x.inner != 1:
+                raise self.fail(node, "reshape of attention heads other than merging [heads, units] into one axis")
+            return Feature(j, x.slot)
+        lead = math.prod(shape_in[: x.dim])
         if lead not in prefix:
             raise self.fail(node, "reshape mixes the unit axis with the axes before it")
         j = prefix.index(lead)
@@ -372,12 +596,14 @@ class _Derivation:
         while width < shape_out[j] and end < len(shape_in):
             width *= shape_in[end]
             end += 1
+        if width > shape_out[j] and x.inner == 1 and j + 1 < len(shape_out) and shape_out[j] * shape_out[j + 1] == width:
+            return Feature(j + 1, x.slot, 1, j, self.slot_heads(node, x.slot, shape_out[j]))  # [E] -> [H, E/H]
         if width != shape_out[j]:
             raise self.fail(node, "reshape splits the unit axis")
         return Feature(j, x.slot, x.inner * math.prod(shape_in[x.dim + 1 : end]))
 
     def move(self, node: torch.fx.Node, x: Feature) -> Feature:
-        if x.dim is None:
+        if not x.live:
             return x
         ndim = _ndim(node)
         args = [a for a in node.args[1:]] or list(node.kwargs.values())
@@ -392,9 +618,12 @@ class _Derivation:
             source, dest = args[0] % ndim, args[1] % ndim
             order.remove(source)
             order.insert(dest, source)
-        return Feature(order.index(x.dim), x.slot, x.inner)
+        dim, heads = (None if a is None else order.index(a) for a in (x.dim, x.heads))
+        return Feature(dim, x.slot, x.inner, heads, x.tag)
 
     def reduce(self, node: torch.fx.Node, x: Feature) -> Feature:
+        if x.heads is not None:
+            raise self.fail(node, "reduction of a tensor split into attention heads is not supported")
         if x.dim is None:
             return x
         ndim = _ndim(node.args[0])
@@ -414,6 +643,8 @@ class _Derivation:
         features = [self.state.get(p) for p in parts]
         if any(not isinstance(f, Feature) for f in features):
             raise self.fail(node, "concatenation of tensors the derivation did not follow")
+        if any(f.heads is not None for f in features):
+            raise self.fail(node, "concatenation of tensors split into attention heads is not supported")
         live = [f for f in features if f.dim is not None]
         if not live:
             return Feature(None)
@@ -442,9 +673,20 @@ class _Derivation:
             module: Heads((names[self.find(qk)], names[self.find(v)]), num_heads, move)
             for module, qk, v, num_heads, move in self.heads
         }
+        tied: dict[int, list[int]] = {}  # head tag -> the groups split into its heads
+        for root in sorted(axes):
+            if root in self.slot_tag:
+                tied.setdefault(self.find_tag(self.slot_tag[root]), []).append(root)
+        for tag, roots in tied.items():
+            fixed_units = self.find(FIXED) in self.slot_tag and self.find_tag(self.slot_tag[self.find(FIXED)]) == tag
+            move = self.move_heads and tag not in self.tag_fixed and not fixed_units
+            groups = tuple(names[r] for r in roots)
+            key = _common_prefix(groups)
+            heads[key if key not in heads else f"{key}#{tag}"] = Heads(groups, self.tag_heads[tag], move)
+        head_groups = {g for tie in heads.values() for g in tie.groups}
         return (
             {names[r]: a for r, a in sorted(axes.items())},
-            {names[r]: nodes.get(r, []) for r in sorted(axes)},
+            {names[r]: [] if names[r] in head_groups else nodes.get(r, []) for r in sorted(axes)},
             heads,
         )
 
@@ -459,6 +701,31 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
 
 def _ndim(node: torch.fx.Node) -> int:
     return len(_shape(node))
+
+
+def _root(parent: list[int], item: int) -> int:
+    """The root of `item` in the union-find forest `parent` (halving the path on the way)."""
+    while parent[item] != item:
+        parent[item] = parent[parent[item]]
+        item = parent[item]
+    return item
+
+
+def _aligned(x: Feature, offset: int) -> Feature:
+    """`x` with its axes counted in a broadcast result with `offset` more leading axes."""
+    dim, heads = (None if a is None else a + offset for a in (x.dim, x.heads))
+    return Feature(dim, x.slot, x.inner, heads, x.tag)
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted module path all `names` share ("blocks.0.attn" for "blocks.0.attn.q", "blocks.0.attn.v")."""
+    parts = [name.split(".") for name in names]
+    shared: list[str] = []
+    for column in zip(*parts) if len(names) > 1 else [(p,) for p in parts[0][:-1]]:
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0])
+    return ".".join(shared) or names[0]
 
 
 def _tensors_in(args: Any, state: dict) -> list[Any]:
@@ -481,7 +748,9 @@ def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor], move_heads
     args = as_args(example_input)
     copied = copy.deepcopy(model).eval()  # tracing runs the model: keep the caller's buffers untouched
     try:
-        gm = torch.fx.symbolic_trace(copied)
+        tracer = torch.fx.Tracer()
+        tracer.proxy_buffer_attributes = True  # buffers read in forward (causal masks) become graph nodes
+        gm = torch.fx.GraphModule(copied, tracer.trace(copied), type(model).__name__)
     except Exception as error:  # fx raises many kinds: data-dependent control flow, unsupported builtins, ...
         raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {error}") from error
     with torch.no_grad():
