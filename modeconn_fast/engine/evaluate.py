@@ -52,6 +52,7 @@ def evaluate(
     memory_budget: int | None = None,
     progress: bool | None = None,
     output: OutputSelector = None,
+    fast: bool = True,
 ) -> Evaluation:
     """Metrics (loss and error by default) of the model at every point θ(p) = Σ_k coeffs[p,k] basis[k].
 
@@ -67,6 +68,8 @@ def evaluate(
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
+    fast: take the fast paths where they apply (one-pass cross-entropy and arg-max for few classes); False runs
+    the plain torch path (for debugging; the results agree to float rounding).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -83,7 +86,7 @@ def evaluate(
     chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
     points = coeffs.shape[0]
-    sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
+    sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
