@@ -68,6 +68,7 @@ class MetricSums:
         self.metrics = metrics
         self.loss_fn = loss_fn
         self.fast = fast
+        self._checked_targets: tuple[Tensor, int, int, bool] | None = None  # targets, version, classes, in range
         self.per_point_calls: bool | None = None if loss_fn is not None else False
         self.sums = {name: torch.zeros(points, dtype=torch.float64, device=device)
                      for name in metrics if name != "ece"}
@@ -123,10 +124,15 @@ class MetricSums:
     def _small_classes(self, outputs: Tensor, targets: Tensor) -> bool:
         """Whether the default loss can take the one-pass path: logits [P, N, C < SMALL_CLASSES] in fp32 or fp64
         and class targets [N] all in range (others, e.g. ignore_index, go to F.cross_entropy)."""
-        return (self.fast and self.loss_fn is None and outputs.dim() == 3 and 0 < outputs.shape[2] < SMALL_CLASSES
+        if not (self.fast and self.loss_fn is None and outputs.dim() == 3 and 0 < outputs.shape[2] < SMALL_CLASSES
                 and outputs.dtype in (torch.float32, torch.float64) and targets.dim() == 1
-                and not torch.is_floating_point(targets) and not torch.is_complex(targets) and targets.numel() > 0
-                and bool((targets >= 0).all()) and bool((targets < outputs.shape[2]).all()))
+                and not torch.is_floating_point(targets) and not torch.is_complex(targets) and targets.numel() > 0):
+            return False
+        checked = self._checked_targets  # every chunk of points sees the same batch: check it once
+        if checked is None or checked[0] is not targets or checked[1:3] != (targets._version, outputs.shape[2]):
+            in_range = bool((targets >= 0).all()) and bool((targets < outputs.shape[2]).all())
+            checked = self._checked_targets = (targets, targets._version, outputs.shape[2], in_range)
+        return checked[3]
 
     def _add_probability_metrics(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor,
                                  where: slice) -> None:
