@@ -68,8 +68,8 @@ def evaluate(
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
-    fast: take the fast paths where they apply (one-pass cross-entropy and arg-max for few classes); False runs
-    the plain torch path (for debugging; the results agree to float rounding).
+    fast: take the fast paths where they apply (one-pass cross-entropy and arg-max for fewer than 16 classes);
+    False runs the plain torch calls (for debugging; the results agree to float rounding).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
