@@ -193,7 +193,7 @@ def small_class_cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, 
     top, predicted = logits.max(dim=2, keepdim=True)
     shifted = logits - top
     picked = shifted.gather(2, targets.view(1, -1, 1).expand(logits.shape[0], -1, 1))
-    return shifted.exp().sum(dim=2).log_().sub_(picked.squeeze(2)), predicted.squeeze(2)
+    return shifted.exp_().sum(dim=2).log_().sub_(picked.squeeze(2)), predicted.squeeze(2)
 
 
 def _check_classes(flat_outputs: Tensor, targets: Tensor, metric: str) -> None:
