@@ -123,10 +123,10 @@ class MetricSums:
 
     def _small_classes(self, outputs: Tensor, targets: Tensor) -> bool:
         """Whether the default loss can take the one-pass path: logits [P, N, C < SMALL_CLASSES] in fp32 or fp64
-        and class targets [N] all in range (others, e.g. ignore_index, go to F.cross_entropy)."""
+        and int64 class targets [N] all in range (others, e.g. ignore_index, go to F.cross_entropy)."""
         if not (self.fast and self.loss_fn is None and outputs.dim() == 3 and 0 < outputs.shape[2] < SMALL_CLASSES
                 and outputs.dtype in (torch.float32, torch.float64) and targets.dim() == 1
-                and not torch.is_floating_point(targets) and not torch.is_complex(targets) and targets.numel() > 0):
+                and targets.dtype == torch.long and targets.numel() > 0):
             return False
         checked = self._checked_targets  # every chunk of points sees the same batch: check it once
         if checked is None or checked[0] is not targets or checked[1:3] != (targets._version, outputs.shape[2]):
@@ -192,7 +192,7 @@ def small_class_cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, 
     (the shifted log-softmax that F.cross_entropy computes, and argmax's choice among ties). [P, N] each."""
     top, predicted = logits.max(dim=2, keepdim=True)
     shifted = logits - top
-    picked = shifted.gather(2, targets.view(1, -1, 1).expand(logits.shape[0], -1, 1))
+    picked = shifted.gather(2, targets.reshape(1, -1, 1).expand(logits.shape[0], -1, 1))
     return shifted.exp_().sum(dim=2).log_().sub_(picked.squeeze(2)), predicted.squeeze(2)
 
 
