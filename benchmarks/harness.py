@@ -113,12 +113,13 @@ def combine(checks: Sequence[Check]) -> Check:
 # --- the machine -------------------------------------------------------------------------------------------
 GEMM_SIZE = 2048
 GEMM_FLOPS = 2 * GEMM_SIZE**3
+GEMM_NAME = "fp32 GEMM"
 
 
 def gemm_contender() -> Contender:
     """One fp32 2048² torch.matmul: the machine's ceiling, timed among the contenders it bounds."""
     a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
-    return Contender("fp32 GEMM", lambda: torch.matmul(a, b), 1, 1)
+    return Contender(GEMM_NAME, lambda: torch.matmul(a, b), 1, 1)
 
 
 def gemm_rate(repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import modeconn_fast
 from modeconn_fast.digits import mlp, train_classifier
 
-from .harness import GEMM_FLOPS, Check, Contender, Row, compare, gemm_contender, interleaved_medians, peer_times, threads
+from .harness import GEMM_FLOPS, GEMM_NAME, Check, Contender, Row, compare, gemm_contender, interleaved_medians, peer_times, threads
 from .peers.landscapes import planar_losses, visited_coordinates
 from .peers.state_dict_loop import loop_losses
 from .peers.vmap import VmapPeer
@@ -136,7 +136,7 @@ def measure(plane: Plane, size: PlaneSize, workload: str, case: str, widths: Seq
     medians = interleaved_medians([ours, *peers, *ceiling], size.repeats)
     row = Row(workload, case, ours.total_points, medians["ours"], peer_times(peers, medians, checks))
     if widths is not None:
-        rate = GEMM_FLOPS / medians[ceiling[0].name]
+        rate = GEMM_FLOPS / medians[GEMM_NAME]
         flops = flops_per_point(widths, plane.inputs.shape[0]) * ours.total_points
         fastest = row.fastest_peer
         row.ceiling = (f"ours {flops / row.ours_s / rate:.2f}, fastest peer {flops / fastest.seconds / rate:.2f} "

@@ -68,7 +68,9 @@ def evaluate(
     the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
-    fast: False runs every layer's plain torch path (the reference the fast paths are tested against; for debugging).
+    fast: take the fast paths where they apply (fused conv blocks, one-pass cross-entropy and arg-max for fewer
+    than 16 classes); False runs every layer's and metric's plain torch path (the reference the fast paths are
+    tested against; for debugging: the results agree to float rounding).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -86,7 +88,7 @@ def evaluate(
     chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
 
     points = coeffs.shape[0]
-    sums = {name: MetricSums(metrics, points, device, loss_fn) for name in datasets}
+    sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None

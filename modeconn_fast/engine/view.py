@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
@@ -74,6 +75,7 @@ class SubspaceView(nn.Module):
         self.reads_shared_rows_only: tuple[bool, ...] | None = None  # per input; set by `prepare`
         self._model, self._basis = model, basis
         self._bindings: list[tuple[SubspaceLayer, str]] = []  # every layer holding basis tensors, with its prefix
+        self._held_inputs: dict[int, _HeldCopies | None] = {}  # per input: the copies of the last named batch
         self.net = self._convert(_frozen_copy(model), "", basis, {})
         self.eval()
 
@@ -101,8 +103,25 @@ class SubspaceView(nn.Module):
         if self.reads_shared_rows_only is None:
             self.prepare(coeffs, inputs)
         assert self.reads_shared_rows_only is not None
-        repeated = [_repeat(x, coeffs.shape[0], rows_only) for x, rows_only in zip(inputs, self.reads_shared_rows_only)]
+        repeated = self._repeated_inputs(inputs, coeffs.shape[0], batch)
         return self._run(coeffs, repeated, samples=inputs[0].shape[0], offset=offset, batch=batch, phase=self.bn_phase)
+
+    def _repeated_inputs(self, inputs: tuple[Tensor, ...], points: int, batch: Hashable | None) -> list[Tensor]:
+        """Each input repeated for every point (`_repeat`). For a named batch the copies made for an earlier chunk
+        of at least as many points are reused (a prefix of them), while neither the input nor they have changed."""
+        assert self.reads_shared_rows_only is not None
+        repeated = []
+        for i, (x, rows_only) in enumerate(zip(inputs, self.reads_shared_rows_only)):
+            held = self._held_inputs.get(i)
+            if (batch is not None and held is not None and held.batch == batch and held.source is x
+                    and held.source_version == x._version and held.copies._version == held.copies_version
+                    and held.copies.shape[0] >= points * x.shape[0]):
+                repeated.append(held.copies[: points * x.shape[0]])
+                continue
+            copies = _repeat(x, points, rows_only)
+            self._held_inputs[i] = _HeldCopies(batch, x, x._version, copies, copies._version) if batch is not None else None
+            repeated.append(copies)
+        return repeated
 
     def _run(self, coeffs: Tensor, repeated: list[Tensor], *, samples: int, offset: int = 0,
              batch: Hashable | None = None, phase: BatchNormPhase = "stored") -> Tensor:
@@ -302,6 +321,18 @@ class SubspaceView(nn.Module):
                 converted = fuse_conv_blocks(converted)
         done[id(module)] = converted
         return converted
+
+
+@dataclass
+class _HeldCopies:
+    """An input's copies for every point, kept while the chunks of one named batch run (`_repeated_inputs`); the
+    source is held, so no other tensor can take its place at its address."""
+
+    batch: Hashable
+    source: Tensor
+    source_version: int
+    copies: Tensor
+    copies_version: int
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
