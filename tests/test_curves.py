@@ -82,7 +82,7 @@ def reference_loss(curve: mc.BezierCurve, inputs, targets, t, weight_decay):
 
 @pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
 def test_control_point_gradients_match_plain_autograd(factory):
-    from modeconn_fast.curves.train import _step_loss
+    from modeconn_fast.curves.train import _data_loss
 
     torch.manual_seed(3)
     if factory is mlp:
@@ -98,13 +98,36 @@ def test_control_point_gradients_match_plain_autograd(factory):
     t = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64)
     free = [p for p in curve.parameters() if p.requires_grad]
 
-    ours = _step_loss(curve, inputs, targets, t, F.cross_entropy, weight_decay=0.01)
-    ours_grads = torch.autograd.grad(ours, free)
+    rows = curve.coefficients(t)
+    data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
+    data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
+    ours = float(data_loss) + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
     expected_grads = torch.autograd.grad(expected, free)
-    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(ours_grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert ours == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
+    for p, want in zip(free, expected_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-8, atol=1e-10)
+
+
+def test_weight_decay_gradient_added_directly_matches_autograd():
+    """½·wd·mean_t ‖θ(t)‖² on a chain (rows with zeros), one free parameter frozen, some grads still None."""
+    chain = mc.PolyChain(seeded(mlp, 0).double(), seeded(mlp, 1).double(), bends=2, fix_end=False).double()
+    frozen = chain.control_points[1][0].bias.requires_grad_(False)
+    with torch.no_grad():
+        for p in chain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    free = [p for p in chain.parameters() if p.requires_grad]
+    rows = chain.coefficients(torch.tensor([0.1, 0.5, 0.5, 0.95], dtype=torch.float64))
+    states = [dict(point.named_parameters()) for point in chain.control_points]
+    norms = [sum((sum(float(c) * s[name] for c, s in zip(row, states)) ** 2).sum() for name in states[0])
+             for row in rows]
+    expected = 0.5 * 0.03 * torch.stack(norms).mean()
+    expected_grads = torch.autograd.grad(expected, free)
+    value = chain.add_weight_decay(rows, 0.03)
+    assert value == pytest.approx(float(expected), rel=1e-12)
+    for p, want in zip(free, expected_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-14)
+    assert frozen.grad is None
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-bn", "recomputed-bn"])

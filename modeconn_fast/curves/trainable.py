@@ -54,11 +54,15 @@ class TrainableSubspace(nn.Module):
         """Every floating-point entry of the model stacked over the control points, [K, *shape]; the free
         points' parameters record gradients. (The points' tensors are looked up once: update them in place, as
         optimisers and load_state_dict do.)"""
+        return {name: torch.stack(tensors) for name, tensors in self._entry_lists().items()}
+
+    def _entry_lists(self) -> dict[str, list[Tensor]]:
+        """Per floating-point entry, its tensor in every control point (looked up once)."""
         if self._entries is None:
             states = [point.state_dict(keep_vars=True) for point in self.control_points]
             self._entries = {name: [state[name] for state in states]
                              for name, first in states[0].items() if torch.is_floating_point(first)}
-        return {name: torch.stack(tensors) for name, tensors in self._entries.items()}
+        return self._entries
 
     def basis(self) -> Basis:
         """A detached snapshot of the control points as a `Basis` (for `evaluate` and scans)."""
@@ -81,6 +85,32 @@ class TrainableSubspace(nn.Module):
         """G[k, l] = ⟨θ_k, θ_l⟩ over the model's parameters: ‖Σ_k c_k θ_k‖² = cᵀ G c, differentiable."""
         flat = self.flat_parameters(stacked)  # one product (and two in backward) instead of three per entry
         return flat @ flat.T
+
+    def add_weight_decay(self, rows: Tensor, weight_decay: float) -> float:
+        """The weight decay term ½·wd·mean_p ‖θ(c_p)‖² over the coefficient rows [P, K], its gradient added to the
+        free parameters' `.grad` directly (no autograd graph): ∂/∂θ_m = wd·Σ_k A[m, k] θ_k with A = mean_p c_p c_pᵀ.
+        Returns the term's value, ½·wd·Σ_kl A[k, l] G[k, l] with G the Gram matrix (`gram`)."""
+        rows = rows.detach().to(device="cpu", dtype=torch.float64)
+        second_moment = rows.T @ rows / rows.shape[0]  # A [K, K]: the scalars of the gradient, on the host
+        entries = self._entry_lists()
+        per_point = [[entries[name][k] for name in self.parameter_names()] for k in range(self.size)]
+        factors = (weight_decay * second_moment).tolist()
+        with torch.no_grad():
+            for m, params in enumerate(per_point):
+                free = [p for p in params if p.requires_grad]
+                if not free:
+                    continue
+                for p in free:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grads = [p.grad for p in free]
+                for k, others in enumerate(per_point):
+                    if factors[m][k] != 0:
+                        torch._foreach_add_(grads, [o for o, p in zip(others, params) if p.requires_grad],
+                                            alpha=factors[m][k])
+            flat = torch.stack([torch.cat([p.reshape(-1) for p in params]) for params in per_point])
+            gram = (flat @ flat.T).to(device="cpu", dtype=torch.float64)
+        return 0.5 * weight_decay * float((second_moment * gram).sum())
 
     # --- running the model ----------------------------------------------------------------------------------
     def outputs(self, x: Tensor | tuple[Tensor, ...], rows: Tensor, stacked: dict[str, Tensor] | None = None) -> Tensor:
