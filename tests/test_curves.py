@@ -101,7 +101,7 @@ def test_control_point_gradients_match_plain_autograd(factory):
     rows = curve.coefficients(t)
     data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
     data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
-    ours = float(data_loss) + curve.add_weight_decay(rows, 0.01)
+    ours = data_loss.item() + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
     expected_grads = torch.autograd.grad(expected, free)
     assert ours == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
