@@ -234,7 +234,8 @@ def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypat
     checks = curve._view.reads_shared_rows_only
     prepared = []
     original_prepare = SubspaceView.prepare
-    monkeypatch.setattr(SubspaceView, "prepare", lambda view, *args: prepared.append(1) or original_prepare(view, *args))
+    monkeypatch.setattr(SubspaceView, "prepare",
+                        lambda view, *args: prepared.append(1) or original_prepare(view, *args))
     copied = copy.deepcopy(curve)
     torch.testing.assert_close(copied(inputs, 0.3), expected, rtol=0, atol=0)
     assert prepared == [] and copied._view.reads_shared_rows_only == checks

@@ -4,8 +4,8 @@
 
 as the 2018 reference does (weight decay on the sampled point's weights, not SGD's decay of the control
 points). The data loss goes through autograd; the weight decay term's gradient is added to the control points'
-gradients directly (`TrainableSubspace.add_weight_decay`), its value from the control points' Gram matrix. Each minibatch draws `t_per_step`
-values of t, all run in one pass of the subspace view on the same minibatch. BatchNorm trains in train mode
+gradients directly (`TrainableSubspace.add_weight_decay`), its value from the control points' Gram matrix.
+Each minibatch draws `t_per_step` values of t, all run in one pass of the subspace view on the same minibatch. BatchNorm trains in train mode
 with each t's own batch statistics; Dropout is on.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
     loss_fn = loss_fn or F.cross_entropy
     device = free[0].device
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(free, lr=lr, momentum=momentum, weight_decay=0.0)
+    # foreach: one op per update for all tensors (the same arithmetic as the loop over them)
+    optimizer = torch.optim.SGD(free, lr=lr, momentum=momentum, weight_decay=0.0, foreach=True)
     history = CurveHistory()
     was_training = curve.training
     curve.train()

@@ -81,7 +81,8 @@ class TrainableSubspace(nn.Module):
         """Per control point, its parameters in `parameter_names` order (looked up once)."""
         if self._parameters_per_point is None:
             entries = self._entry_lists()
-            self._parameters_per_point = [[entries[name][k] for name in self.parameter_names()] for k in range(self.size)]
+            names = self.parameter_names()
+            self._parameters_per_point = [[entries[name][k] for name in names] for k in range(self.size)]
         return self._parameters_per_point
 
     def _current_flat_parameters(self) -> Tensor:
@@ -108,8 +109,8 @@ class TrainableSubspace(nn.Module):
         return flat @ flat.T
 
     def add_weight_decay(self, rows: Tensor, weight_decay: float) -> float:
-        """The weight decay term ½·wd·mean_p ‖θ(c_p)‖² over the coefficient rows [P, K], its gradient added to the
-        free parameters' `.grad` directly (no autograd graph): ∂/∂θ_m = wd·Σ_k A[m, k] θ_k with A = mean_p c_p c_pᵀ.
+        """The weight decay term ½·wd·mean_p ‖θ(c_p)‖² over the coefficient rows [P, K], its gradient added to
+        the free parameters' `.grad` directly (no autograd graph): ∂/∂θ_m = wd·Σ_k A[m, k] θ_k, A = mean_p c_p c_pᵀ.
         Returns the term's value, ½·wd·Σ_kl A[k, l] G[k, l] with G the Gram matrix (`gram`)."""
         rows = rows.detach().to(device="cpu", dtype=torch.float64)
         second_moment = rows.T @ rows / rows.shape[0]  # A [K, K]: the scalars of the gradient, on the host
