@@ -5,8 +5,8 @@
 as the 2018 reference does (weight decay on the sampled point's weights, not SGD's decay of the control
 points). The data loss goes through autograd; the weight decay term's gradient is added to the control points'
 gradients directly (`TrainableSubspace.add_weight_decay`), its value from the control points' Gram matrix.
-Each minibatch draws `t_per_step` values of t, all run in one pass of the subspace view on the same minibatch. BatchNorm trains in train mode
-with each t's own batch statistics; Dropout is on.
+Each minibatch draws `t_per_step` values of t, all run in one pass of the subspace view on the same minibatch.
+BatchNorm trains in train mode with each t's own batch statistics; Dropout is on.
 """
 from __future__ import annotations
 

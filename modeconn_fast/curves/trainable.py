@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import SubspaceView
-from ..engine.view import WHOLE_MODEL
 from ..engine.batches import Batches, move
+from ..engine.view import WHOLE_MODEL
 from ..subspace import Basis
 
 
