@@ -82,7 +82,7 @@ def reference_loss(curve: mc.BezierCurve, inputs, targets, t, weight_decay):
 
 @pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
 def test_control_point_gradients_match_plain_autograd(factory):
-    from modeconn_fast.curves.train import _step_loss
+    from modeconn_fast.curves.train import _data_loss
 
     torch.manual_seed(3)
     if factory is mlp:
@@ -98,13 +98,42 @@ def test_control_point_gradients_match_plain_autograd(factory):
     t = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64)
     free = [p for p in curve.parameters() if p.requires_grad]
 
-    ours = _step_loss(curve, inputs, targets, t, F.cross_entropy, weight_decay=0.01)
-    ours_grads = torch.autograd.grad(ours, free)
+    rows = curve.coefficients(t)
+    data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
+    data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
+    ours = data_loss.item() + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
     expected_grads = torch.autograd.grad(expected, free)
-    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
-    for got, want in zip(ours_grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    assert ours == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
+    for p, want in zip(free, expected_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-8, atol=1e-10)
+
+
+def test_weight_decay_gradient_added_directly_matches_autograd():
+    """½·wd·mean_t ‖θ(t)‖² on a chain (rows with zeros), one free parameter frozen, some grads still None."""
+    chain = mc.PolyChain(seeded(mlp, 0).double(), seeded(mlp, 1).double(), bends=2, fix_end=False).double()
+    frozen = chain.control_points[1][0].bias.requires_grad_(False)
+    with torch.no_grad():
+        for p in chain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    free = [p for p in chain.parameters() if p.requires_grad]
+    rows = chain.coefficients(torch.tensor([0.1, 0.5, 0.5, 0.95], dtype=torch.float64))
+
+    def plain_term():
+        states = [dict(point.named_parameters()) for point in chain.control_points]
+        norms = [sum((sum(float(c) * s[name] for c, s in zip(row, states)) ** 2).sum() for name in states[0])
+                 for row in rows]
+        return 0.5 * 0.03 * torch.stack(norms).mean()
+
+    expected = plain_term()
+    expected_grads = torch.autograd.grad(expected, free)
+    value = chain.add_weight_decay(rows, 0.03)
+    assert value == pytest.approx(float(expected), rel=1e-12)
+    for p, want in zip(free, expected_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-14)
+    assert frozen.grad is None
+    chain.control_points[0][0].weight.data = torch.randn_like(chain.control_points[0][0].weight)  # memory moved
+    assert chain.add_weight_decay(rows, 0.03) == pytest.approx(float(plain_term()), rel=1e-12)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-bn", "recomputed-bn"])
@@ -182,6 +211,42 @@ def test_garipov_schedule_and_history():
     assert {name.split(".")[0] for name in curve.state_dict()} == {"control_points"}  # the view is a cache only
     copied = copy.deepcopy(curve)  # after training, a copy (e.g. the best curve so far) is an independent curve
     torch.testing.assert_close(copied(inputs, 0.4), curve(inputs, 0.4))
+
+
+class Centred(nn.Module):
+    """Subtracts the batch mean: mixes samples along the batch axis (the view runs it per point)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(19, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y - y.mean(dim=0)
+
+
+def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypatch):
+    from modeconn_fast.engine import SubspaceView
+
+    inputs = torch.randn(6, 19)
+    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
+    expected = curve(inputs, 0.3)
+    checks = curve._view.reads_shared_rows_only
+    prepared = []
+    original_prepare = SubspaceView.prepare
+    monkeypatch.setattr(SubspaceView, "prepare",
+                        lambda view, *args: prepared.append(1) or original_prepare(view, *args))
+    copied = copy.deepcopy(curve)
+    torch.testing.assert_close(copied(inputs, 0.3), expected, rtol=0, atol=0)
+    assert prepared == [] and copied._view.reads_shared_rows_only == checks
+
+    with pytest.warns(UserWarning, match="whole model per point"):
+        centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1))
+        expected = centred(inputs, 0.3)
+    prepared.clear()
+    with pytest.warns(UserWarning, match="whole model per point"):
+        torch.testing.assert_close(copy.deepcopy(centred)(inputs, 0.3), expected, rtol=0, atol=0)
+    assert prepared == [1]  # checked again, and run per point again
 
 
 def test_bad_input_raises_before_training():

@@ -217,6 +217,25 @@ def test_max_pooling_stand_in_gives_identical_values(shape, options):
     assert torch.equal(y, pool(x)) and y.is_contiguous()
 
 
+@pytest.mark.parametrize("shape", [(64, 16, 8, 8), (5, 9, 7, 7), (4, 8, 12, 10)])
+@pytest.mark.parametrize("options", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=2, ceil_mode=True), dict(kernel_size=2, stride=1, dilation=2)])
+def test_max_pooling_stand_in_with_gradients_equals_max_pool2d(shape, options):
+    """Training path: values and gradients identical, ties included (ReLU zeros, rounded values), double backward."""
+    pool = torch.nn.MaxPool2d(**options)
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3).round().relu().requires_grad_()
+    ours, theirs = MaxPool2dFastCPU(pool)(x), pool(x)
+    assert torch.equal(ours, theirs) and ours.is_contiguous()
+    upstream = torch.randn_like(ours).requires_grad_()
+    (grad_ours,) = torch.autograd.grad(ours, x, upstream, create_graph=True)
+    (grad_theirs,) = torch.autograd.grad(theirs, x, upstream, create_graph=True)
+    assert torch.equal(grad_ours, grad_theirs)
+    probe = torch.randn_like(x)
+    assert torch.equal(torch.autograd.grad((grad_ours * probe).sum(), upstream)[0],
+                       torch.autograd.grad((grad_theirs * probe).sum(), upstream)[0])
+
+
 def test_batchnorm_without_running_statistics_uses_batch_statistics_in_every_mode():
     def net():
         return torch.nn.Sequential(torch.nn.Linear(19, 12), torch.nn.BatchNorm1d(12, track_running_stats=False),

@@ -4,6 +4,8 @@ Each must give what a plain loop gives (copy the model, load the mixed weights, 
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,3 +272,27 @@ def test_a_basis_of_another_dtype_is_named():
     basis = Basis.from_members(models).to(dtype=torch.float64)
     with pytest.raises(ValueError, match=r"'0\.weight' is torch\.float64 .* torch\.float32"):
         evaluate(models[0], basis, COEFFS, (torch.randn(4, 19), torch.randint(0, 5, (4,))))
+
+
+@pytest.mark.parametrize("factory, inputs, skips", [
+    (mlp, torch.randn(5, 19), True),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                           nn.Dropout(0.1), nn.Linear(32, 4)), torch.randn(5, 3, 4, 4), True),
+    (lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect"), nn.GELU(), nn.Flatten(1),
+                           nn.Linear(24, 2)), torch.randn(5, 3, 6), True),
+    (lambda: nn.Sequential(nn.Tanh(), nn.LayerNorm(7), nn.Linear(7, 3)), torch.randn(5, 7), True),
+    (lambda: nn.Sequential(nn.Linear(7, 3), nn.Flatten(0)), torch.randn(5, 7), False),  # merges the batch axis
+    (lambda: nn.Sequential(nn.Linear(7, 4), nn.Softmax(dim=0)), torch.randn(5, 7), False),  # not a listed module
+])
+def test_a_sequential_of_known_modules_skips_the_probe_with_the_probes_answer(factory, inputs, skips):
+    from modeconn_fast.engine.view import _sequential_reads_shared_rows
+
+    models = [seeded(factory, seed) for seed in (1, 2)]
+    view = SubspaceView(models[0], Basis.from_members(models))
+    known = _sequential_reads_shared_rows(view.net, (inputs,))
+    assert (known is not None) == skips
+    if known is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the probe must not fall back to running per point
+            view._check_folding(COEFFS[:1], COEFFS[1:3], (inputs[:2],))
+        assert view.fallback_names == [] and view.reads_shared_rows_only == (known,)

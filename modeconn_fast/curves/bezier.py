@@ -4,6 +4,7 @@ With one bend (the default) this is the quadratic curve of the paper: (1 − t)�
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,10 +15,16 @@ from .curve import Curve, check_t
 
 def bernstein(t: Tensor, degree: int) -> Tensor:
     """Bernstein basis polynomials of `degree` at t: [len(t), degree + 1], rows summing to 1."""
-    k = torch.arange(degree + 1, dtype=t.dtype)
-    binomials = torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=t.dtype)
+    k, binomials = _exponents_and_binomials(degree, t.dtype)
     t = t.unsqueeze(1)
     return binomials * t.pow(k) * (1 - t).pow(degree - k)
+
+
+@functools.cache
+def _exponents_and_binomials(degree: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """k = 0 … degree and C(degree, k) (made once per degree: a curve's training asks every step)."""
+    return (torch.arange(degree + 1, dtype=dtype),
+            torch.tensor([math.comb(degree, i) for i in range(degree + 1)], dtype=dtype))
 
 
 class BezierCurve(Curve):

@@ -3,9 +3,10 @@
     loss = mean over the step's t values of [ L(θ(t); minibatch) + ½·wd·‖θ(t)‖² ]
 
 as the 2018 reference does (weight decay on the sampled point's weights, not SGD's decay of the control
-points; ‖θ(t)‖² = c(t)ᵀ G c(t) from the control points' Gram matrix). Each minibatch draws `t_per_step`
-values of t, all run in one pass of the subspace view on the same minibatch. BatchNorm trains in train mode
-with each t's own batch statistics; Dropout is on.
+points). The data loss goes through autograd; the weight decay term's gradient is added to the control points'
+gradients directly (`TrainableSubspace.add_weight_decay`), its value from the control points' Gram matrix.
+Each minibatch draws `t_per_step` values of t, all run in one pass of the subspace view on the same minibatch.
+BatchNorm trains in train mode with each t's own batch statistics; Dropout is on.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
     loss_fn = loss_fn or F.cross_entropy
     device = free[0].device
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(free, lr=lr, momentum=momentum, weight_decay=0.0)
+    # foreach: one op per update for all tensors (the same arithmetic as the loop over them)
+    optimizer = torch.optim.SGD(free, lr=lr, momentum=momentum, weight_decay=0.0, foreach=True)
     history = CurveHistory()
     was_training = curve.training
     curve.train()
@@ -77,11 +79,13 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
             loss_sum, samples = 0.0, 0
             for inputs, targets in minibatches(data, batch_size, generator):
                 t = torch.rand(t_per_step, generator=generator, dtype=torch.float64)
-                loss = _step_loss(curve, move(inputs, device), targets.to(device), t, loss_fn, weight_decay)
+                rows = curve.coefficients(t)
+                loss = _data_loss(curve, move(inputs, device), targets.to(device), rows, loss_fn)
                 optimizer.zero_grad()
                 loss.backward()
+                decay = curve.add_weight_decay(rows, weight_decay) if weight_decay else 0.0
                 optimizer.step()
-                value = loss.item()
+                value = loss.item() + decay
                 history.step_loss.append(value)
                 loss_sum += value * targets.shape[0]
                 samples += targets.shape[0]
@@ -92,20 +96,13 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
     return history
 
 
-def _step_loss(curve: Curve, inputs: Any, targets: Tensor, t: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
-               weight_decay: float) -> Tensor:
-    """Mean over the t values of the data loss plus ½·wd·‖θ(t)‖², all t in one pass of the view."""
-    stacked = curve.stacked()
-    first = next(iter(stacked.values()))
-    rows = curve.coefficients(t).to(device=first.device, dtype=first.dtype)
-    outputs = curve.outputs(inputs, rows, stacked)  # [T, B, ...]
+def _data_loss(curve: Curve, inputs: Any, targets: Tensor, rows: Tensor,
+               loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Mean over the coefficient rows [T, K] (one per t) of the data loss, all rows in one pass of the view."""
+    outputs = curve.outputs(inputs, rows)  # [T, B, ...]
     points = outputs.shape[0]
-    data_loss = loss_fn(outputs.reshape(-1, *outputs.shape[2:]),
-                        targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:]))
-    if weight_decay == 0:
-        return data_loss
-    squared_norms = ((rows @ curve.gram(stacked)) * rows).sum(dim=1)
-    return data_loss + 0.5 * weight_decay * squared_norms.mean()
+    return loss_fn(outputs.reshape(-1, *outputs.shape[2:]),
+                   targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:]))
 
 
 def minibatches(data: Batches, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:

@@ -18,11 +18,14 @@ from torch import Tensor, nn
 
 from ..engine import SubspaceView
 from ..engine.batches import Batches, move
+from ..engine.view import WHOLE_MODEL
 from ..subspace import Basis
 
 
 class TrainableSubspace(nn.Module):
     """Control points of one architecture (a frozen copy of `model`); see the module docstring."""
+
+    _view_checks: tuple[bool, ...] | None = None  # a copy's: what the original's view found on its probe batch
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -30,6 +33,8 @@ class TrainableSubspace(nn.Module):
         self.control_points = nn.ModuleList()
         self._view: SubspaceView | None = None
         self._entries: dict[str, list[Tensor]] | None = None  # per floating entry, its tensor in every point
+        self._parameters_per_point: list[list[Tensor]] | None = None
+        self._flat_views: list[Tensor] | None = None  # the parameters of every point as 1-d views
 
     @property
     def architecture(self) -> nn.Module:
@@ -46,7 +51,7 @@ class TrainableSubspace(nn.Module):
         point = copy.deepcopy(self.architecture)
         point.load_state_dict(state)
         self.control_points.append(point.requires_grad_(trainable))
-        self._view = self._entries = None  # the basis has one more member: a new view
+        self._view = self._entries = self._parameters_per_point = self._flat_views = None  # one more member
         return point
 
     # --- the weights ----------------------------------------------------------------------------------------
@@ -54,11 +59,15 @@ class TrainableSubspace(nn.Module):
         """Every floating-point entry of the model stacked over the control points, [K, *shape]; the free
         points' parameters record gradients. (The points' tensors are looked up once: update them in place, as
         optimisers and load_state_dict do.)"""
+        return {name: torch.stack(tensors) for name, tensors in self._entry_lists().items()}
+
+    def _entry_lists(self) -> dict[str, list[Tensor]]:
+        """Per floating-point entry, its tensor in every control point (looked up once)."""
         if self._entries is None:
             states = [point.state_dict(keep_vars=True) for point in self.control_points]
             self._entries = {name: [state[name] for state in states]
                              for name, first in states[0].items() if torch.is_floating_point(first)}
-        return {name: torch.stack(tensors) for name, tensors in self._entries.items()}
+        return self._entries
 
     def basis(self) -> Basis:
         """A detached snapshot of the control points as a `Basis` (for `evaluate` and scans)."""
@@ -67,6 +76,23 @@ class TrainableSubspace(nn.Module):
         constants = {name: t.clone() for name, t in self.control_points[0].state_dict().items()
                      if not torch.is_floating_point(t)}
         return Basis(stacked, constants)
+
+    def _parameter_lists(self) -> list[list[Tensor]]:
+        """Per control point, its parameters in `parameter_names` order (looked up once)."""
+        if self._parameters_per_point is None:
+            entries = self._entry_lists()
+            names = self.parameter_names()
+            self._parameters_per_point = [[entries[name][k] for name in names] for k in range(self.size)]
+        return self._parameters_per_point
+
+    def _current_flat_parameters(self) -> Tensor:
+        """`flat_parameters()` without gradients, concatenated from flat views of the parameters kept between calls
+        (made again when a parameter's memory moved, e.g. after `p.data = ...`)."""
+        params = [p for point in self._parameter_lists() for p in point]
+        views = self._flat_views
+        if views is None or [v.data_ptr() for v in views] != [p.data_ptr() for p in params]:
+            views = self._flat_views = [p.detach().reshape(-1) for p in params]
+        return torch.cat(views).view(self.size, -1)
 
     def parameter_names(self) -> list[str]:
         """The entries that are parameters of the model (not buffers): what weight decay and lengths count."""
@@ -81,6 +107,30 @@ class TrainableSubspace(nn.Module):
         """G[k, l] = ⟨θ_k, θ_l⟩ over the model's parameters: ‖Σ_k c_k θ_k‖² = cᵀ G c, differentiable."""
         flat = self.flat_parameters(stacked)  # one product (and two in backward) instead of three per entry
         return flat @ flat.T
+
+    def add_weight_decay(self, rows: Tensor, weight_decay: float) -> float:
+        """The weight decay term ½·wd·mean_p ‖θ(c_p)‖² over the coefficient rows [P, K], its gradient added to
+        the free parameters' `.grad` directly (no autograd graph): ∂/∂θ_m = wd·Σ_k A[m, k] θ_k, A = mean_p c_p c_pᵀ.
+        Returns the term's value, ½·wd·Σ_kl A[k, l] G[k, l] with G the Gram matrix (`gram`)."""
+        rows = rows.detach().to(device="cpu", dtype=torch.float64)
+        second_moment = rows.T @ rows / rows.shape[0]  # A [K, K]: the scalars of the gradient, on the host
+        factors = (weight_decay * second_moment).tolist()
+        per_point = self._parameter_lists()
+        with torch.no_grad():
+            for m, params in enumerate(per_point):
+                free = [i for i, p in enumerate(params) if p.requires_grad]
+                if not free:
+                    continue
+                for i in free:
+                    if params[i].grad is None:
+                        params[i].grad = torch.zeros_like(params[i])
+                grads = [params[i].grad for i in free]
+                for k, others in enumerate(per_point):
+                    if factors[m][k] != 0:
+                        torch._foreach_add_(grads, [others[i] for i in free], alpha=factors[m][k])
+            flat = self._current_flat_parameters()
+            gram = (flat @ flat.T).to(device="cpu", dtype=torch.float64)
+        return 0.5 * weight_decay * float((second_moment * gram).sum())
 
     # --- running the model ----------------------------------------------------------------------------------
     def outputs(self, x: Tensor | tuple[Tensor, ...], rows: Tensor, stacked: dict[str, Tensor] | None = None) -> Tensor:
@@ -100,17 +150,25 @@ class TrainableSubspace(nn.Module):
     def _subspace_view(self, rows: Tensor, inputs: tuple[Tensor, ...]) -> SubspaceView:
         if self._view is None:
             view = SubspaceView(self.architecture, self.basis())
-            view.prepare(rows.detach(), inputs)
+            if self._view_checks is None:
+                view.prepare(rows.detach(), inputs)
+            else:  # a copy of a subspace whose view passed the checks: the same architecture passes them
+                view.reads_shared_rows_only = self._view_checks
             object.__setattr__(self, "_view", view)  # a cache, not a submodule: no entries in state_dict()
         return self._view
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave out the cached view and tensor look-ups (rebuilt at first use): after a
-        training step the view holds tensors of that step's graph, which cannot be deep-copied."""
-        return {**super().__getstate__(), "_view": None, "_entries": None}
+        training step the view holds tensors of that step's graph, which cannot be deep-copied. They keep the
+        outcome of the view's checks on a probe batch (`SubspaceView.prepare`) when the model passed them."""
+        view = self._view
+        checks = self._view_checks if view is None else (
+            view.reads_shared_rows_only if view.fallback_names != [WHOLE_MODEL] else None)
+        return {**super().__getstate__(), "_view": None, "_entries": None, "_parameters_per_point": None,
+                "_flat_views": None, "_view_checks": checks}
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): the view is rebuilt for the new tensors
-        self._view = self._entries = None
+        self._view = self._entries = self._parameters_per_point = self._flat_views = self._view_checks = None
         self._architecture = (self._architecture[0]._apply(fn),)
         return super()._apply(fn, recurse)
 

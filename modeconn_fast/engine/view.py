@@ -24,11 +24,11 @@ from torch.nn.utils import parametrize
 from ..subspace import Basis
 from .attention import SubspaceMultiheadAttention, supports_attention
 from .batchnorm import CollectionDone, SubspaceBatchNorm
-from .conv_block import fuse_conv_blocks
+from .conv_block import FusedSequential, fuse_conv_blocks
 from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
 from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
-from .pooling import faster_pooling
+from .pooling import MaxPool2dFastCPU, faster_pooling
 from .recurrent import SubspaceRecurrent, supports_recurrent
 from .state import BatchNormPhase, ViewState
 from .transformer import STAND_INS
@@ -145,8 +145,13 @@ class SubspaceView(nn.Module):
     def prepare(self, coeffs: Tensor, inputs: Inputs) -> None:
         """Once, on two points and two samples of a probe batch: (1) points folded into the batch axis must
         each give what they give alone, else the whole model runs per point under vmap; (2) which inputs are
-        read only by native layers (then only one copy of them is written)."""
+        read only by native layers (then only one copy of them is written). A Sequential of the view's own
+        layers and of modules that treat each sample alone needs no probe (`_sequential_reads_shared_rows`)."""
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        known = _sequential_reads_shared_rows(self.net, inputs)
+        if known is not None:
+            self.reads_shared_rows_only = (known,)
+            return
         probe = tuple(x[:2] for x in inputs)
         two = _two_points(coeffs.detach())
         training, phase = self.training, self.bn_phase
@@ -333,6 +338,31 @@ class _HeldCopies:
     source_version: int
     copies: Tensor
     copies_version: int
+
+
+# Modules (exact types) that compute each sample's rows from that sample's rows alone, whatever the batch size.
+PER_SAMPLE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity,
+                      nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, MaxPool2dFastCPU)
+
+
+def _sequential_reads_shared_rows(net: nn.Module, inputs: tuple[Tensor, ...]) -> bool | None:
+    """For a converted nn.Sequential made only of the view's layers, per-sample modules and Flatten from dim 1,
+    without hooks: what the probe would find, without running it. Such a model keeps every point's rows apart
+    by construction, and reads only the first copy of its input when its first layer is a Linear or a
+    zero-padded convolution fed a floating-point input. None for any other model (the probe decides)."""
+    if type(net) not in (nn.Sequential, FusedSequential) or len(net) == 0 or len(inputs) != 1:
+        return None
+    for module in net.modules():
+        if _has_hooks(module):
+            return None
+    for module in net:
+        per_sample = type(module) in PER_SAMPLE_MODULES and not getattr(module, "return_indices", False)
+        native = isinstance(module, (SubspaceLinear, SubspaceConv, SubspaceBatchNorm, SubspaceLayerNorm))
+        if not (per_sample or native or type(module) is nn.Flatten and module.start_dim >= 1):
+            return None
+    first = net[0]
+    zero_padded = isinstance(first, SubspaceConv) and first.pre_padding is None
+    return torch.is_floating_point(inputs[0]) and (isinstance(first, SubspaceLinear) or zero_padded)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
