@@ -208,12 +208,17 @@ class FusedSequential(nn.Sequential):
     Its children stay the layers themselves: a model that iterates over it, indexes it or slices it (e.g. to
     keep the activation before a pooling as a skip connection) gets every layer's own output."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def steps(self) -> list[nn.Module]:
+        """What the forward runs: the children, each conv → [norm] → [relu] → pool run as one ConvBlock."""
         modules = tuple(self._modules.values())
-        if getattr(self, "_planned_for", None) != modules:  # first call, or children added or replaced
+        if getattr(self, "_planned_for", None) != modules:  # first use, or children added or replaced
             object.__setattr__(self, "_steps", _fused_steps(list(modules)))  # not submodules: no new names
             object.__setattr__(self, "_planned_for", modules)
-        for step in self._steps:
+        return self._steps
+
+    def forward(self, x: Tensor) -> Tensor:
+        for step in self.steps:
             x = step(x)
         return x
 
