@@ -133,7 +133,7 @@ def test_weight_decay_gradient_added_directly_matches_autograd():
         torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-14)
     assert frozen.grad is None
     chain.control_points[0][0].weight.data = torch.randn_like(chain.control_points[0][0].weight)  # memory moved
-    assert chain.add_weight_decay(rows, 0.03) == pytest.approx(float(plain_term()), rel=1e-12)
+    assert chain.add_weight_decay(rows, 0.03) == pytest.approx(plain_term().detach().item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored-bn", "recomputed-bn"])
