@@ -89,14 +89,20 @@ def test_view_forward_fast_equals_plain_in_every_phase(name, monkeypatch):
 
 
 @pytest.mark.parametrize("bn", ["eval", "recompute"])
-def test_evaluate_fast_equals_plain_path_and_per_point_loop(bn):
+def test_evaluate_fast_equals_plain_path_and_per_point_loop(bn, monkeypatch):
+    fast_calls = []
+    pooled = ConvBlock._pooled
+    monkeypatch.setattr(ConvBlock, "_pooled", lambda self, *args, **kw: fast_calls.append(self) or pooled(self, *args, **kw))
     members, inputs, targets = members_and_data("two_blocks", seed=3)
     coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0], [0.4, -0.2, 0.8]])
     batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 45, 16)]
     bn_batches = [x for x, _ in batches]
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
+    assert len(set(map(id, fast_calls))) == 2, "evaluate must run both blocks' fast path (not only a bare view)"
+    calls = len(fast_calls)
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    assert len(fast_calls) == calls
     loop = plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches)
     assert_same_loss_and_error(fast, plain)
     assert_same_loss_and_error(fast, loop)

@@ -212,7 +212,7 @@ class FusedSequential(nn.Sequential):
     def steps(self) -> list[nn.Module]:
         """What the forward runs: the children, each conv → [norm] → [relu] → pool run as one ConvBlock."""
         modules = tuple(self._modules.values())
-        if getattr(self, "_planned_for", None) != modules:  # first use, or children added or replaced
+        if getattr(self, "_planned_for", None) != modules:  # a slice of it, or children added or replaced
             object.__setattr__(self, "_steps", _fused_steps(list(modules)))  # not submodules: no new names
             object.__setattr__(self, "_planned_for", modules)
         return self._steps
@@ -225,9 +225,14 @@ class FusedSequential(nn.Sequential):
 
 def fuse_conv_blocks(sequence: nn.Sequential) -> nn.Sequential:
     """`sequence` as a FusedSequential where it holds a conv → [norm] → [relu] → pool run, else unchanged."""
-    if not any(isinstance(step, ConvBlock) for step in _fused_steps(list(sequence._modules.values()))):
+    modules = tuple(sequence._modules.values())
+    steps = _fused_steps(list(modules))
+    if not any(isinstance(step, ConvBlock) for step in steps):
         return sequence
     sequence.__class__ = FusedSequential  # in place: the same children, names, hooks and attributes
+    # Planned now, while only the model's own hooks are on its layers (the chunk planner adds some for a while).
+    object.__setattr__(sequence, "_steps", steps)
+    object.__setattr__(sequence, "_planned_for", modules)
     return sequence
 
 
