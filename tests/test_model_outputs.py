@@ -84,6 +84,21 @@ def test_output_reaches_ensembles_and_fge():
     torch.testing.assert_close(snapshots.predict(inputs).probs, plain.predict(inputs).probs)
 
 
+def test_a_curve_takes_output_for_training_evaluation_and_ensembles():
+    a, b = seeded(lambda: Returning("dict"), 1), seeded(lambda: Returning("dict"), 2)
+    data = (torch.randn(16, 19), torch.randint(0, 5, (16,)))
+    curve = mc.BezierCurve(a, b, output="logits")
+    plain = mc.BezierCurve(Logits(a), Logits(b))
+    torch.testing.assert_close(curve(data[0], 0.3), plain(data[0], 0.3))
+    settings = dict(epochs=2, lr=0.05, batch_size=8, progress=False)
+    history, expected = mc.train_curve(curve, data, **settings), mc.train_curve(plain, data, **settings)
+    torch.testing.assert_close(torch.tensor(history.step_loss), torch.tensor(expected.step_loss))
+    result, wanted = mc.evaluate_curve(curve, data, points=5), mc.evaluate_curve(plain, data, points=5)
+    torch.testing.assert_close(result.loss, wanted.loss)
+    members = mc.Ensemble.from_curve(curve, [0.25, 0.75]).predict(data[0]).probs
+    torch.testing.assert_close(members, mc.Ensemble.from_curve(plain, [0.25, 0.75]).predict(data[0]).probs)
+
+
 @pytest.mark.parametrize("kind, suggestion", [("tuple", "output=0"), ("dict", "output='logits'"),
                                               ("dataclass", "output='logits'")])
 def test_without_output_the_error_names_it(kind, suggestion):

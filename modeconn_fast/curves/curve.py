@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.outputs import OutputSelector
 from ..subspace import check_same_entries
 from .trainable import TrainableSubspace
 
@@ -26,7 +27,7 @@ class Curve(TrainableSubspace):
     """Base class: K control points between `model_a` and `model_b`; see the module docstring."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, *, bends: int = 1, fix_start: bool = True,
-                 fix_end: bool = True, init: str = "linear"):
+                 fix_end: bool = True, init: str = "linear", output: OutputSelector = None):
         if not isinstance(bends, int) or bends < 1:
             raise ValueError(f"bends must be an integer ≥ 1 (the control points between the two ends), got {bends!r}")
         if init not in INITS:
@@ -34,6 +35,7 @@ class Curve(TrainableSubspace):
         check_same_entries(model_a, model_b, "model_a", "model_b")
         super().__init__(model_a)
         self.bends = bends
+        self.output = output
         state_a, state_b = model_a.state_dict(), model_b.state_dict()
         for k in range(bends + 2):
             alpha = k / (bends + 1)  # init="linear": evenly spaced on the straight line; exactly A and B at the ends

@@ -110,7 +110,8 @@ class Ensemble:
     def from_curve(cls, curve: CurveLike, ts: Sequence[float] | Tensor, *, bn_data: Any = None,
                    memory_budget: int | None = None, output: OutputSelector = None) -> "Ensemble":
         """The curve's points at `ts` as members: `curve.basis()` with the rows `curve.coefficients(ts)`.
-        Pass `bn_data`: running statistics mixed from the control points mean nothing along a curve."""
+        Pass `bn_data`: running statistics mixed from the control points mean nothing along a curve. `output`
+        defaults to the curve's."""
         ts = torch.as_tensor(ts).flatten()
         if not ts.is_floating_point():
             ts = ts.to(torch.get_default_dtype())
@@ -118,6 +119,7 @@ class Ensemble:
             raise ValueError("ts is empty: give the curve parameters t of the members")
         with torch.no_grad():
             coeffs = curve.coefficients(ts).detach()
+        output = output if output is not None else getattr(curve, "output", None)
         return cls.from_basis(curve.architecture, curve.basis(), coeffs, bn_data=bn_data, memory_budget=memory_budget,
                               output=output)
 

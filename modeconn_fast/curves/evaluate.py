@@ -63,7 +63,7 @@ def evaluate_curve(curve: Curve, data: Any, *, points: int = 61, bn_data: Any = 
     data: `(inputs, targets)`, batches, or a dict of them by name (e.g. {"train": ..., "test": ...}, one
     pass for all). bn_data: the batches to recompute every point's BatchNorm statistics from (usually the
     training data); without it the control points' stored statistics are mixed. engine_options go to
-    `evaluate` (loss_fn, bn, memory_budget, progress, output).
+    `evaluate` (loss_fn, bn, memory_budget, progress, output; output defaults to the curve's).
     """
     if points < 2:
         raise ValueError(f"a curve needs at least 2 points (its two ends), got points={points}")
@@ -72,6 +72,7 @@ def evaluate_curve(curve: Curve, data: Any, *, points: int = 61, bn_data: Any = 
     t = torch.linspace(0, 1, points, dtype=torch.float64)
     rows = curve.coefficients(t)
     basis = curve.basis()
+    engine_options.setdefault("output", getattr(curve, "output", None))
     result = evaluate(curve.architecture, basis, rows, data, bn_data=bn_data, metrics=metrics, **engine_options)
     columns = {name: values.cpu() for name, values in result.items()}
     first = next(iter(data)) if isinstance(data, Mapping) else None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..engine import SubspaceView
 from ..engine.batches import Batches, move
+from ..engine.outputs import OutputSelector
 from ..engine.view import WHOLE_MODEL
 from ..subspace import Basis
 
@@ -26,6 +27,7 @@ class TrainableSubspace(nn.Module):
     """Control points of one architecture (a frozen copy of `model`); see the module docstring."""
 
     _view_checks: tuple[bool, ...] | None = None  # a copy's: what the original's view found on its probe batch
+    output: OutputSelector = None  # which part of a tuple, dict or dataclass output holds the logits (`evaluate`)
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -149,7 +151,7 @@ class TrainableSubspace(nn.Module):
 
     def _subspace_view(self, rows: Tensor, inputs: tuple[Tensor, ...]) -> SubspaceView:
         if self._view is None:
-            view = SubspaceView(self.architecture, self.basis())
+            view = SubspaceView(self.architecture, self.basis(), output=self.output)
             if self._view_checks is None:
                 view.prepare(rows.detach(), inputs)
             else:  # a copy of a subspace whose view passed the checks: the same architecture passes them
