@@ -7,7 +7,7 @@ is a plain model at control point k); the free ones are the curve's trainable pa
 parameters included), the fixed ends have `requires_grad=False`. `curve(x, t)` runs the model at θ(t) for one or
 several t in one pass of a subspace view, with gradients flowing to the free control points. Subclasses only say
 how t becomes a coefficient row (`coefficients`): Bernstein polynomials for a Bezier curve, hat functions for a
-polygonal chain.
+polygonal chain. `output` picks the logits of a model that returns a tuple, dict or dataclass, as in `evaluate`.
 """
 from __future__ import annotations
 
