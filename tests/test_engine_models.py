@@ -296,3 +296,48 @@ def test_a_sequential_of_known_modules_skips_the_probe_with_the_probes_answer(fa
             warnings.simplefilter("error")  # the probe must not fall back to running per point
             view._check_folding(COEFFS[:1], COEFFS[1:3], (inputs[:2],))
         assert view.fallback_names == [] and view.reads_shared_rows_only == (known,)
+
+
+class _OwnPosition(nn.Module):
+    """A position vector held by the root module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(19))
+        self.body = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + self.pos)
+
+
+class _Shift(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(19))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos
+
+
+class _PositionInSubmodule(_OwnPosition):
+    """The same function with the vector in a submodule: only that module runs per point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.pos
+        self.shift = _Shift()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.shift(x))
+
+
+def test_a_models_own_parameters_are_named_in_a_warning_and_a_submodule_keeps_the_fast_path():
+    data = [(torch.randn(6, 19), torch.randint(0, 5, (6,)))]
+    for factory, warns in ((_OwnPosition, True), (_PositionInSubmodule, False)):
+        models = [seeded(factory, seed) for seed in (1, 2)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluate(models[0], models, COEFFS, data)
+        messages = [str(w.message) for w in caught]
+        assert any("tensors of its own (pos)" in m and "submodule" in m for m in messages) == warns, messages
+        assert_same_loss_and_error(result, plain_loop(models[0], models, COEFFS, data))

@@ -77,6 +77,13 @@ class SubspaceView(nn.Module):
         self._bindings: list[tuple[SubspaceLayer, str]] = []  # every layer holding basis tensors, with its prefix
         self._held_inputs: dict[int, _HeldCopies | None] = {}  # per input: the copies of the last named batch
         self.net = self._convert(_frozen_copy(model), "", basis, {})
+        if self.fallback_names == [WHOLE_MODEL]:
+            own = [name for name, _ in model.named_parameters(recurse=False)]
+            own += [name for name, b in model.named_buffers(recurse=False) if b is not None and b.is_floating_point()]
+            warnings.warn(f"the model holds tensors of its own ({', '.join(own)}) that the view cannot fold over "
+                          "points, so the whole model runs per point with vmap (correct, but slower). Move them into "
+                          "a small submodule (e.g. one whose forward adds the position embedding): then only that "
+                          "module runs per point", stacklevel=3)
         self.eval()
 
     def train(self, mode: bool = True) -> "SubspaceView":
