@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, assert_same_loss_and_error, mlp,
                      plain_loop, seeded, settle_batchnorm)
-from modeconn_fast import Basis, SubspaceView, evaluate
+from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import CPU_MIN_CHUNK, plan_chunks
 from modeconn_fast.engine.memory import KEEP_MMAP
@@ -36,6 +36,26 @@ def assert_fast_equals_plain_and_loop(models, data, coeffs, *, bn: str = "eval",
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-7)
     batches = data if isinstance(data, list) else [data]
     assert_same_loss_and_error(fast, plain_loop(models[0], models, coeffs, batches, bn=bn, bn_batches=bn_batches))
+
+
+@pytest.mark.skipif(not linear_cpu.ONEDNN, reason="this torch has no oneDNN linear")
+def test_wide_mlp_with_per_point_linear_equals_plain_path_and_loop(monkeypatch):
+    """Layers of at least MIN_MACS multiply-adds a point, the per-point oneDNN linear taken (forced here)."""
+    monkeypatch.setattr(linear_cpu, "_faster_per_point", {})
+    monkeypatch.setattr(linear_cpu, "_best_seconds", lambda runs, *args: [0.0, 1.0])
+    calls = []
+    per_point = linear_cpu.per_point_linear
+    monkeypatch.setattr(linear_cpu, "per_point_linear", lambda *args: calls.append(1) or per_point(*args))
+    def wide() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(19, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                   torch.nn.ReLU(), torch.nn.Linear(512, 5))
+    models = [seeded(wide, seed) for seed in (1, 2, 3)]
+    data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
+    assert_fast_equals_plain_and_loop(models, data, coefficient_rows(7, 3, seed=7))
+    assert calls  # the fast run took it
+    calls.clear()
+    evaluate(models[0], models, coefficient_rows(7, 3, seed=7), data, metrics=METRICS, fast=False)
+    assert not calls
 
 
 def test_mlp_fast_path_equals_plain_path_and_loop():

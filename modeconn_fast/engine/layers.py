@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import linear_cpu, ops
 from .state import ViewState
 
 
@@ -78,7 +78,8 @@ class SubspaceLinear(SubspaceLayer):
                 y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(rows, weight, bias, eye))
         if y is None:
             x_points = shared[1] if shared is not None else x.reshape(state.points, -1, self.in_features)
-            y = ops.combined_linear(x_points, weight, bias, state.coeffs)
+            with linear_cpu.plain_only(state.plain):
+                y = ops.combined_linear(x_points, weight, bias, state.coeffs)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def materialised_bytes_per_point(self) -> int:
