@@ -4,7 +4,8 @@ In evaluation on CPU (no gradients recorded, small feature maps) the block keeps
 so that nothing is transposed between the convolution, BatchNorm, ReLU and the pooling, and it pools before it
 normalises:
 
-- the convolution: for the input shared by all points (the first layer), K convolutions once per batch, then
+- the convolution: for the input shared by all points (the first layer), K convolutions once per batch (one
+  batched product of the input's patches with the K kernels where a patch is small, as for 1-channel images), then
   one product that mixes them straight into point-major channels-last [P, N, H, W, C]; otherwise one grouped
   convolution over points (groups = P·groups) on a channels-last [N, P·C, H, W] input (measured with torch 2.13
   on one core, 4 points of [128, 16, 4, 4] → 32 channels: 0.45 ms with the pooling, against 0.60 ms for the
@@ -16,7 +17,9 @@ normalises:
   float rounding), as is ReLU, and a max commutes with non-decreasing functions: max-pooling before them gives
   the very same numbers, and they run on a map 4× smaller. Where some scale is negative BatchNorm runs first.
 
-The block returns contiguous NCHW [P·N, C, H', W'] as the layers would. Anywhere else (gradients, GPU, large
+The block returns contiguous NCHW [P·N, C, H', W'] as the layers would, except to a next ConvBlock: that one gets
+the map as it is, sample-major channels-last [N, P·C, H', W'] (`SampleMajor`), the layout its grouped convolution
+reads, so no activation goes through NCHW between two blocks. Anywhere else (gradients, GPU, large
 maps, padding modes other than zeros, the view's plain mode) it runs its layers one after another.
 """
 from __future__ import annotations
