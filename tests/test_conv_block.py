@@ -212,9 +212,15 @@ def reflect_second() -> nn.Sequential:
     )
 
 
-@pytest.mark.parametrize("factory, fast_blocks", [(three_blocks, 3), (reflect_second, 1)])
+def one_block() -> nn.Sequential:
+    """A single block: it writes its output point-major NCHW for the Flatten after it."""
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(5 * 8 * 6, 3))
+
+
+@pytest.mark.parametrize("factory, fast_blocks", [(three_blocks, 3), (reflect_second, 1), (one_block, 1)])
 @pytest.mark.parametrize("bn", ["eval", "recompute"])
-def test_blocks_in_a_row_hand_on_their_maps_and_equal_the_plain_path(factory, fast_blocks, bn, monkeypatch):
+def test_blocks_alone_and_in_a_row_equal_the_plain_path(factory, fast_blocks, bn, monkeypatch):
     fast_calls = []
     pooled = ConvBlock._pooled
     monkeypatch.setattr(ConvBlock, "_pooled", lambda self, *args, **kw: fast_calls.append(self) or pooled(self, *args, **kw))

@@ -67,12 +67,12 @@ class ConvBlock(nn.Module):
             values = _values(y, points, points_first=False)
             scale, shift = self._affine(lambda: _statistics(values), values.shape[0] * values.shape[2])
             out = SampleMajor(self._pooled(y, scale, shift, points, points_first=False), points)
-        else:
-            out = self._mixed(per_basis, points)
-        return out if sample_major else out.points_nchw()
+            return out if sample_major else out.points_nchw()
+        return self._mixed(per_basis, points, sample_major)
 
-    def _mixed(self, per_basis: Tensor, points: int) -> SampleMajor:
-        """The block's output from the shared input's K outputs [K, N, H, W, C], a few points at a time."""
+    def _mixed(self, per_basis: Tensor, points: int, sample_major: bool) -> Tensor | SampleMajor:
+        """The block's output from the shared input's K outputs [K, N, H, W, C], a few points at a time: written
+        straight into point-major NCHW [P·N, C, H', W'], or into a SampleMajor."""
         coeffs = self.conv.state.coeffs
         samples = per_basis.shape[1]
         scale, shift = self._affine(lambda: _mixed_statistics(*self._moments_of(per_basis), coeffs),
@@ -84,12 +84,16 @@ class ConvBlock(nn.Module):
             y = y.reshape(-1, *y.shape[2:]).permute(0, 3, 1, 2)  # channels-last [G·N, C, H, W]
             pooled = self._pooled(y, None if scale is None else scale[group], None if shift is None else shift[group],
                                   group.stop - start, points_first=True)
-            rows, channels, height, width = pooled.shape
-            if out is None:
-                out = pooled.new_empty(samples, height, width, points, channels)
-            out[:, :, :, group] = pooled.permute(0, 2, 3, 1).reshape(-1, samples, height, width, channels).permute(
-                1, 2, 3, 0, 4)
-        return SampleMajor(out.reshape(samples, height, width, -1).permute(0, 3, 1, 2), points)
+            _, channels, height, width = pooled.shape
+            if out is None:  # [N, H', W', P, C] or [P·N, C, H', W']
+                out = pooled.new_empty(*((samples, height, width, points, channels) if sample_major
+                                         else (points * samples, channels, height, width)))
+            if sample_major:  # pooled as [N, H', W', G, C]
+                out[:, :, :, group] = pooled.permute(0, 2, 3, 1).reshape(-1, samples, height, width, channels).permute(
+                    1, 2, 3, 0, 4)
+            else:
+                out[start * samples:group.stop * samples] = pooled
+        return SampleMajor(out.reshape(samples, height, width, -1).permute(0, 3, 1, 2), points) if sample_major else out
 
     def _plain(self, x: Tensor) -> Tensor:
         y = self.conv(x)
