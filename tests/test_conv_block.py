@@ -194,7 +194,7 @@ def test_a_model_that_reads_inside_a_fused_sequential_gets_each_layers_output():
 
 
 def three_blocks() -> nn.Sequential:
-    """Three blocks in a row: each hands its output on to the next sample-major, without NCHW in between."""
+    """Three blocks in a row: a shared-input block, then two grouped over points."""
     return nn.Sequential(
         nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
@@ -204,7 +204,7 @@ def three_blocks() -> nn.Sequential:
 
 
 def reflect_second() -> nn.Sequential:
-    """The second block pads by reflection (it runs its layers): the first hands it a sample-major map anyway."""
+    """The second block pads by reflection (it runs its layers), after a fast first block."""
     return nn.Sequential(
         nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(5, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
@@ -213,7 +213,7 @@ def reflect_second() -> nn.Sequential:
 
 
 def one_block() -> nn.Sequential:
-    """A single block: it writes its output point-major NCHW for the Flatten after it."""
+    """A single block before the Flatten."""
     return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(5 * 8 * 6, 3))
 

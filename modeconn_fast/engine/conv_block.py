@@ -17,9 +17,7 @@ normalises:
   float rounding), as is ReLU, and a max commutes with non-decreasing functions: max-pooling before them gives
   the very same numbers, and they run on a map 4× smaller. Where some scale is negative BatchNorm runs first.
 
-The block returns contiguous NCHW [P·N, C, H', W'] as the layers would, except to a next ConvBlock: that one gets
-the map as it is, sample-major channels-last [N, P·C, H', W'] (`SampleMajor`), the layout its grouped convolution
-reads, so no activation goes through NCHW between two blocks. Anywhere else (gradients, GPU, large
+The block returns contiguous NCHW [P·N, C, H', W'] as the layers would. Anywhere else (gradients, GPU, large
 maps, padding modes other than zeros, the view's plain mode) it runs its layers one after another.
 """
 from __future__ import annotations
@@ -55,45 +53,31 @@ class ConvBlock(nn.Module):
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def forward(self, x: Tensor | SampleMajor, sample_major: bool = False) -> Tensor | SampleMajor:
-        """The block's output [P·N, C, H', W'], or, if `sample_major` and the fast path runs, a SampleMajor of it
-        (for the next ConvBlock: it saves the round trip through point-major NCHW)."""
-        points = self.conv.state.points
-        if not self._fast(x.map if isinstance(x, SampleMajor) else x):
-            return self._plain(x.points_nchw() if isinstance(x, SampleMajor) else x)
-        per_basis = None if isinstance(x, SampleMajor) else self._per_basis_outputs(x)
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fast(x):
+            return self._plain(x)
+        state = self.conv.state
+        points, coeffs = state.points, state.coeffs
+        per_basis = self._per_basis_outputs(x)
         if per_basis is None:
             y = self._grouped_convolution(x)
             values = _values(y, points, points_first=False)
             scale, shift = self._affine(lambda: _statistics(values), values.shape[0] * values.shape[2])
-            out = SampleMajor(self._pooled(y, scale, shift, points, points_first=False), points)
-            return out if sample_major else out.points_nchw()
-        return self._mixed(per_basis, points, sample_major)
-
-    def _mixed(self, per_basis: Tensor, points: int, sample_major: bool) -> Tensor | SampleMajor:
-        """The block's output from the shared input's K outputs [K, N, H, W, C], a few points at a time: written
-        straight into point-major NCHW [P·N, C, H', W'], or into a SampleMajor."""
-        coeffs = self.conv.state.coeffs
+            return _points_nchw(self._pooled(y, scale, shift, points, points_first=False), points, points_first=False)
         samples = per_basis.shape[1]
         scale, shift = self._affine(lambda: _mixed_statistics(*self._moments_of(per_basis), coeffs),
                                     samples * per_basis.shape[2] * per_basis.shape[3])
         out = None
-        for start in range(0, points, POINT_GROUP):
+        for start in range(0, points, POINT_GROUP):  # point-major: each group's rows of the output in turn
             group = slice(start, min(start + POINT_GROUP, points))
             y = ops.mix(coeffs[group].to(per_basis.dtype), per_basis)  # [G, N, H, W, C]
             y = y.reshape(-1, *y.shape[2:]).permute(0, 3, 1, 2)  # channels-last [G·N, C, H, W]
             pooled = self._pooled(y, None if scale is None else scale[group], None if shift is None else shift[group],
                                   group.stop - start, points_first=True)
-            _, channels, height, width = pooled.shape
-            if out is None:  # [N, H', W', P, C] or [P·N, C, H', W']
-                out = pooled.new_empty(*((samples, height, width, points, channels) if sample_major
-                                         else (points * samples, channels, height, width)))
-            if sample_major:  # pooled as [N, H', W', G, C]
-                out[:, :, :, group] = pooled.permute(0, 2, 3, 1).reshape(-1, samples, height, width, channels).permute(
-                    1, 2, 3, 0, 4)
-            else:
-                out[start * samples:group.stop * samples] = pooled
-        return SampleMajor(out.reshape(samples, height, width, -1).permute(0, 3, 1, 2), points) if sample_major else out
+            if out is None:
+                out = pooled.new_empty(points * samples, *pooled.shape[1:])
+            out[start * samples:group.stop * samples] = pooled
+        return out
 
     def _plain(self, x: Tensor) -> Tensor:
         y = self.conv(x)
@@ -155,19 +139,15 @@ class ConvBlock(nn.Module):
             self._moments = (per_basis, *_moments(per_basis))
         return self._moments[1], self._moments[2]
 
-    def _grouped_convolution(self, x: Tensor | SampleMajor) -> Tensor:
+    def _grouped_convolution(self, x: Tensor) -> Tensor:
         """One convolution grouped over points: channels-last, sample-major [N, P·C, H, W]."""
         conv, state = self.conv, self.conv.state
         weight, bias = conv.stacked["weight"], conv.stacked.get("bias")
         points, coeffs = state.points, state.coeffs
-        if isinstance(x, SampleMajor):
-            grouped = x.map
-        else:
-            shared = state.shared_rows(x)
-            x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
-            _, samples, channels, height, width = x_points.shape
-            grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(
-                0, 3, 1, 2)
+        shared = state.shared_rows(x)
+        x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
+        _, samples, channels, height, width = x_points.shape
+        grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
         w = ops.mix(coeffs.to(weight.dtype), weight)
         w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
         b = None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
@@ -189,20 +169,6 @@ def _per_basis_by_patches(x: Tensor, weight: Tensor, bias: Tensor | None, stride
     return y.reshape(bases, x.shape[0], height, width, out_channels)
 
 
-class SampleMajor:
-    """An activation of P points as one sample-major channels-last map [N, P·C, H, W] (memory [N, H, W, P, C]),
-    handed from one ConvBlock to the next."""
-
-    def __init__(self, map: Tensor, points: int):
-        self.map, self.points = map, points
-
-    def points_nchw(self) -> Tensor:
-        """[P·N, C, H, W] contiguous, as the view's layers pass activations on."""
-        samples, channels, height, width = self.map.shape
-        return self.map.reshape(samples, self.points, channels // self.points, height, width).transpose(0, 1).reshape(
-            -1, channels // self.points, height, width)
-
-
 def _affine_map(y: Tensor, scale: Tensor, shift: Tensor, points: int, points_first: bool) -> Tensor:
     """y · scale + shift per point and channel (scale, shift [P, C]) of a channels-last map, as BatchNorm computes it."""
     values = _values(y, points, points_first)
@@ -222,6 +188,15 @@ def _from_values(values: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of `_values`: the 4-d map of that shape (channels-last) holding `values`."""
     rows, channels, height, width = shape
     return values.reshape(rows, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _points_nchw(y: Tensor, points: int, points_first: bool) -> Tensor:
+    """[P·N, C, H, W] contiguous, as the view's layers pass activations on."""
+    if points_first:
+        return y.contiguous()
+    samples, channels, height, width = y.shape
+    return y.reshape(samples, points, channels // points, height, width).transpose(0, 1).reshape(
+        -1, channels // points, height, width)
 
 
 def _statistics(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,9 +246,8 @@ class FusedSequential(nn.Sequential):
         return self._steps
 
     def forward(self, x: Tensor) -> Tensor:
-        steps = self.steps
-        for step, after in zip(steps, steps[1:] + [None]):
-            x = step(x, sample_major=isinstance(after, ConvBlock)) if isinstance(step, ConvBlock) else step(x)
+        for step in self.steps:
+            x = step(x)
         return x
 
 
