@@ -191,3 +191,49 @@ def test_a_model_that_reads_inside_a_fused_sequential_gets_each_layers_output():
                           bn_data=inputs if bn == "recompute" else None)
         expected = plain_loop(members[0], members, coeffs, [(inputs, targets)], bn=bn, bn_batches=[inputs])
         assert_same_loss_and_error(result, expected)
+
+
+def three_blocks() -> nn.Sequential:
+    """Three blocks in a row: a shared-input block, then two grouped over points."""
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 4, (2, 3), padding=1, bias=False), nn.BatchNorm2d(4), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 2 * 1, 3),
+    )
+
+
+def reflect_second() -> nn.Sequential:
+    """The second block pads by reflection (it runs its layers), after a fast first block."""
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(5, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 4 * 3, 3),
+    )
+
+
+def one_block() -> nn.Sequential:
+    """A single block before the Flatten."""
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(5 * 8 * 6, 3))
+
+
+@pytest.mark.parametrize("factory, fast_blocks", [(three_blocks, 3), (reflect_second, 1), (one_block, 1)])
+@pytest.mark.parametrize("bn", ["eval", "recompute"])
+def test_blocks_alone_and_in_a_row_equal_the_plain_path(factory, fast_blocks, bn, monkeypatch):
+    fast_calls = []
+    pooled = ConvBlock._pooled
+    monkeypatch.setattr(ConvBlock, "_pooled", lambda self, *args, **kw: fast_calls.append(self) or pooled(self, *args, **kw))
+    torch.manual_seed(1)
+    inputs, targets = torch.randn(37, 3, 17, 12), torch.randint(0, 3, (37,))
+    members = [settle_batchnorm(seeded(factory, seed), inputs) for seed in range(3)]
+    coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [-0.3, 0.9, 0.4], [0.6, 0.1, 0.3], [0.0, 0.0, 1.0]])
+    batches = [(inputs[i:i + 15], targets[i:i + 15]) for i in range(0, 37, 15)]
+    bn_batches = [x for x, _ in batches]
+    options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
+    fast = evaluate(members[0], members, coeffs, batches, **options)
+    assert len(set(map(id, fast_calls))) == fast_blocks
+    plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    loop = plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches)
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, loop)
