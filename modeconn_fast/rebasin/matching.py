@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
+CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -57,13 +58,21 @@ def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
 class _Term:
     """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
-    `a`, `b` hold model A's and B's tensor as [n_q, r, n], other-axis major and contiguous, so that moving the
-    units K of `other` is a row gather; `seen` is the permutation of `other` that the cached C_p includes."""
+    `a`, `b` are the slices of model A's and B's tensor that the term reads, as given (no copy is held: at width
+    8192 the copies cost more memory than the cache); `rows` gathers the units K of `other` from them as
+    [|K|·r, n], other-major (`_other_major`). `seen` is the permutation of `other` that the cached C_p includes."""
 
     other: str
     a: Tensor
     b: Tensor
+    layout: tuple[int, int, int, int, int]  # dim, inner, n, odim, oinner
     seen: Tensor | None = None
+
+    def rows(self, w: Tensor, units: Tensor) -> Tensor:
+        """The entries of `w` (self.a or self.b) at the given units of `other`, [len(units)·r, n]."""
+        dim, inner, n, odim, oinner = self.layout
+        index = (units[:, None] * oinner + torch.arange(oinner)).flatten()
+        return _other_major(w.index_select(odim, index), dim, inner, n, odim, len(units), oinner).reshape(-1, n)
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -113,6 +122,12 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     return perms
 
 
+def _parts(n: int) -> list[tuple[int, int]]:
+    """[0, n) as ⌈n / CHUNK⌉ near-equal ranges: no sliver of a few rows, whose product BLAS may round otherwise."""
+    count = -(-n // CHUNK)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
 def _products(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """Σ_j a_j · b_jᵀ ([n, n]). On the CPU plain torch: the `permutation_cost` op's dispatch costs a process
     about 2 s at its first call (it imports torch._dynamo) and buys nothing here (no autograd, no kernel); on
@@ -141,11 +156,12 @@ class _Matcher:
         self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
         self.generic: dict[str, list[Axis]] = {g: [] for g in spec.groups}  # rare: recomputed at every visit
         self.state_a, self.state_b = state_a, state_b
-        self.const: dict[str, Tensor] = {}
+        self.const: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # axes without another permuted axis
         self.dependents: dict[str, set[str]] = {g: set() for g in spec.groups}
         for group, axes in spec.groups.items():
             n = self.sizes[group]
-            const_a, const_b = [], []
+            const_a: list[Tensor] = []
+            const_b: list[Tensor] = []
             for axis in axes:
                 if axis.tensor not in params:
                     continue  # buffers (running statistics) are permuted but not matched
@@ -164,10 +180,9 @@ class _Matcher:
                         const_b.append(_unit_major(pb, axis.dim, axis.inner, n))
                         continue
                     oaxis, q = other
-                    shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
-                    self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
+                    self.terms[group].append(_Term(q, pa, pb, (axis.dim, axis.inner, n, odim, oaxis.inner)))
                     self.dependents[q].add(group)
-            self.const[group] = _products(const_a, const_b).double() if const_a else None
+            self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
@@ -176,22 +191,28 @@ class _Matcher:
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
-            cache = self.const[group].clone() if self.const[group] is not None else torch.zeros(n, n, dtype=torch.float64)
+            const_a, const_b = self.const.pop(group)
+            cache = _products(const_a, const_b).double() if const_a else torch.zeros(n, n, dtype=torch.float64)
             self.cache[group] = cache
         for term in self.terms[group]:
             now = perms[term.other]
             if term.seen is None:
-                a, b = term.a.reshape(-1, n), term.b.index_select(0, now).reshape(-1, n)
+                a, b = term.rows(term.a, torch.arange(len(now))), term.rows(term.b, now)
             else:
                 moved = torch.nonzero(now != term.seen).flatten()
                 if moved.numel() == 0:
                     continue
-                a = term.a.index_select(0, moved).reshape(-1, n)
-                b = (term.b.index_select(0, now[moved]) - term.b.index_select(0, term.seen[moved])).reshape(-1, n)
+                a = term.rows(term.a, moved)
+                b = term.rows(term.b, now[moved])
+                r = b.shape[0] // len(moved)
+                for start in range(0, len(moved), CHUNK):  # b −= the old rows a chunk at a time: no third [|K|·r, n]
+                    old = term.rows(term.b, term.seen[moved[start : start + CHUNK]])
+                    b[start * r : start * r + old.shape[0]] -= old
             if a.shape[0] <= SMALL_UPDATE:
                 cache.addmm_(a.T.double(), b.double())
             else:
-                cache += _products([a.T], [b.T])
+                for start, stop in _parts(n):  # C[R] += A[:, R]ᵀ·B: a float32 [≤ CHUNK, n] at a time, not [n, n]
+                    cache[start:stop] += _products([a[:, start:stop].T], [b.T])
             term.seen = now
         if not self.generic[group]:
             return cache
@@ -304,6 +325,8 @@ def weight_matching(
                 history.append(history[-1] + gain_total)
             if not progress:
                 break
-    if not matcher.self_dependent:  # else the last sweep computed it directly already
+    self_dependent = matcher.self_dependent
+    del matcher  # its cost matrices (n×n float64 per group) are not needed for the objective
+    if not self_dependent:  # else the last sweep computed it directly already
         history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
