@@ -58,21 +58,19 @@ def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
 class _Term:
     """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
-    `a`, `b` are the slices of model A's and B's tensor that the term reads, as given (no copy is held: at width
-    8192 the copies cost more memory than the cache); `rows` gathers the units K of `other` from them as
-    [|K|·r, n], other-major (`_other_major`). `seen` is the permutation of `other` that the cached C_p includes."""
+    `a`, `b` are model A's and B's tensor as [n_q, r, n] (`_other_major`), views of the tensors as given where
+    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache); `rows`
+    gathers units K of `other` from them. `seen` is the permutation of `other` that the cached C_p includes."""
 
     other: str
     a: Tensor
     b: Tensor
-    layout: tuple[int, int, int, int, int]  # dim, inner, n, odim, oinner
     seen: Tensor | None = None
 
-    def rows(self, w: Tensor, units: Tensor) -> Tensor:
-        """The entries of `w` (self.a or self.b) at the given units of `other`, [len(units)·r, n]."""
-        dim, inner, n, odim, oinner = self.layout
-        index = (units[:, None] * oinner + torch.arange(oinner)).flatten()
-        return _other_major(w.index_select(odim, index), dim, inner, n, odim, len(units), oinner).reshape(-1, n)
+    @staticmethod
+    def rows(w: Tensor, units: Tensor) -> Tensor:
+        """The rows of `w` (self.a or self.b) at the given units of `other`: [len(units)·r, n], contiguous."""
+        return w.index_select(0, units).reshape(-1, w.shape[-1])
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -143,10 +141,11 @@ def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
 
 
 def _other_major(w: Tensor, dim: int, inner: int, n: int, odim: int, n_q: int, oinner: int) -> Tensor:
-    """w as [n_q, r, n]: units of axis `odim` first, units of axis `dim` last, everything else in between."""
+    """w as [n_q, r, n]: units of axis `odim` first, units of axis `dim` last, everything else in between (a
+    view where the strides allow, as for linear and convolution weights)."""
     moved = torch.movedim(w, (odim, dim), (0, w.dim() - 1))
     moved = moved.reshape(n_q, oinner, *moved.shape[1:-1], n, inner).movedim(-1, -2)
-    return moved.reshape(n_q, -1, n).contiguous()
+    return moved.reshape(n_q, -1, n)
 
 
 class _Matcher:
@@ -180,7 +179,8 @@ class _Matcher:
                         const_b.append(_unit_major(pb, axis.dim, axis.inner, n))
                         continue
                     oaxis, q = other
-                    self.terms[group].append(_Term(q, pa, pb, (axis.dim, axis.inner, n, odim, oaxis.inner)))
+                    shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
+                    self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
@@ -197,22 +197,22 @@ class _Matcher:
         for term in self.terms[group]:
             now = perms[term.other]
             if term.seen is None:
-                a, b = term.rows(term.a, torch.arange(len(now))), term.rows(term.b, now)
+                units = torch.arange(len(now))
+                b = term.rows(term.b, now)
             else:
-                moved = torch.nonzero(now != term.seen).flatten()
-                if moved.numel() == 0:
+                units = torch.nonzero(now != term.seen).flatten()
+                if units.numel() == 0:
                     continue
-                a = term.rows(term.a, moved)
-                b = term.rows(term.b, now[moved])
-                r = b.shape[0] // len(moved)
-                for start in range(0, len(moved), CHUNK):  # b −= the old rows a chunk at a time: no third [|K|·r, n]
-                    old = term.rows(term.b, term.seen[moved[start : start + CHUNK]])
+                b = term.rows(term.b, now[units])
+                r = b.shape[0] // len(units)
+                for start in range(0, len(units), CHUNK):  # b −= the old rows a chunk at a time: no third [|K|·r, n]
+                    old = term.rows(term.b, term.seen[units[start : start + CHUNK]])
                     b[start * r : start * r + old.shape[0]] -= old
-            if a.shape[0] <= SMALL_UPDATE:
-                cache.addmm_(a.T.double(), b.double())
-            else:
-                for start, stop in _parts(n):  # C[R] += A[:, R]ᵀ·B: a float32 [≤ CHUNK, n] at a time, not [n, n]
-                    cache[start:stop] += _products([a[:, start:stop].T], [b.T])
+            if b.shape[0] <= SMALL_UPDATE:
+                cache.addmm_(term.rows(term.a, units).T.double(), b.double())
+            else:  # C[R] += A[:, R]ᵀ·B with R ≤ CHUNK rows of C: float32 temporaries [|K|·r, R] and [R, n]
+                for start, stop in _parts(n):
+                    cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
             term.seen = now
         if not self.generic[group]:
             return cache
