@@ -10,6 +10,7 @@ import torch
 from rebasin_models import build, inputs, mlp
 from test_rebasin_spec import ARCHITECTURES, random_permutation
 
+from modeconn_fast.rebasin import matching as matching_module
 from modeconn_fast.rebasin import Heads, Permutation, PermutationSpec, SpecError, lap, lap_loading, matching_objective, permutation_spec, weight_matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,6 +74,25 @@ def test_same_trajectory_as_the_reference_port(seed: int, width: int, monkeypatc
     assert ours.iterations == sweeps > 2
     for group in spec.groups:
         assert torch.equal(ours.perms[group], reference[group]), group
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_chunked_temporaries_change_nothing(name: str, monkeypatch) -> None:
+    """Updates gathered, subtracted and multiplied a few rows at a time, and LAP candidates picked a few rows at a
+    time, give the very same permutations and objective history as whole-matrix temporaries."""
+    monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP, whose candidates are chunked
+    monkeypatch.setattr(matching_module, "SMALL_UPDATE", 4)  # the float32 path of larger updates, whose rows are chunked
+    lap_loading.wait()
+    model_a, model_b = build(name, seed=5), build(name, seed=6)
+    runs = []
+    for chunk in (1 << 30, 16):
+        monkeypatch.setattr(matching_module, "CHUNK", chunk)
+        monkeypatch.setattr(lap, "CHUNK", chunk)
+        runs.append(weight_matching(model_a, model_b, example_input=inputs(model_a)))
+    whole, chunked = runs
+    assert whole.iterations > 1 and chunked.objective_history == whole.objective_history
+    for group in whole.perms:
+        assert torch.equal(chunked.perms[group], whole.perms[group]), group
 
 
 def test_init_is_a_fixed_point_when_already_optimal() -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
+CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -57,13 +58,19 @@ def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
 class _Term:
     """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
-    `a`, `b` hold model A's and B's tensor as [n_q, r, n], other-axis major and contiguous, so that moving the
-    units K of `other` is a row gather; `seen` is the permutation of `other` that the cached C_p includes."""
+    `a`, `b` are model A's and B's tensor as [n_q, r, n] (`_other_major`), views of the tensors as given where
+    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache); `rows`
+    gathers units K of `other` from them. `seen` is the permutation of `other` that the cached C_p includes."""
 
     other: str
     a: Tensor
     b: Tensor
     seen: Tensor | None = None
+
+    @staticmethod
+    def rows(w: Tensor, units: Tensor) -> Tensor:
+        """The rows of `w` (self.a or self.b) at the given units of `other`: [len(units)·r, n], contiguous."""
+        return w.index_select(0, units).reshape(-1, w.shape[-1])
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -113,6 +120,12 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     return perms
 
 
+def _parts(n: int) -> list[tuple[int, int]]:
+    """[0, n) as ⌈n / CHUNK⌉ near-equal ranges: no sliver of a few rows, whose product BLAS may round otherwise."""
+    count = -(-n // CHUNK)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
 def _products(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """Σ_j a_j · b_jᵀ ([n, n]). On the CPU plain torch: the `permutation_cost` op's dispatch costs a process
     about 2 s at its first call (it imports torch._dynamo) and buys nothing here (no autograd, no kernel); on
@@ -128,10 +141,11 @@ def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
 
 
 def _other_major(w: Tensor, dim: int, inner: int, n: int, odim: int, n_q: int, oinner: int) -> Tensor:
-    """w as [n_q, r, n]: units of axis `odim` first, units of axis `dim` last, everything else in between."""
+    """w as [n_q, r, n]: units of axis `odim` first, units of axis `dim` last, everything else in between (a
+    view where the strides allow, as for linear and convolution weights)."""
     moved = torch.movedim(w, (odim, dim), (0, w.dim() - 1))
     moved = moved.reshape(n_q, oinner, *moved.shape[1:-1], n, inner).movedim(-1, -2)
-    return moved.reshape(n_q, -1, n).contiguous()
+    return moved.reshape(n_q, -1, n)
 
 
 class _Matcher:
@@ -141,11 +155,12 @@ class _Matcher:
         self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
         self.generic: dict[str, list[Axis]] = {g: [] for g in spec.groups}  # rare: recomputed at every visit
         self.state_a, self.state_b = state_a, state_b
-        self.const: dict[str, Tensor] = {}
+        self.const: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # axes without another permuted axis
         self.dependents: dict[str, set[str]] = {g: set() for g in spec.groups}
         for group, axes in spec.groups.items():
             n = self.sizes[group]
-            const_a, const_b = [], []
+            const_a: list[Tensor] = []
+            const_b: list[Tensor] = []
             for axis in axes:
                 if axis.tensor not in params:
                     continue  # buffers (running statistics) are permuted but not matched
@@ -167,7 +182,7 @@ class _Matcher:
                     shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
                     self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
                     self.dependents[q].add(group)
-            self.const[group] = _products(const_a, const_b).double() if const_a else None
+            self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
@@ -176,22 +191,28 @@ class _Matcher:
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
-            cache = self.const[group].clone() if self.const[group] is not None else torch.zeros(n, n, dtype=torch.float64)
+            const_a, const_b = self.const.pop(group)
+            cache = _products(const_a, const_b).double() if const_a else torch.zeros(n, n, dtype=torch.float64)
             self.cache[group] = cache
         for term in self.terms[group]:
             now = perms[term.other]
             if term.seen is None:
-                a, b = term.a.reshape(-1, n), term.b.index_select(0, now).reshape(-1, n)
+                units = torch.arange(len(now))
+                b = term.rows(term.b, now)
             else:
-                moved = torch.nonzero(now != term.seen).flatten()
-                if moved.numel() == 0:
+                units = torch.nonzero(now != term.seen).flatten()
+                if units.numel() == 0:
                     continue
-                a = term.a.index_select(0, moved).reshape(-1, n)
-                b = (term.b.index_select(0, now[moved]) - term.b.index_select(0, term.seen[moved])).reshape(-1, n)
-            if a.shape[0] <= SMALL_UPDATE:
-                cache.addmm_(a.T.double(), b.double())
-            else:
-                cache += _products([a.T], [b.T])
+                b = term.rows(term.b, now[units])
+                r = b.shape[0] // len(units)
+                for start in range(0, len(units), CHUNK):  # b −= the old rows a chunk at a time: no third [|K|·r, n]
+                    old = term.rows(term.b, term.seen[units[start : start + CHUNK]])
+                    b[start * r : start * r + old.shape[0]] -= old
+            if b.shape[0] <= SMALL_UPDATE:
+                cache.addmm_(term.rows(term.a, units).T.double(), b.double())
+            else:  # C[R] += A[:, R]ᵀ·B with R ≤ CHUNK rows of C: float32 temporaries [|K|·r, R] and [R, n]
+                for start, stop in _parts(n):
+                    cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
             term.seen = now
         if not self.generic[group]:
             return cache
@@ -304,6 +325,8 @@ def weight_matching(
                 history.append(history[-1] + gain_total)
             if not progress:
                 break
-    if not matcher.self_dependent:  # else the last sweep computed it directly already
+    self_dependent = matcher.self_dependent
+    del matcher  # its cost matrices (n×n float64 per group) are not needed for the objective
+    if not self_dependent:  # else the last sweep computed it directly already
         history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
