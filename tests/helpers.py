@@ -101,6 +101,13 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(19, 23), nn.ReLU(), nn.Linear(23, 17), nn.Tanh(), nn.Linear(17, 5))
 
 
+def float64_batch(factory: Callable[[], nn.Module]) -> tuple[Tensor, Tensor]:
+    """Nine float64 samples and targets for `mlp` (19 features, 5 classes) or `SmallCNN` (3×8×8, 4 classes)."""
+    if factory is mlp:
+        return torch.randn(9, 19, dtype=torch.float64), torch.randint(0, 5, (9,))
+    return torch.randn(9, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
+
+
 class SmallCNN(nn.Module):
     """Conv2d + BatchNorm2d + pooling + flatten + Linear + BatchNorm1d, one conv with reflect padding."""
 

@@ -13,7 +13,8 @@ from torch.func import functional_call
 
 import modeconn_fast as mc
 from modeconn_fast.curves import garipov_schedule
-from tests.helpers import SmallCNN, mlp, plain_loop, reset_and_recompute_batchnorm, seeded, settle_batchnorm
+from tests.helpers import (SmallCNN, float64_batch, mlp, plain_loop, reset_and_recompute_batchnorm, seeded,
+                           settle_batchnorm)
 
 
 def cnn_pair() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
@@ -85,10 +86,7 @@ def test_control_point_gradients_match_plain_autograd(factory):
     from modeconn_fast.curves.train import _data_loss
 
     torch.manual_seed(3)
-    if factory is mlp:
-        inputs, targets = torch.randn(9, 19, dtype=torch.float64), torch.randint(0, 5, (9,))
-    else:
-        inputs, targets = torch.randn(9, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
+    inputs, targets = float64_batch(factory)
     a, b = seeded(factory, 0).double(), seeded(factory, 1).double()
     curve = mc.BezierCurve(a, b, bends=2, fix_end=False).double().train()
     with torch.no_grad():  # move the bends off the straight line

@@ -13,7 +13,7 @@ from torch.func import functional_call
 import modeconn_fast as mc
 from modeconn_fast.curves.simplex import VOLUME_EPSILON, simplex_loss, squared_volume
 from modeconn_fast.digits import load_digits_split, mlp as digits_mlp, train_classifier
-from tests.helpers import SmallCNN, mlp, seeded
+from tests.helpers import SmallCNN, float64_batch, mlp, seeded
 
 
 def volume_of(points: torch.Tensor) -> float:
@@ -97,10 +97,7 @@ def reference_loss(simplex: mc.Simplex, inputs, targets, alphas, weight_decay, r
 @pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
 def test_simplex_loss_gradient_matches_plain_autograd(factory):
     torch.manual_seed(3)
-    if factory is mlp:
-        inputs, targets = torch.randn(9, 19, dtype=torch.float64), torch.randint(0, 5, (9,))
-    else:
-        inputs, targets = torch.randn(9, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
+    inputs, targets = float64_batch(factory)
     simplex = mc.Simplex(seeded(factory, 0).double())
     for _ in range(2):
         with torch.no_grad():
