@@ -144,3 +144,17 @@ def test_fallback_warning_says_what_failed():
         mc.evaluate(models[0], models, COEFFS, (torch.randn(4, 19), torch.zeros(4, dtype=torch.long)))
     message = str(record[0].message)
     assert "AttributeError" in message and "batch axis" not in message
+
+
+def test_simplexes_and_autoneb_take_output():
+    a, b = seeded(lambda: Returning("tuple"), 1), seeded(lambda: Returning("tuple"), 2)
+    data = (torch.randn(16, 19), torch.randint(0, 5, (16,)))
+    settings = dict(vertices=2, epochs=2, lr=0.05, batch_size=8, samples_per_step=2, progress=False)
+    simplex, plain = mc.train_simplex(a, data, output=1, **settings), mc.train_simplex(Logits(a), data, **settings)
+    torch.testing.assert_close(torch.tensor(simplex.history.loss), torch.tensor(plain.history.loss))
+    torch.testing.assert_close(simplex.predict(data[0], n=3), plain.predict(data[0], n=3))
+    torch.testing.assert_close(simplex.ensemble(3).predict(data[0]).probs, plain.ensemble(3).predict(data[0]).probs)
+    settings = dict(pivots=1, cycles=2, steps=3, lr=0.05, batch_size=8, sub_points=2, progress=False)
+    path, wanted = mc.autoneb(a, b, data, output=1, **settings), mc.autoneb(Logits(a), Logits(b), data, **settings)
+    torch.testing.assert_close(path.profile.loss, wanted.profile.loss)
+    assert path.path.output == 1

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
+from ..engine.outputs import OutputSelector
 from ..subspace import check_same_entries
 from .evaluate import CurveResult, evaluate_curve
 from .polychain import PolyChain
@@ -49,21 +50,22 @@ def autoneb(model_a: nn.Module, model_b: nn.Module, train_data: Any, *, pivots: 
             steps: int = 100, lr: float = 0.1, momentum: float = 0.9, spring: float = 1.0, insert: int = 2,
             threshold: float = 0.1, sub_points: int = 9, batch_size: int = 128,
             loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, bn_data: Any = None, seed: int = 0,
-            progress: bool = True) -> NEBResult:
+            output: OutputSelector = None, progress: bool = True) -> NEBResult:
     """A low-loss path from model_a to model_b by AutoNEB (see the module docstring).
 
     pivots: inner pivots of the first cycle, evenly spaced on the straight line. cycles: NEB runs of `steps` SGD
     steps (learning rate `lr`, `momentum`) on minibatches of `batch_size` shuffled from `seed` (or the batches
     given), with pivot insertion before every cycle but the first. spring: κ. loss_fn: mean loss of outputs
     [B, ...] against targets (default cross-entropy). bn_data: batches to recompute BatchNorm statistics from when
-    the dense profiles are evaluated (usually the training data).
+    the dense profiles are evaluated (usually the training data). output: which part of a tuple, dict or
+    dataclass output holds the logits, as in `evaluate` (the path keeps it).
     """
     _check_arguments(pivots, cycles, steps, lr, spring, insert, threshold, sub_points, batch_size)
     check_same_entries(model_a, model_b, "model_a", "model_b")
     data = Batches(train_data, "train_data")
     loss_fn = loss_fn or F.cross_entropy
     generator = torch.Generator().manual_seed(seed)
-    chain = PolyChain(model_a, model_b, bends=pivots)
+    chain = PolyChain(model_a, model_b, bends=pivots, output=output)
     saddles, counts = [], []
     profile = None
     batches = _endless(data, batch_size, generator)
@@ -145,7 +147,7 @@ def _with_inserted_pivots(chain: PolyChain, model_a: nn.Module, model_b: nn.Modu
                            if torch.is_floating_point(value) else value.clone()
                            for name, value in states[segment].items()})
         pivots.append(states[segment + 1])
-    new = PolyChain(model_a, model_b, bends=len(pivots) - 2)
+    new = PolyChain(model_a, model_b, bends=len(pivots) - 2, output=chain.output)
     for point, state in zip(new.control_points, pivots):
         point.load_state_dict(state)
     return new

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
+from ..engine.outputs import OutputSelector
 from ..subspace import check_same_entries
 from .ensemble import Ensemble
 from .trainable import TrainableSubspace
@@ -66,11 +67,13 @@ class Simplex(TrainableSubspace):
     """A simplex of models of one architecture: `control_points[i]` is vertex i, vertex 0 the starting model.
 
     `sample(n)` gives barycentric rows over `basis()`; `model_at(alpha)` a plain model at one point; `predict`
-    the mean class probabilities of sampled points, all in one pass of the subspace view.
+    the mean class probabilities of sampled points, all in one pass of the subspace view. `output` picks the
+    logits of a model that returns a tuple, dict or dataclass, as in `evaluate`.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, output: OutputSelector = None):
         super().__init__(model)
+        self.output = output
         self.add_point(model.state_dict(), trainable=False)
         self.history = SimplexHistory()
 
@@ -128,25 +131,27 @@ class Simplex(TrainableSubspace):
     def ensemble(self, n: int = 10, *, seed: int = 0, bn_data: Any = None) -> Ensemble:
         """An `Ensemble` of n points sampled from the simplex (`sample(n, seed)`), BatchNorm statistics recomputed
         for each from `bn_data` when given."""
-        return Ensemble.from_basis(self.architecture, self.basis(), self.sample(n, seed), bn_data=bn_data)
+        return Ensemble.from_basis(self.architecture, self.basis(), self.sample(n, seed), bn_data=bn_data,
+                                   output=self.output)
 
 
 def train_simplex(model: nn.Module, train_data: Any, *, vertices: int = 3, epochs: int, lr: float, reg: float = 0.01,
                   samples_per_step: int = 5, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
                   loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, seed: int = 0,
-                  progress: bool = True) -> Simplex:
+                  output: OutputSelector = None, progress: bool = True) -> Simplex:
     """SPRO (Benton et al. 2021): a simplex of `vertices` vertices grown from the trained `model` (vertex 0).
 
     Each added vertex trains for `epochs` epochs with SGD (momentum, cosine learning rate from `lr` to 0, as the
     reference), on the loss of the module docstring with λ = `reg`. train_data: `(inputs, targets)` tensors,
     shuffled into minibatches of `batch_size` from `seed`, or any re-iterable of batches. loss_fn: mean loss of
-    outputs [B, ...] against targets (default cross-entropy). The result's `history` has the per-epoch losses.
+    outputs [B, ...] against targets (default cross-entropy). output: which part of a tuple, dict or dataclass
+    output holds the logits, as in `evaluate`. The result's `history` has the per-epoch losses.
     """
     if not isinstance(vertices, int) or vertices < 2:
         raise ValueError(f"vertices must be an integer ≥ 2 (the starting model plus one or more), got {vertices!r}")
     _check_training(epochs, lr, reg, samples_per_step, batch_size)
     data = Batches(train_data, "train_data")
-    simplex = Simplex(model)
+    simplex = Simplex(model, output=output)
     loss_fn = loss_fn or F.cross_entropy
     generator = torch.Generator().manual_seed(seed)
     simplex.train()
