@@ -65,12 +65,12 @@ def per_point_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     key = (P, N, Din, Dout, bias is not None, torch.get_num_threads())
     if key not in _faster_per_point:
         with torch.no_grad():
-            seconds = _best_seconds((per_point_linear, batched_linear), x, weight, bias)
+            seconds = best_seconds((per_point_linear, batched_linear), x, weight, bias)
         _faster_per_point[key] = seconds[0] < seconds[1]
     return _faster_per_point[key]
 
 
-def _best_seconds(runs: tuple[Callable[..., Tensor], ...], *args: Tensor | None) -> list[float]:
+def best_seconds(runs: tuple[Callable[..., Tensor], ...], *args: Tensor | None) -> list[float]:
     """Each run's best time of two, the runs alternating."""
     best = [float("inf")] * len(runs)
     for _ in range(2):

@@ -43,7 +43,7 @@ def test_wide_mlp_with_per_point_linear_equals_plain_path_and_loop(monkeypatch):
     """Layers of at least MIN_MACS multiply-adds a point, the per-point oneDNN linear taken (forced here); Tanh,
     not ReLU, between them, so that each Linear runs on its own (no LinearBlock)."""
     monkeypatch.setattr(linear_cpu, "_faster_per_point", {})
-    monkeypatch.setattr(linear_cpu, "_best_seconds", lambda runs, *args: [0.0, 1.0])
+    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: [0.0, 1.0])
     calls = []
     per_point = linear_cpu.per_point_linear
     monkeypatch.setattr(linear_cpu, "per_point_linear", lambda *args: calls.append(1) or per_point(*args))

@@ -10,6 +10,7 @@ from torch import nn
 from helpers import assert_same_loss_and_error, plain_loop, seeded
 from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu
 from modeconn_fast.engine.conv_block import FusedSequential
+from modeconn_fast.engine import linear_block
 from modeconn_fast.engine.linear_block import LinearBlock
 
 pytestmark = pytest.mark.skipif(not linear_cpu.ONEDNN, reason="this torch has no oneDNN linear")
@@ -27,8 +28,11 @@ def wide_mlp(in_features: int = 19, inplace: bool = False) -> nn.Sequential:
                          nn.Linear(WIDE, 5))
 
 
-def counted_onednn(monkeypatch) -> list[bool]:
-    """Records the `relu` flag of every oneDNN linear the fast path runs."""
+def counted_onednn(monkeypatch, per_point_faster: bool = True) -> list[bool]:
+    """Records the `relu` flag of every oneDNN linear the fast path runs, with the timing that chooses it replaced
+    by the given outcome."""
+    monkeypatch.setattr(linear_block, "_faster_per_point", {})
+    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: [0.0, 1.0] if per_point_faster else [1.0, 0.0])
     calls: list[bool] = []
     onednn = linear_cpu.onednn_linear
     monkeypatch.setattr(linear_cpu, "onednn_linear",
@@ -108,6 +112,26 @@ def test_a_model_that_reads_inside_the_sequential_gets_each_layers_output(monkey
     data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
     assert_fast_equals_plain_and_loop(models, data, coefficient_rows(5, 2, seed=9))
     assert calls  # the slice ran as a block
+
+
+def test_the_layer_by_layer_path_where_it_timed_faster(monkeypatch):
+    calls = counted_onednn(monkeypatch, per_point_faster=False)
+    models = [seeded(wide_mlp, seed) for seed in (1, 2)]
+    assert_fast_equals_plain_and_loop(models, (torch.randn(67, 19), torch.randint(0, 5, (67,))),
+                                      coefficient_rows(3, 2, seed=11))
+    assert not calls and len(linear_block._faster_per_point) == 1
+
+
+def test_the_timed_choice_runs_both_ways_once_per_shape(monkeypatch):
+    monkeypatch.setattr(linear_block, "_faster_per_point", {})
+    timed = []
+    best_seconds = linear_cpu.best_seconds
+    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: timed.append(runs[0].__name__) or best_seconds(runs, *args))
+    models = [seeded(wide_mlp, seed) for seed in (1, 2)]
+    data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
+    assert_fast_equals_plain_and_loop(models, data, coefficient_rows(3, 2, seed=12))
+    evaluate(models[0], models, coefficient_rows(4, 2, seed=13), data, progress=False)
+    assert timed.count("_per_point") == 1  # the block's two ways, timed on its first call only
 
 
 def test_a_hooked_relu_runs_on_its_own(monkeypatch):

@@ -21,6 +21,9 @@ from .. import linear_cpu, ops
 from .layers import SubspaceLinear, has_forward_hooks
 
 
+_faster_per_point: dict[tuple, bool] = {}  # (shapes, shared input, layers, threads) -> point by point wins
+
+
 class LinearBlock(nn.Module):
     """Linear layers, each optionally followed by ReLU, with the point-by-point fast path above."""
 
@@ -30,11 +33,15 @@ class LinearBlock(nn.Module):
         self.state = layers[0][0].state
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fast(x):
-            for linear, relu in self.layers:
-                x = linear(x)
-                x = x if relu is None else relu(x)
-            return x
+        return self._per_point(x) if self._fast(x) and self._per_point_is_faster(x) else self._plain(x)
+
+    def _plain(self, x: Tensor) -> Tensor:
+        for linear, relu in self.layers:
+            x = linear(x)
+            x = x if relu is None else relu(x)
+        return x
+
+    def _per_point(self, x: Tensor) -> Tensor:
         state = self.state
         points, coeffs = state.points, state.coeffs
         first, first_relu = self.layers[0]
@@ -53,11 +60,11 @@ class LinearBlock(nn.Module):
         mixed = [(ops.mix(coeffs, linear.stacked["weight"]), _mixed_bias(linear, coeffs), relu) for linear, relu in layers]
         out = None
         if per_basis is not None:  # one buffer for every point's first activation (this block's own)
-            flat = per_basis.reshape(per_basis.shape[0], -1)
             first_out = per_basis.new_empty(per_basis.shape[1:])
+            point_weights = coeffs.tolist()
         for p in range(points):
             if per_basis is not None:
-                h = torch.mm(coeffs[p:p + 1], flat, out=first_out.view(1, -1)).view(first_out.shape)
+                h = _mix_into(first_out, per_basis, point_weights[p])
                 h = h if first_relu is None else h.relu_()
             else:
                 h = inputs[p]
@@ -76,6 +83,27 @@ class LinearBlock(nn.Module):
         rows = x.numel() // (x.shape[-1] * max(1, state.points))
         largest = max(l.in_features * l.out_features for l, _ in self.layers)
         return rows * largest >= linear_cpu.MIN_MACS
+
+    def _per_point_is_faster(self, x: Tensor) -> bool:
+        """Timed on the first call of each shape and thread count (each way twice, alternating; the best of each):
+        point by point won on an idle 2-core machine, and lost to the layer-by-layer path when other processes
+        kept the cores busy (every per-point step then waits for a descheduled thread)."""
+        key = (tuple(x.shape[1:]), x.numel() // max(1, self.state.points), self.state.shared_rows(x) is not None,
+               tuple((linear.in_features, linear.out_features, relu is not None) for linear, relu in self.layers),
+               torch.get_num_threads())
+        if key not in _faster_per_point:
+            seconds = linear_cpu.best_seconds((self._per_point, self._plain), x)
+            _faster_per_point[key] = seconds[0] < seconds[1]
+        return _faster_per_point[key]
+
+
+def _mix_into(out: Tensor, stacked: Tensor, weights: list[float]) -> Tensor:
+    """out = Σ_k weights[k] · stacked[k], by K element-wise passes over `out` (in cache; on 2 cores 3× faster than
+    the [1, K] × [K, N·D] product at B2's first layer, which runs on one thread)."""
+    torch.mul(stacked[0], weights[0], out=out)
+    for k in range(1, len(weights)):
+        out.add_(stacked[k], alpha=weights[k])
+    return out
 
 
 def _mixed_bias(linear: SubspaceLinear, coeffs: Tensor) -> Tensor | None:
