@@ -32,8 +32,9 @@ def forward_flops(model: nn.Module, sample: Tensor) -> ForwardFlops:
     if sample.shape[0] != 1:
         raise ValueError(f"pass one sample with its batch axis, shape [1, ...], not {tuple(sample.shape)}")
     counted: list[int] = []  # per call: multiply-adds, or -1 for a BatchNorm
+    counted_types = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
     hooks = [m.register_forward_hook(lambda m, args, out: counted.append(_multiply_adds(m, out)))
-             for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))]
+             for m in model.modules() if isinstance(m, counted_types)]
     training = model.training
     try:
         with torch.no_grad():

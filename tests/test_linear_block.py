@@ -126,7 +126,8 @@ def test_the_timed_choice_runs_both_ways_once_per_shape(monkeypatch):
     monkeypatch.setattr(linear_block, "_faster_per_point", {})
     timed = []
     best_seconds = linear_cpu.best_seconds
-    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: timed.append(runs[0].__name__) or best_seconds(runs, *args))
+    monkeypatch.setattr(linear_cpu, "best_seconds",
+                        lambda runs, *args: timed.append(runs[0].__name__) or best_seconds(runs, *args))
     models = [seeded(wide_mlp, seed) for seed in (1, 2)]
     data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
     assert_fast_equals_plain_and_loop(models, data, coefficient_rows(3, 2, seed=12))

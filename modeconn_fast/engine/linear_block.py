@@ -58,7 +58,8 @@ class LinearBlock(nn.Module):
         else:
             inputs = x.reshape(points, -1, first.in_features)
         layers = self.layers[1:] if per_basis is not None else self.layers
-        mixed = [(ops.mix(coeffs, linear.stacked["weight"]), _mixed_bias(linear, coeffs), relu) for linear, relu in layers]
+        mixed = [(ops.mix(coeffs, linear.stacked["weight"]), _mixed_bias(linear, coeffs), relu)
+                 for linear, relu in layers]
         out = None
         if per_basis is not None:  # one buffer for every point's first activation (this block's own)
             first_out = per_basis.new_empty(per_basis.shape[1:])
