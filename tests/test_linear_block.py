@@ -1,6 +1,6 @@
-"""LinearBlock: Linear → [ReLU] → Linear … of an nn.Sequential run point by point (oneDNN, bias and ReLU in the
-epilogue) equals the plain path (`evaluate(..., fast=False)`) and a plain per-point loop; models that read inside
-the Sequential get each layer's own output."""
+"""LinearBlock: Linear → [ReLU] → Linear … of an nn.Sequential, run point by point (oneDNN, bias and ReLU in the
+epilogue) or layer by layer (ReLU in place), equals the plain path (`evaluate(..., fast=False)`) and a plain
+per-point loop; models that read inside the Sequential get each layer's own output."""
 from __future__ import annotations
 
 import pytest
@@ -29,9 +29,10 @@ def wide_mlp(in_features: int = 19, inplace: bool = False) -> nn.Sequential:
 
 
 def counted_onednn(monkeypatch, per_point_faster: bool = True) -> list[bool]:
-    """Records the `relu` flag of every oneDNN linear the fast path runs, with the timing that chooses it replaced
+    """Records the `relu` flag of every oneDNN linear the fast paths run, with the timings that choose them replaced
     by the given outcome."""
     monkeypatch.setattr(linear_block, "_faster_per_point", {})
+    monkeypatch.setattr(linear_cpu, "_faster_per_point", {})  # the layers' own choice (the same timing) as well
     monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: [0.0, 1.0] if per_point_faster else [1.0, 0.0])
     calls: list[bool] = []
     onednn = linear_cpu.onednn_linear
@@ -106,12 +107,13 @@ class KeepsHidden(nn.Module):
         return x + kept[2][:, :5] + sliced[:, 5:10]
 
 
-def test_a_model_that_reads_inside_the_sequential_gets_each_layers_output(monkeypatch):
-    calls = counted_onednn(monkeypatch)
+@pytest.mark.parametrize("per_point", [True, False])  # both fast paths: point by point, layer by layer
+def test_a_model_that_reads_inside_the_sequential_gets_each_layers_output(monkeypatch, per_point):
+    calls = counted_onednn(monkeypatch, per_point_faster=per_point)
     models = [seeded(KeepsHidden, seed) for seed in (6, 7)]
     data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
     assert_fast_equals_plain_and_loop(models, data, coefficient_rows(5, 2, seed=9))
-    assert calls  # the slice ran as a block
+    assert bool(calls) == per_point  # the slice ran as a block
 
 
 def test_the_layer_by_layer_path_where_it_timed_faster(monkeypatch):
