@@ -13,7 +13,7 @@ The first layer, fed the input shared by all points, keeps its K per-basis outpu
 and mixes each point's Σ_k c[p,k] Y_k on its own, ReLU applied in place on that buffer (the block's own).
 Point by point loses where other processes keep the cores busy, so the first call of each shape times it against the
 layers run one after another for all points, each ReLU in place on its Linear's output (B2, one thread, profiled:
-the ReLU passes 17-25 ms instead of 40-62 ms, the whole evaluation 1-7 % faster), and keeps the faster.
+the ReLU passes 17-25 ms instead of 40-62 ms, the whole evaluation 0.5-7 % faster), and keeps the faster.
 Anywhere else (gradients, GPU, other dtypes, small products, the view's plain mode) the layers run one after another.
 """
 from __future__ import annotations
