@@ -278,7 +278,8 @@ def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
             j = i + 1
             norm = modules[j] if j < len(modules) and isinstance(modules[j], SubspaceBatchNorm) else None
             j += norm is not None
-            relu = modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not has_forward_hooks(modules[j]) else None
+            relu = (modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not has_forward_hooks(modules[j])
+                    else None)
             j += relu is not None
             if j < len(modules) and isinstance(modules[j], MaxPool2dFastCPU):
                 steps.append(ConvBlock(conv, norm, relu, modules[j]))
