@@ -5,6 +5,9 @@ The project runs what a user runs: one `evaluate_curve` call over both splits, {
 with BatchNorm recomputed on the training batches. The peer is the 2018 reference algorithm (`peers/reference_bn.py`). Both see the training split in the
 reference's loader batches of 128, unshuffled, so the recomputed statistics are the same numbers. The middle
 control point θ_1 is a third independently trained model (this measures evaluation, not curve training).
+The ceiling column: per point, the convolution and linear FLOPs (`flops.py`) of a forward over both splits plus
+the BatchNorm recomputation's forward over the training split up to the last BatchNorm, at the fp32 GEMM rate
+timed among the contenders.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from torch import Tensor, nn
 import modeconn_fast
 from modeconn_fast.digits import load_digits_split, train_classifier
 
-from .harness import Check, Contender, Row, combine, compare, interleaved_medians, peer_times, target_met, threads
+from .flops import forward_flops
+from .harness import (GEMM_FLOPS, GEMM_NAME, Check, Contender, Row, combine, compare, gemm_contender,
+                      interleaved_medians, peer_times, target_met, threads)
 from .peers.reference_bn import curve_metrics
 from .plane import subset
 
@@ -100,14 +105,24 @@ def check(ours: dict[str, Tensor], peer: dict[str, Tensor], index: Tensor) -> Ch
     return combine([compare(ours[m][index], peer[m], atol=ATOL) for m in METRICS])
 
 
+def flops_per_point(curve: Curve) -> int:
+    """Counted FLOPs of one point: BatchNorm recomputed on the training split, then both splits evaluated."""
+    train, test = curve.train[0].shape[0], curve.test[0].shape[0]
+    return forward_flops(curve.models[0], curve.train[0][:1]).per_point(evaluated=train + test, batchnorm_samples=train)
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     size = QUICK if quick else FULL
     curve = prepare(size)
     ours, peer, index = contenders(curve, size)
     agreement = check(ours.run(), peer.run(), index)
-    medians = interleaved_medians([ours, peer], size.repeats)
+    medians = interleaved_medians([ours, peer, gemm_contender()], size.repeats)
     total = ours.total_points
     row = Row(WORKLOAD, f"Bezier, {total} points, CNN+BN, BN recomputed (batches of {BATCH})", total, medians["ours"],
               peer_times([peer], medians, {peer.name: agreement}), target=f"≥ {TARGET_RATIO:g}× the reference, ≤ 1e-4")
     row.met = target_met(row.ratio, TARGET_RATIO, row.checks_ok)
+    rate = GEMM_FLOPS / medians[GEMM_NAME]
+    work = flops_per_point(curve) * total
+    row.ceiling = (f"ours {work / row.ours_s / rate:.2f}, reference {work / row.peers[0].seconds / rate:.2f} "
+                   f"of fp32 GEMM ({rate / 1e9:.0f} GFLOP/s)")
     return [row.to_dict()]

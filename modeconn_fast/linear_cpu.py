@@ -42,11 +42,15 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, w)
 
 
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False) -> Tensor:
+    """y = x @ weightᵀ + bias, then max(y, 0) if `relu`, by oneDNN's linear with the bias and the ReLU in its
+    epilogue (no extra pass over y): x [N, Din], weight [Dout, Din], bias [Dout]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
 def per_point_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The same as `batched_linear`, one oneDNN linear per point (bias added in its epilogue)."""
-    linear = torch.ops.mkldnn._linear_pointwise
-    return torch.stack([linear(x[p], weight[p], None if bias is None else bias[p], "none", [], "")
-                        for p in range(x.shape[0])])
+    return torch.stack([onednn_linear(x[p], weight[p], None if bias is None else bias[p]) for p in range(x.shape[0])])
 
 
 def per_point_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -61,12 +65,12 @@ def per_point_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     key = (P, N, Din, Dout, bias is not None, torch.get_num_threads())
     if key not in _faster_per_point:
         with torch.no_grad():
-            seconds = _best_seconds((per_point_linear, batched_linear), x, weight, bias)
+            seconds = best_seconds((per_point_linear, batched_linear), x, weight, bias)
         _faster_per_point[key] = seconds[0] < seconds[1]
     return _faster_per_point[key]
 
 
-def _best_seconds(runs: tuple[Callable[..., Tensor], ...], *args: Tensor | None) -> list[float]:
+def best_seconds(runs: tuple[Callable[..., Tensor], ...], *args: Tensor | None) -> list[float]:
     """Each run's best time of two, the runs alternating."""
     best = [float("inf")] * len(runs)
     for _ in range(2):

@@ -40,15 +40,16 @@ def assert_fast_equals_plain_and_loop(models, data, coeffs, *, bn: str = "eval",
 
 @pytest.mark.skipif(not linear_cpu.ONEDNN, reason="this torch has no oneDNN linear")
 def test_wide_mlp_with_per_point_linear_equals_plain_path_and_loop(monkeypatch):
-    """Layers of at least MIN_MACS multiply-adds a point, the per-point oneDNN linear taken (forced here)."""
+    """Layers of at least MIN_MACS multiply-adds a point, the per-point oneDNN linear taken (forced here); Tanh,
+    not ReLU, between them, so that each Linear runs on its own (no LinearBlock)."""
     monkeypatch.setattr(linear_cpu, "_faster_per_point", {})
-    monkeypatch.setattr(linear_cpu, "_best_seconds", lambda runs, *args: [0.0, 1.0])
+    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: [0.0, 1.0])
     calls = []
     per_point = linear_cpu.per_point_linear
     monkeypatch.setattr(linear_cpu, "per_point_linear", lambda *args: calls.append(1) or per_point(*args))
     def wide() -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Linear(19, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                   torch.nn.ReLU(), torch.nn.Linear(512, 5))
+        return torch.nn.Sequential(torch.nn.Linear(19, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512),
+                                   torch.nn.Tanh(), torch.nn.Linear(512, 5))
     models = [seeded(wide, seed) for seed in (1, 2, 3)]
     data = (torch.randn(67, 19), torch.randint(0, 5, (67,)))
     assert_fast_equals_plain_and_loop(models, data, coefficient_rows(7, 3, seed=7))

@@ -24,7 +24,7 @@ def test_per_point_linear_equals_batched_product_and_float64(with_bias):
 
 def test_per_point_choice_applies_only_to_large_float32_products_without_gradients(monkeypatch):
     monkeypatch.setattr(linear_cpu, "_faster_per_point", {})
-    monkeypatch.setattr(linear_cpu, "_best_seconds", lambda runs, *args: [0.0, 1.0])  # per point "faster"
+    monkeypatch.setattr(linear_cpu, "best_seconds", lambda runs, *args: [0.0, 1.0])  # per point "faster"
     large = (torch.zeros(2, 64, 512), torch.zeros(2, 512, 512), torch.zeros(2, 512))
     assert linear_cpu.per_point_is_faster(*large)
     assert not linear_cpu.per_point_is_faster(torch.zeros(2, 63, 512), *large[1:])  # below MIN_MACS

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops_torch import conv_output_size
 from .batchnorm import SubspaceBatchNorm
-from .layers import SubspaceConv
+from .layers import SubspaceConv, has_forward_hooks
+from .linear_block import LinearBlock, linear_block_at
 from .pooling import SMALL_MAP, MaxPool2dFastCPU, is_plain_2x2, max_pool_2x2_channels_last
 
 
@@ -231,14 +232,16 @@ def _mixed_statistics(mean: Tensor, covariance: Tensor, coeffs: Tensor) -> tuple
 
 class FusedSequential(nn.Sequential):
     """A converted nn.Sequential whose own forward runs each SubspaceConv (2-d) → [SubspaceBatchNorm] → [ReLU] →
-    MaxPool2dFastCPU run of its children as one ConvBlock.
+    MaxPool2dFastCPU run of its children as one ConvBlock, and each run SubspaceLinear → [ReLU] → … of them as one
+    LinearBlock (`linear_block.py`).
 
     Its children stay the layers themselves: a model that iterates over it, indexes it or slices it (e.g. to
     keep the activation before a pooling as a skip connection) gets every layer's own output."""
 
     @property
     def steps(self) -> list[nn.Module]:
-        """What the forward runs: the children, each conv → [norm] → [relu] → pool run as one ConvBlock."""
+        """What the forward runs: the children, each conv → [norm] → [relu] → pool run as one ConvBlock, each
+        linear → [relu] → … run as one LinearBlock."""
         modules = tuple(self._modules.values())
         if getattr(self, "_planned_for", None) != modules:  # a slice of it, or children added or replaced
             object.__setattr__(self, "_steps", _fused_steps(list(modules)))  # not submodules: no new names
@@ -251,11 +254,12 @@ class FusedSequential(nn.Sequential):
         return x
 
 
-def fuse_conv_blocks(sequence: nn.Sequential) -> nn.Sequential:
-    """`sequence` as a FusedSequential where it holds a conv → [norm] → [relu] → pool run, else unchanged."""
+def fuse_blocks(sequence: nn.Sequential) -> nn.Sequential:
+    """`sequence` as a FusedSequential where it holds a conv → [norm] → [relu] → pool run or a linear block,
+    else unchanged."""
     modules = tuple(sequence._modules.values())
     steps = _fused_steps(list(modules))
-    if not any(isinstance(step, ConvBlock) for step in steps):
+    if not any(isinstance(step, (ConvBlock, LinearBlock)) for step in steps):
         return sequence
     sequence.__class__ = FusedSequential  # in place: the same children, names, hooks and attributes
     # Planned now, while only the model's own hooks are on its layers (the chunk planner adds some for a while).
@@ -265,7 +269,8 @@ def fuse_conv_blocks(sequence: nn.Sequential) -> nn.Sequential:
 
 
 def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
-    """`modules` with each conv → [norm] → [relu] → pool run replaced by one ConvBlock of those layers."""
+    """`modules` with each conv → [norm] → [relu] → pool run replaced by one ConvBlock of those layers, and each
+    run of linear layers (with ReLUs) by one LinearBlock."""
     steps, i = [], 0
     while i < len(modules):
         conv = modules[i]
@@ -273,16 +278,17 @@ def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
             j = i + 1
             norm = modules[j] if j < len(modules) and isinstance(modules[j], SubspaceBatchNorm) else None
             j += norm is not None
-            relu = modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not _hooked(modules[j]) else None
+            relu = (modules[j] if j < len(modules) and type(modules[j]) is nn.ReLU and not has_forward_hooks(modules[j])
+                    else None)
             j += relu is not None
             if j < len(modules) and isinstance(modules[j], MaxPool2dFastCPU):
                 steps.append(ConvBlock(conv, norm, relu, modules[j]))
                 i = j + 1
                 continue
+        if (block := linear_block_at(modules, i)) is not None:
+            steps.append(block[0])
+            i = block[1]
+            continue
         steps.append(conv)
         i += 1
     return steps
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)

@@ -16,6 +16,11 @@ from .. import linear_cpu, ops
 from .state import ViewState
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on `module` itself: fused paths must then run it on its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class SubspaceLayer(nn.Module):
     """Base: a reference to the view's state and this module's stacked tensors (by local name)."""
 

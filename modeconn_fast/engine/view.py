@@ -24,10 +24,11 @@ from torch.nn.utils import parametrize
 from ..subspace import Basis
 from .attention import SubspaceMultiheadAttention, supports_attention
 from .batchnorm import CollectionDone, SubspaceBatchNorm
-from .conv_block import FusedSequential, fuse_conv_blocks
+from .conv_block import FusedSequential, fuse_blocks
 from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
-from .layers import SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear
+from .layers import (SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear,
+                     has_forward_hooks)
 from .pooling import MaxPool2dFastCPU, faster_pooling
 from .recurrent import SubspaceRecurrent, supports_recurrent
 from .state import BatchNormPhase, ViewState
@@ -328,9 +329,9 @@ class SubspaceView(nn.Module):
                 if child is not None:
                     module._modules[name] = self._convert(child, f"{prefix}{name}.", basis, done)
             stand_in = STAND_INS.get(type(module))
-            converted = stand_in(module) if stand_in is not None and not _has_hooks(module) else module
-            if type(converted) is nn.Sequential and not _has_hooks(converted):
-                converted = fuse_conv_blocks(converted)
+            converted = stand_in(module) if stand_in is not None and not has_forward_hooks(module) else module
+            if type(converted) is nn.Sequential and not has_forward_hooks(converted):
+                converted = fuse_blocks(converted)
         done[id(module)] = converted
         return converted
 
@@ -360,7 +361,7 @@ def _sequential_reads_shared_rows(net: nn.Module, inputs: tuple[Tensor, ...]) ->
     if type(net) not in (nn.Sequential, FusedSequential) or len(net) == 0 or len(inputs) != 1:
         return None
     for module in net.modules():
-        if _has_hooks(module):
+        if has_forward_hooks(module):
             return None
     for module in net:
         per_sample = type(module) in PER_SAMPLE_MODULES and not getattr(module, "return_indices", False)
@@ -410,13 +411,9 @@ def _native_subtree(module: nn.Module) -> type[SubspaceLayer] | None:
     entry = NATIVE_SUBTREES.get(type(module))
     if entry is None or not entry[1](module):
         return None
-    if any(_has_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
+    if any(has_forward_hooks(m) or parametrize.is_parametrized(m) for m in module.modules()):
         return None
     return entry[0]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _needs_fallback(module: nn.Module, prefix: str, basis: Basis) -> bool:
