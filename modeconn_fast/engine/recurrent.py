@@ -12,9 +12,14 @@ weights (one batched product a step over [P, N, H] states):
     GRU:  r, z = σ(gx_r + gh_r), σ(gx_z + gh_z);  n = tanh(gx_n + r ⊙ gh_n);  h = (1 − z) ⊙ n + z ⊙ h
     LSTM: i, f, o = σ(·), g = tanh(·) of gx + gh;  c = f ⊙ c + i ⊙ g;  h = o ⊙ tanh(c)
 
-b_hh goes into gx wherever it adds alike (all of it but GRU's b_hn), and each step's product accumulates onto
-gx in place (baddbmm_), so a step costs one batched product (two for GRU: r, z and n) and a few in-place
-element-wise passes. The input products are made for blocks of steps at a time (BLOCK_BYTES of gx).
+b_hh goes into gx wherever it adds alike (all of it but GRU's b_hn). Without gradients a step is one batched
+product into a contiguous buffer (a single call: products into slices of gx fall back to one call per point,
+which at 2 threads costs a thread hand-off each) and a few in-place element-wise passes. The input products are
+made for blocks of steps at a time (BLOCK_BYTES of gx).
+
+A first layer fed straight by the view's Embedding (x = E(p)[indices], evaluation only) gathers gx from each
+point's table products instead: gx[t, p, n] = (E(p) W_ih(p)ᵀ + b)[indices[p, n, t]], V rows a point rather than
+T·N (used where V ≤ T·N).
 
 Every tanh is computed as tanh(a) = 2σ(2a) − 1 (torch's CPU sigmoid is about 6× faster than its tanh): the rows
 of the tanh gate (TANH_GATE) in W_ih, W_hh, b_ih and b_hh are doubled, which is exact in floating point, so
@@ -89,11 +94,9 @@ class SubspaceRecurrent(SubspaceLayer):
             return out, h_n
         return out, (h_n, torch.stack(last_c).reshape(len(last_c), rows, self.hidden_size))
 
-    def _input_products(self, x: Tensor, suffix: str, first: bool, span: slice, samples: int) -> Tensor:
-        """gx [t, P, N, G·H] for the steps `span` (t of them; a strided view of [P, t, N, G·H]) of a layer input
-        [P·N, T, I] (the first layer) or [T, P, N, F]. Rows are put in time-major order before the product (the
-        input is the smaller tensor). b_hh is added here where it adds to gx alike (GRU: its r and z parts)."""
-        state, points = self.state, self.state.points
+    def _input_weights(self, suffix: str) -> tuple[Tensor, Tensor | None]:
+        """W_ih [K, G·H, I] and the bias of gx [K, G·H]: b_ih plus b_hh where it adds to gx alike (GRU: its r and
+        z parts); the tanh gate's rows doubled."""
         weight, bias = self._doubled("weight_ih" + suffix), self._doubled("bias_ih" + suffix)
         hidden_bias = self._doubled("bias_hh" + suffix)
         if hidden_bias is not None:
@@ -101,6 +104,14 @@ class SubspaceRecurrent(SubspaceLayer):
                 hidden_bias = torch.cat([hidden_bias[:, :2 * self.hidden_size],
                                          hidden_bias.new_zeros(hidden_bias.shape[0], self.hidden_size)], dim=1)
             bias = hidden_bias if bias is None else bias + hidden_bias
+        return weight, bias
+
+    def _input_products(self, x: Tensor, weights: tuple[Tensor, Tensor | None], first: bool, span: slice,
+                        samples: int) -> Tensor:
+        """gx [t, P, N, G·H] for the steps `span` (t of them; a strided view of [P, t, N, G·H]) of a layer input
+        [P·N, T, I] (the first layer) or [T, P, N, F]. Rows are put in time-major order before the product (the
+        input is the smaller tensor)."""
+        state, points = self.state, self.state.points
         if first:
             shared = state.shared_rows(x)
             if shared is not None:  # [t·N, I] once for all points
@@ -110,8 +121,26 @@ class SubspaceRecurrent(SubspaceLayer):
                 rows = rows.transpose(1, 2).reshape(points, -1, x.shape[-1])
         else:
             rows = x[span].transpose(0, 1).reshape(points, -1, x.shape[-1])  # [P, t·N, F]
-        gx = ops.combined_linear(rows, weight, bias, state.coeffs)  # [P, t·N, G·H]
+        gx = ops.combined_linear(rows, *weights, state.coeffs)  # [P, t·N, G·H]
         return gx.reshape(points, -1, samples, gx.shape[-1]).transpose(0, 1)
+
+    def _table_products(self, x: Tensor, weights: tuple[Tensor, Tensor | None], steps: int, samples: int
+                        ) -> tuple[Tensor, Tensor] | None:
+        """For a first layer fed straight by the view's Embedding (x = E(p)[indices]): the input products of every
+        row of each point's table, E(p) W_ih(p)ᵀ + b [P·V, G·H], and the row each (step, point, sample) reads
+        [T, P, N]; gx is then gathered, not multiplied. None where x is no such lookup, or the table has more
+        rows than a point's sequence (the direct product is then cheaper)."""
+        state, points = self.state, self.state.points
+        lookup = state.lookup_of(x)
+        if lookup is None or lookup.indices.shape != (points * samples, steps) or lookup.table.shape[1] > steps * samples:
+            return None
+        rows = lookup.table.shape[1]
+        tables = ops.mix(state.coeffs, lookup.table)  # [P, V, I]
+        products = ops.combined_linear(tables, *weights, state.coeffs).reshape(points * rows, -1)
+        shared = state.shared_rows(lookup.indices)
+        indices = shared[1].unsqueeze(0) if shared is not None else lookup.indices.reshape(points, samples, steps)
+        offsets = torch.arange(0, points * rows, rows, device=indices.device).reshape(1, points, 1)
+        return products, indices.permute(2, 0, 1) + offsets
 
     def _layer(self, x: Tensor, suffix: str, first: bool, steps: int, samples: int, h: Tensor, c: Tensor | None,
                reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -126,15 +155,21 @@ class SubspaceRecurrent(SubspaceLayer):
         recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or h.requires_grad
                                                 or any(t.requires_grad for t in self.stacked.values()))
         states = h.new_empty(steps, *h.shape) if not recorded else [None] * steps
+        buffer = None if recorded else h.new_empty(*h.shape[:2], weight.shape[-1])
         per_step = h.numel() * GATES[self.mode] * h.element_size()
         span = steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step)
         starts = list(range(0, steps, span))
+        weights = self._input_weights(suffix)
+        table = None if recorded or not first or self.state.plain else self._table_products(x, weights, steps, samples)
         for start in (reversed(starts) if reverse else starts):
             stop = min(steps, start + span)
-            gx = self._input_products(x, suffix, first, slice(start, stop), samples)
+            if table is not None:  # [t, P, N, G·H], time-major
+                gx = table[0][table[1][start:stop].flatten()].reshape(stop - start, *h.shape[:2], -1)
+            else:
+                gx = self._input_products(x, weights, first, slice(start, stop), samples)
             for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
-                out = None if recorded else states[t]
-                h, c = self._step(gx[t - start], h, c, weight, b_hn, out)
+                into = None if recorded else (states[t], buffer)
+                h, c = self._step(gx[t - start], h, c, weight, b_hn, into)
                 if recorded:
                     states[t] = h
         if recorded:
@@ -151,27 +186,28 @@ class SubspaceRecurrent(SubspaceLayer):
         return tensor * scale.reshape(-1, *[1] * (tensor.dim() - 2))
 
     def _step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None,
-              out: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """One step for all points: g = gx[t] [P, N, G·H] (tanh gate doubled), h [P, N, H], weight [P, H, G·H];
-        the new h is written to `out` (then g and `out` serve as the step's buffers, every pass in place) or
-        returned as a new tensor (gradients recorded)."""
-        if out is None:
+              into: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+        """One step for all points: g = gx[t] [P, N, G·H] (tanh gate doubled), h [P, N, H], weight [P, H, G·H].
+        With `into` = (out [P, N, H], buffer [P, N, G·H], both contiguous) the step's product is one batched call
+        into the buffer, every pass is in place (g is overwritten) and the new h is written to `out`; without,
+        it is returned as a new tensor (gradients recorded)."""
+        if into is None:
             return self._recorded_step(g, h, c, weight, b_hn)
+        out, buffer = into
         H = self.hidden_size
+        if self.mode == "RNN_TANH":
+            return _tanh_from_sigmoid_(torch.baddbmm(g, h, weight, out=out).sigmoid_()), None
+        if self.mode == "RNN_RELU":
+            return torch.baddbmm(g, h, weight, out=out).relu_(), None
+        gh = torch.bmm(h, weight, out=buffer)
         if self.mode == "GRU":
-            r, z = g[..., :2 * H].baddbmm_(h, weight[..., :2 * H]).sigmoid_().chunk(2, dim=-1)
-            hn = torch.bmm(h, weight[..., 2 * H:], out=out) if b_hn is None else torch.baddbmm(
-                b_hn, h, weight[..., 2 * H:], out=out)
+            r, z = gh[..., :2 * H].add_(g[..., :2 * H]).sigmoid_().chunk(2, dim=-1)
+            hn = gh[..., 2 * H:] if b_hn is None else gh[..., 2 * H:].add_(b_hn)
             n = _tanh_from_sigmoid_(g[..., 2 * H:].addcmul_(r, hn).sigmoid_())
             return torch.lerp(n, h, z, out=out), None
-        gates = g.baddbmm_(h, weight)  # b_hh is in g already
-        if self.mode == "LSTM":
-            i, f, cell, o = gates.sigmoid_().chunk(4, dim=-1)
-            c = f.mul_(c).addcmul_(i, _tanh_from_sigmoid_(cell))  # a view of g: c is never written in place
-            return _tanh_from_sigmoid_(torch.mul(c, 2, out=out).sigmoid_()).mul_(o), c
-        if self.mode == "RNN_TANH":
-            return _tanh_from_sigmoid_(torch.sigmoid(gates, out=out)), None
-        return torch.clamp_min(gates, 0, out=out), None
+        i, f, cell, o = gh.add_(g).sigmoid_().chunk(4, dim=-1)  # LSTM; b_hh is in g already
+        c = torch.mul(f, c, out=g[..., H:2 * H]).addcmul_(i, _tanh_from_sigmoid_(cell))  # c in g: kept a step
+        return _tanh_from_sigmoid_(torch.mul(c, 2, out=out).sigmoid_()).mul_(o), c
 
     def _recorded_step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None
                        ) -> tuple[Tensor, Tensor | None]:
@@ -212,5 +248,5 @@ class SubspaceRecurrent(SubspaceLayer):
 
 
 def _tanh_from_sigmoid_(s: Tensor) -> Tensor:
-    """tanh(a) = 2σ(2a) − 1 in place, given s = σ(2a)."""
-    return s.mul_(2).sub_(1)
+    """tanh(a) = 2σ(2a) − 1 in place, given s = σ(2a) (one pass)."""
+    return torch.add(s.new_full((), -1.0), s, alpha=2, out=s)
