@@ -156,19 +156,23 @@ class SubspaceRecurrent(SubspaceLayer):
                                                 or any(t.requires_grad for t in self.stacked.values()))
         states = h.new_empty(steps, *h.shape) if not recorded else [None] * steps
         buffer = None if recorded else h.new_empty(*h.shape[:2], weight.shape[-1])
+        cells = h.new_empty(2, *h.shape) if not recorded and self.mode == "LSTM" else None  # c, step after step
         per_step = h.numel() * GATES[self.mode] * h.element_size()
-        span = steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step)
+        span = min(steps, steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step))
         starts = list(range(0, steps, span))
         weights = self._input_weights(suffix)
         table = None if recorded or not first or self.state.plain else self._table_products(x, weights, steps, samples)
+        gathered = None if table is None else h.new_empty(span * h.shape[0] * h.shape[1], weight.shape[-1])
         for start in (reversed(starts) if reverse else starts):
             stop = min(steps, start + span)
-            if table is not None:  # [t, P, N, G·H], time-major
-                gx = table[0][table[1][start:stop].flatten()].reshape(stop - start, *h.shape[:2], -1)
+            if table is not None:  # [t, P, N, G·H], time-major, into the same memory block after block
+                rows = table[1][start:stop].flatten()
+                gx = torch.index_select(table[0], 0, rows, out=gathered[:rows.shape[0]])
+                gx = gx.view(stop - start, *h.shape[:2], -1)
             else:
                 gx = self._input_products(x, weights, first, slice(start, stop), samples)
             for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
-                into = None if recorded else (states[t], buffer)
+                into = None if recorded else (states[t], buffer, None if cells is None else cells[t % 2])
                 h, c = self._step(gx[t - start], h, c, weight, b_hn, into)
                 if recorded:
                     states[t] = h
@@ -186,14 +190,15 @@ class SubspaceRecurrent(SubspaceLayer):
         return tensor * scale.reshape(-1, *[1] * (tensor.dim() - 2))
 
     def _step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None,
-              into: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+              into: tuple[Tensor, Tensor, Tensor | None] | None) -> tuple[Tensor, Tensor | None]:
         """One step for all points: g = gx[t] [P, N, G·H] (tanh gate doubled), h [P, N, H], weight [P, H, G·H].
-        With `into` = (out [P, N, H], buffer [P, N, G·H], both contiguous) the step's product is one batched call
-        into the buffer, every pass is in place (g is overwritten) and the new h is written to `out`; without,
-        it is returned as a new tensor (gradients recorded)."""
+        With `into` = (out [P, N, H], buffer [P, N, G·H], LSTM's new c [P, N, H] or None; contiguous, none of
+        them h or c) the step's product is one batched call into the buffer, every pass is in place (g is
+        overwritten) and the new h is written to `out`; without, it is returned as a new tensor (gradients
+        recorded)."""
         if into is None:
             return self._recorded_step(g, h, c, weight, b_hn)
-        out, buffer = into
+        out, buffer, cell_out = into
         H = self.hidden_size
         if self.mode == "RNN_TANH":
             return _tanh_from_sigmoid_(torch.baddbmm(g, h, weight, out=out).sigmoid_()), None
@@ -206,7 +211,7 @@ class SubspaceRecurrent(SubspaceLayer):
             n = _tanh_from_sigmoid_(g[..., 2 * H:].addcmul_(r, hn).sigmoid_())
             return torch.lerp(n, h, z, out=out), None
         i, f, cell, o = gh.add_(g).sigmoid_().chunk(4, dim=-1)  # LSTM; b_hh is in g already
-        c = torch.mul(f, c, out=g[..., H:2 * H]).addcmul_(i, _tanh_from_sigmoid_(cell))  # c in g: kept a step
+        c = torch.mul(f, c, out=cell_out).addcmul_(i, _tanh_from_sigmoid_(cell))
         return _tanh_from_sigmoid_(torch.mul(c, 2, out=out).sigmoid_()).mul_(o), c
 
     def _recorded_step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None
