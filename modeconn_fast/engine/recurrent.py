@@ -12,10 +12,10 @@ weights (one batched product a step over [P, N, H] states):
     GRU:  r, z = σ(gx_r + gh_r), σ(gx_z + gh_z);  n = tanh(gx_n + r ⊙ gh_n);  h = (1 − z) ⊙ n + z ⊙ h
     LSTM: i, f, o = σ(·), g = tanh(·) of gx + gh;  c = f ⊙ c + i ⊙ g;  h = o ⊙ tanh(c)
 
-b_hh goes into gx wherever it adds alike (all of it but GRU's b_hn). Without gradients a step is one batched
-product into a contiguous buffer (a single call: products into slices of gx fall back to one call per point,
-which at 2 threads costs a thread hand-off each) and a few in-place element-wise passes. The input products are
-made for blocks of steps at a time (BLOCK_BYTES of gx).
+b_hh goes into gx wherever it adds alike (all of it but GRU's b_hn). Without gradients gx is laid out time-major
+in contiguous parts (GRU: r and z | n), each step's product accumulates onto its part in one batched call, and
+the gates take a few in-place element-wise passes. The input products are made for blocks of steps at a time
+(BLOCK_BYTES of gx).
 
 A first layer fed straight by the view's Embedding (x = E(p)[indices], evaluation only) gathers gx from each
 point's table products instead: gx[t, p, n] = (E(p) W_ih(p)ᵀ + b)[indices[p, n, t]], V rows a point rather than
@@ -41,6 +41,7 @@ from .state import ViewState
 
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 TANH_GATE = {"RNN_TANH": 0, "GRU": 2, "LSTM": 2}  # the gate whose activation is tanh: GRU's n, LSTM's g
+PARTS = {"RNN_TANH": (1,), "RNN_RELU": (1,), "GRU": (2, 1), "LSTM": (4,)}  # gates per part of gx (GRU: r z | n)
 BLOCK_BYTES = 8 << 20
 
 
@@ -125,10 +126,10 @@ class SubspaceRecurrent(SubspaceLayer):
         return gx.reshape(points, -1, samples, gx.shape[-1]).transpose(0, 1)
 
     def _table_products(self, x: Tensor, weights: tuple[Tensor, Tensor | None], steps: int, samples: int
-                        ) -> tuple[Tensor, Tensor] | None:
+                        ) -> tuple[list[Tensor], Tensor] | None:
         """For a first layer fed straight by the view's Embedding (x = E(p)[indices]): the input products of every
-        row of each point's table, E(p) W_ih(p)ᵀ + b [P·V, G·H], and the row each (step, point, sample) reads
-        [T, P, N]; gx is then gathered, not multiplied. None where x is no such lookup, or the table has more
+        row of each point's table, E(p) W_ih(p)ᵀ + b [P·V, G·H] (in `PARTS`), and the row each (step, point,
+        sample) reads [T, P, N]; gx is then gathered, not multiplied. None where x is no such lookup, or the table has more
         rows than a point's sequence (the direct product is then cheaper)."""
         state, points = self.state, self.state.points
         lookup = state.lookup_of(x)
@@ -140,7 +141,7 @@ class SubspaceRecurrent(SubspaceLayer):
         shared = state.shared_rows(lookup.indices)
         indices = shared[1].unsqueeze(0) if shared is not None else lookup.indices.reshape(points, samples, steps)
         offsets = torch.arange(0, points * rows, rows, device=indices.device).reshape(1, points, 1)
-        return products, indices.permute(2, 0, 1) + offsets
+        return [part.contiguous() for part in self._parts(products)], indices.permute(2, 0, 1) + offsets
 
     def _layer(self, x: Tensor, suffix: str, first: bool, steps: int, samples: int, h: Tensor, c: Tensor | None,
                reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -154,31 +155,45 @@ class SubspaceRecurrent(SubspaceLayer):
             b_hn = ops.mix(coeffs, self._doubled("bias_hh" + suffix)[:, 2 * H:]).unsqueeze(1)  # [P, 1, H]
         recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or h.requires_grad
                                                 or any(t.requires_grad for t in self.stacked.values()))
-        states = h.new_empty(steps, *h.shape) if not recorded else [None] * steps
-        buffer = None if recorded else h.new_empty(*h.shape[:2], weight.shape[-1])
-        cells = h.new_empty(2, *h.shape) if not recorded and self.mode == "LSTM" else None  # c, step after step
         per_step = h.numel() * GATES[self.mode] * h.element_size()
         span = min(steps, steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step))
         starts = list(range(0, steps, span))
         weights = self._input_weights(suffix)
-        table = None if recorded or not first or self.state.plain else self._table_products(x, weights, steps, samples)
-        gathered = None if table is None else h.new_empty(span * h.shape[0] * h.shape[1], weight.shape[-1])
+        blocks, table, scratch, weight_parts = [], None, h, self._parts(weight)
+        if recorded:
+            states = [None] * steps
+        else:  # every step's gates as contiguous parts (`PARTS`), block after block in the same memory
+            states = h.new_empty(steps, *h.shape)
+            blocks = [h.new_empty(span, *h.shape[:2], part.shape[-1]) for part in weight_parts]
+            table = None if not first or self.state.plain else self._table_products(x, weights, steps, samples)
+            scratch = h.new_empty(2 if self.mode == "LSTM" else 1, *h.shape)  # GRU's h W_nᵀ; LSTM's c, two steps
         for start in (reversed(starts) if reverse else starts):
             stop = min(steps, start + span)
-            if table is not None:  # [t, P, N, G·H], time-major, into the same memory block after block
+            if recorded:
+                gx = self._input_products(x, weights, first, slice(start, stop), samples)
+            elif table is not None:  # gathered
                 rows = table[1][start:stop].flatten()
-                gx = torch.index_select(table[0], 0, rows, out=gathered[:rows.shape[0]])
-                gx = gx.view(stop - start, *h.shape[:2], -1)
+                for block, part in zip(blocks, table[0]):
+                    torch.index_select(part, 0, rows, out=block[:stop - start].view(-1, part.shape[-1]))
             else:
                 gx = self._input_products(x, weights, first, slice(start, stop), samples)
+                for block, part in zip(blocks, self._parts(gx)):
+                    block[:stop - start].copy_(part)
             for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
-                into = None if recorded else (states[t], buffer, None if cells is None else cells[t % 2])
-                h, c = self._step(gx[t - start], h, c, weight, b_hn, into)
                 if recorded:
+                    h, c = self._recorded_step(gx[t - start], h, c, weight, b_hn)
                     states[t] = h
+                else:
+                    h, c = self._step([block[t - start] for block in blocks], h, c, weight_parts, b_hn, states[t],
+                                      scratch[t % scratch.shape[0]])
         if recorded:
             states = torch.stack(states)
         return states, h, c
+
+    def _parts(self, gates: Tensor) -> list[Tensor]:
+        """Views of the gates (last axis G·H) split as `PARTS`."""
+        sizes = [count * self.hidden_size for count in PARTS[self.mode]]
+        return list(gates.split(sizes, dim=-1)) if len(sizes) > 1 else [gates]
 
     def _doubled(self, name: str) -> Tensor | None:
         """The stacked tensor `name` [K, G·H, ...] with the rows of the tanh gate doubled (None if absent)."""
@@ -189,34 +204,31 @@ class SubspaceRecurrent(SubspaceLayer):
         scale[gate * self.hidden_size:(gate + 1) * self.hidden_size] = 2
         return tensor * scale.reshape(-1, *[1] * (tensor.dim() - 2))
 
-    def _step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None,
-              into: tuple[Tensor, Tensor, Tensor | None] | None) -> tuple[Tensor, Tensor | None]:
-        """One step for all points: g = gx[t] [P, N, G·H] (tanh gate doubled), h [P, N, H], weight [P, H, G·H].
-        With `into` = (out [P, N, H], buffer [P, N, G·H], LSTM's new c [P, N, H] or None; contiguous, none of
-        them h or c) the step's product is one batched call into the buffer, every pass is in place (g is
-        overwritten) and the new h is written to `out`; without, it is returned as a new tensor (gradients
-        recorded)."""
-        if into is None:
-            return self._recorded_step(g, h, c, weight, b_hn)
-        out, buffer, cell_out = into
-        H = self.hidden_size
-        if self.mode == "RNN_TANH":
-            return _tanh_from_sigmoid_(torch.baddbmm(g, h, weight, out=out).sigmoid_()), None
-        if self.mode == "RNN_RELU":
-            return torch.baddbmm(g, h, weight, out=out).relu_(), None
-        gh = torch.bmm(h, weight, out=buffer)
+    def _step(self, g: list[Tensor], h: Tensor, c: Tensor | None, weight: list[Tensor], b_hn: Tensor | None,
+              out: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One step for all points, every pass in place: g = gx[t] as contiguous `PARTS` [P, N, ·] (tanh gate
+        doubled; overwritten), h [P, N, H], weight [P, H, G·H] as `PARTS`; the new h is written to `out`, GRU's
+        h W_nᵀ or LSTM's new c to `scratch` [P, N, H] (neither h nor c). Each product accumulates onto its
+        contiguous part of g in one batched call (into a slice of a wider tensor it would fall back to one call
+        per point, at 2 threads a thread hand-off each)."""
         if self.mode == "GRU":
-            r, z = gh[..., :2 * H].add_(g[..., :2 * H]).sigmoid_().chunk(2, dim=-1)
-            hn = gh[..., 2 * H:] if b_hn is None else gh[..., 2 * H:].add_(b_hn)
-            n = _tanh_from_sigmoid_(g[..., 2 * H:].addcmul_(r, hn).sigmoid_())
+            (g_rz, g_n), (w_rz, w_n) = g, weight
+            r, z = g_rz.baddbmm_(h, w_rz).sigmoid_().chunk(2, dim=-1)
+            hn = torch.bmm(h, w_n, out=scratch)
+            n = _tanh_from_sigmoid_(g_n.addcmul_(r, hn if b_hn is None else hn.add_(b_hn)).sigmoid_())
             return torch.lerp(n, h, z, out=out), None
-        i, f, cell, o = gh.add_(g).sigmoid_().chunk(4, dim=-1)  # LSTM; b_hh is in g already
-        c = torch.mul(f, c, out=cell_out).addcmul_(i, _tanh_from_sigmoid_(cell))
-        return _tanh_from_sigmoid_(torch.mul(c, 2, out=out).sigmoid_()).mul_(o), c
+        gates = g[0].baddbmm_(h, weight[0])  # b_hh is in g already
+        if self.mode == "LSTM":
+            i, f, cell, o = gates.sigmoid_().chunk(4, dim=-1)
+            c = torch.mul(f, c, out=scratch).addcmul_(i, _tanh_from_sigmoid_(cell))
+            return _tanh_from_sigmoid_(torch.mul(c, 2, out=out).sigmoid_()).mul_(o), c
+        if self.mode == "RNN_TANH":
+            return _tanh_from_sigmoid_(torch.sigmoid(gates, out=out)), None
+        return torch.clamp_min(gates, 0, out=out), None
 
     def _recorded_step(self, g: Tensor, h: Tensor, c: Tensor | None, weight: Tensor, b_hn: Tensor | None
                        ) -> tuple[Tensor, Tensor | None]:
-        """`_step` out of place, for autograd."""
+        """`_step` out of place, for autograd: g = gx[t] [P, N, G·H], weight [P, H, G·H]; returns the new h (and c)."""
         H = self.hidden_size
         if self.mode == "GRU":
             r, z = torch.baddbmm(g[..., :2 * H], h, weight[..., :2 * H]).sigmoid().chunk(2, dim=-1)
