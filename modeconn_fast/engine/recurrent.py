@@ -147,7 +147,8 @@ class SubspaceRecurrent(SubspaceLayer):
                reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Runs the steps of one layer and direction: (states [T, P, N, H], last h, last c). The input products
         are made for blocks of steps whose gx stays under BLOCK_BYTES (on CPU: in the cache, and not fresh pages
-        each time). Without gradients the states are written straight into their [T, ...] tensor."""
+        each time). Without gradients gx is time-major in contiguous `PARTS`, one block's worth of memory reused
+        block after block, and the states are written straight into their [T, ...] tensor."""
         coeffs, H = self.state.coeffs, self.hidden_size
         weight = ops.mix(coeffs, self._doubled("weight_hh" + suffix)).transpose(1, 2)  # [P, H, G·H]
         b_hn = None
@@ -155,39 +156,37 @@ class SubspaceRecurrent(SubspaceLayer):
             b_hn = ops.mix(coeffs, self._doubled("bias_hh" + suffix)[:, 2 * H:]).unsqueeze(1)  # [P, 1, H]
         recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or h.requires_grad
                                                 or any(t.requires_grad for t in self.stacked.values()))
+        weights = self._input_weights(suffix)
         per_step = h.numel() * GATES[self.mode] * h.element_size()
         span = min(steps, steps if h.device.type != "cpu" else max(1, BLOCK_BYTES // per_step))
-        starts = list(range(0, steps, span))
-        weights = self._input_weights(suffix)
-        blocks, table, scratch, weight_parts = [], None, h, self._parts(weight)
+        blocks = [(start, min(steps, start + span)) for start in range(0, steps, span)]
+        if reverse:
+            blocks.reverse()
         if recorded:
-            states = [None] * steps
-        else:  # every step's gates as contiguous parts (`PARTS`), block after block in the same memory
-            states = h.new_empty(steps, *h.shape)
-            blocks = [h.new_empty(span, *h.shape[:2], part.shape[-1]) for part in weight_parts]
-            table = None if not first or self.state.plain else self._table_products(x, weights, steps, samples)
-            scratch = h.new_empty(2 if self.mode == "LSTM" else 1, *h.shape)  # GRU's h W_nᵀ; LSTM's c, two steps
-        for start in (reversed(starts) if reverse else starts):
-            stop = min(steps, start + span)
-            if recorded:
+            recorded_states = [h] * steps
+            for start, stop in blocks:
                 gx = self._input_products(x, weights, first, slice(start, stop), samples)
-            elif table is not None:  # gathered
+                for t in _steps(start, stop, reverse):
+                    h, c = self._recorded_step(gx[t - start], h, c, weight, b_hn)
+                    recorded_states[t] = h
+            return torch.stack(recorded_states), h, c
+        states = h.new_empty(steps, *h.shape)
+        outputs, weight_parts = states.unbind(0), self._parts(weight)
+        gx_parts = [h.new_empty(span, *h.shape[:2], part.shape[-1]) for part in weight_parts]  # reused block after block
+        buffers = h.new_empty(2 if self.mode == "LSTM" else 1, *h.shape).unbind(0)  # GRU's h W_nᵀ; LSTM's c
+        table = None if not first or self.state.plain else self._table_products(x, weights, steps, samples)
+        for start, stop in blocks:
+            if table is not None:  # gathered
                 rows = table[1][start:stop].flatten()
-                for block, part in zip(blocks, table[0]):
-                    torch.index_select(part, 0, rows, out=block[:stop - start].view(-1, part.shape[-1]))
+                for gx_part, part in zip(gx_parts, table[0]):
+                    torch.index_select(part, 0, rows, out=gx_part[:stop - start].view(-1, part.shape[-1]))
             else:
                 gx = self._input_products(x, weights, first, slice(start, stop), samples)
-                for block, part in zip(blocks, self._parts(gx)):
-                    block[:stop - start].copy_(part)
-            for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
-                if recorded:
-                    h, c = self._recorded_step(gx[t - start], h, c, weight, b_hn)
-                    states[t] = h
-                else:
-                    h, c = self._step([block[t - start] for block in blocks], h, c, weight_parts, b_hn, states[t],
-                                      scratch[t % scratch.shape[0]])
-        if recorded:
-            states = torch.stack(states)
+                for gx_part, part in zip(gx_parts, self._parts(gx)):
+                    gx_part[:stop - start].copy_(part)
+            gates = list(zip(*(gx_part[:stop - start].unbind(0) for gx_part in gx_parts)))  # [t][part]
+            for t in _steps(start, stop, reverse):
+                h, c = self._step(gates[t - start], h, c, weight_parts, b_hn, outputs[t], buffers[t % len(buffers)])
         return states, h, c
 
     def _parts(self, gates: Tensor) -> list[Tensor]:
@@ -204,7 +203,7 @@ class SubspaceRecurrent(SubspaceLayer):
         scale[gate * self.hidden_size:(gate + 1) * self.hidden_size] = 2
         return tensor * scale.reshape(-1, *[1] * (tensor.dim() - 2))
 
-    def _step(self, g: list[Tensor], h: Tensor, c: Tensor | None, weight: list[Tensor], b_hn: Tensor | None,
+    def _step(self, g: tuple[Tensor, ...], h: Tensor, c: Tensor | None, weight: list[Tensor], b_hn: Tensor | None,
               out: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor | None]:
         """One step for all points, every pass in place: g = gx[t] as contiguous `PARTS` [P, N, ·] (tanh gate
         doubled; overwritten), h [P, N, H], weight [P, H, G·H] as `PARTS`; the new h is written to `out`, GRU's
@@ -262,6 +261,10 @@ class SubspaceRecurrent(SubspaceLayer):
                                  f"got {tuple(state.shape)}")
             expanded.append(state.reshape(shape) if state.shape[1] == rows else state.unsqueeze(1).expand(shape))
         return expanded[0], (expanded[1] if self.mode == "LSTM" else None)
+
+
+def _steps(start: int, stop: int, reverse: bool) -> range:
+    return range(stop - 1, start - 1, -1) if reverse else range(start, stop)
 
 
 def _tanh_from_sigmoid_(s: Tensor) -> Tensor:
