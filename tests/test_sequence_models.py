@@ -329,3 +329,10 @@ def test_recurrent_layer_fed_by_an_embedding(kind, layers, bidirectional, batch_
                                    tokens_with_padding(), torch.randint(0, 3, (9,)))
     gathered = [t is not None for t in tables]
     assert gathered and all(gathered) == (indices != "scaled in place") and any(gathered) == all(gathered)
+
+
+def test_only_views_with_recurrent_layers_keep_embedding_outputs():
+    """An Embedding's output is held for the forward (for a recurrent layer to recognise) only where one may read it."""
+    for factory, expected in [(EncoderClassifier, False), (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
+        models = [seeded(factory, seed).eval() for seed in (1, 2)]
+        assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected

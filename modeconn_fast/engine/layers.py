@@ -163,6 +163,6 @@ class SubspaceEmbedding(SubspaceLayer):
             rows = weight[:, idx.reshape(state.points, -1)]
             y = torch.einsum("pk,kpmd->pmd", state.coeffs, rows)
         y = y.reshape(*idx.shape, self.embedding_dim)
-        if not torch.is_grad_enabled() and not state.plain:  # a recurrent layer fed y may use the table instead
+        if state.records_lookups and not torch.is_grad_enabled() and not state.plain:  # for a recurrent layer
             state.lookups.append(Lookup(y, y._version, idx, weight))
         return y

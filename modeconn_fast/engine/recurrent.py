@@ -55,6 +55,7 @@ class SubspaceRecurrent(SubspaceLayer):
 
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.RNNBase):
         super().__init__(state, stacked)
+        state.records_lookups = True  # a first layer fed straight by an Embedding gathers from its table
         self.mode, self.input_size, self.hidden_size = module.mode, module.input_size, module.hidden_size
         self.num_layers, self.bias, self.batch_first = module.num_layers, module.bias, module.batch_first
         self.dropout, self.bidirectional, self.proj_size = module.dropout, module.bidirectional, module.proj_size
