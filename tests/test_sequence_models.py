@@ -288,3 +288,51 @@ class WithInitialState(nn.Module):
 def test_recurrent_initial_states():
     torch.manual_seed(0)
     assert_native_and_matches_loop(WithInitialState, torch.randn(9, 6, 5), torch.randint(0, 3, (9,)))
+
+
+class EmbeddedRecurrent(nn.Module):
+    """nn.Embedding straight into a recurrent layer; the indices are the input tokens (the same for every point),
+    or shifted per point (by a Linear's argmax); or the embedding is scaled in place before the recurrent layer."""
+
+    def __init__(self, kind: str, layers: int, bidirectional: bool, batch_first: bool, indices: str) -> None:
+        super().__init__()
+        self.batch_first, self.indices = batch_first, indices
+        self.shift = nn.Linear(1, 3)
+        self.embed = nn.Embedding(TOKENS, 5)
+        self.rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind](
+            5, 7, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.out = nn.Linear(7 * (2 if bidirectional else 1), 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.indices == "per point":
+            tokens = (tokens + self.shift(tokens.unsqueeze(-1).float()).argmax(-1)) % TOKENS
+        h = self.embed(tokens)
+        if self.indices == "scaled in place":
+            h.mul_(1.5)
+        out, _ = self.rnn(h if self.batch_first else h.transpose(0, 1))
+        return self.out(out[:, -1] if self.batch_first else out[-1])
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, indices", [
+    ("gru", 1, False, True, "shared"), ("lstm", 2, True, False, "per point"), ("gru", 1, True, True, "per point"),
+    ("rnn", 1, False, True, "shared"), ("gru", 1, False, True, "scaled in place")])
+def test_recurrent_layer_fed_by_an_embedding(kind, layers, bidirectional, batch_first, indices, monkeypatch):
+    """The first layer's input products gathered from each point's table products E(p) W_ih(p)ᵀ + b, in blocks of
+    steps, where its input is the Embedding's output as it was made (not where it was changed in place)."""
+    monkeypatch.setattr(recurrent, "BLOCK_BYTES", 3 * 4 * 9 * 7 * 4)  # blocks of a few steps
+    tables = []
+    table_products = recurrent.SubspaceRecurrent._table_products
+    monkeypatch.setattr(recurrent.SubspaceRecurrent, "_table_products",
+                        lambda *args: tables.append(table_products(*args)) or tables[-1])
+    torch.manual_seed(0)
+    assert_native_and_matches_loop(lambda: EmbeddedRecurrent(kind, layers, bidirectional, batch_first, indices),
+                                   tokens_with_padding(), torch.randint(0, 3, (9,)))
+    gathered = [t is not None for t in tables]
+    assert gathered and all(gathered) == (indices != "scaled in place") and any(gathered) == all(gathered)
+
+
+def test_only_views_with_recurrent_layers_keep_embedding_outputs():
+    """An Embedding's output is held for the forward (for a recurrent layer to recognise) only where one may read it."""
+    for factory, expected in [(EncoderClassifier, False), (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
+        models = [seeded(factory, seed).eval() for seed in (1, 2)]
+        assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected

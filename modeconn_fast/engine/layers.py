@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import linear_cpu, ops
-from .state import ViewState
+from .state import Lookup, ViewState
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -167,4 +167,7 @@ class SubspaceEmbedding(SubspaceLayer):
         else:  # per point: gather [K, P, M, D], then y[p] = Σ_k c[p,k] g[k, p]
             rows = weight[:, idx.reshape(state.points, -1)]
             y = torch.einsum("pk,kpmd->pmd", state.coeffs, rows)
-        return y.reshape(*idx.shape, self.embedding_dim)
+        y = y.reshape(*idx.shape, self.embedding_dim)
+        if state.records_lookups and not torch.is_grad_enabled() and not state.plain:  # for a recurrent layer
+            state.lookups.append(Lookup(y, y._version, idx, weight))
+        return y

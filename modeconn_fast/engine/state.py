@@ -18,6 +18,16 @@ from torch import Tensor
 BatchNormPhase = Literal["stored", "collect", "recomputed", "batch"]
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """An Embedding's output in the forward in flight: output[p·N + n, ...] = (Σ_k c[p,k] table_k)[indices[p·N + n, ...]]."""
+
+    output: Tensor
+    version: int  # output._version when recorded
+    indices: Tensor  # [P·N, ...], the output's leading shape
+    table: Tensor  # [K, V, D]: the Embedding's stacked weights
+
+
 @dataclass
 class ViewState:
     """Shared by a view and its layers; the view fills it before each forward."""
@@ -26,6 +36,8 @@ class ViewState:
     offset: int = 0  # index of its first point among all the points being evaluated
     samples: int = 0  # N, the batch size of the user's model
     shared_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (data_ptr, numel, version) per input
+    lookups: list[Lookup] = field(default_factory=list)  # the Embeddings' outputs of this forward (evaluation only)
+    records_lookups: bool = False  # set by a layer that reads `lookups` (recurrent layers); else none are kept
     batch: Hashable | None = None  # names the batch of this forward; layers may keep results per batch
     bn_phase: BatchNormPhase = "stored"
     plain: bool = False  # run every layer's plain path (the reference of the fast ones, e.g. `conv_block.py`)
@@ -56,4 +68,13 @@ class ViewState:
         identity = (x.data_ptr(), x.numel(), x._version)
         if identity in self.shared_inputs:
             return self.shared_inputs.index(identity), x[: self.samples]
+        return None
+
+    def lookup_of(self, x: Tensor) -> Lookup | None:
+        """The Embedding lookup whose output x is (the same memory, shape and strides, unchanged since), or None."""
+        for lookup in self.lookups:
+            out = lookup.output
+            if (x.data_ptr() == out.data_ptr() and x.shape == out.shape and x.stride() == out.stride()
+                    and x.dtype == out.dtype and x._version == lookup.version):
+                return lookup
         return None

@@ -140,7 +140,7 @@ class SubspaceView(nn.Module):
         try:
             out = self.net(*repeated)
         finally:
-            state.shared_inputs = []
+            state.shared_inputs, state.lookups = [], []
         if self.fallback_names != [WHOLE_MODEL]:  # the whole-model fallback picks per point
             out = pick_output(out, self.output)
         if out.dim() == 0 or out.shape[0] != points * samples:
