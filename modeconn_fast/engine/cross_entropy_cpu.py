@@ -10,7 +10,8 @@ major buffer, so that the max, the exponentials and the sums run over contiguous
 vector form in numba without Intel's SVML, so it is written out: exp(d) = 2ⁿ · e^f with n = round(d / ln 2),
 f = d − n ln 2 (|f| ≤ ln 2 / 2, ln 2 in two parts as in Cody & Waite 1980) and e^f its Taylor polynomial of
 degree 7 (relative error < 1e-8, below float32 rounding); d = x_c − m ≤ 0 is clamped at −87, where exp(d) is
-below float32's smallest normal number and adds nothing a float32 sum could keep. Each row's loss is summed per
+below float32's smallest normal number and adds nothing a float32 sum could keep. log s (s in [1, C]) is written
+out too: s = μ 2^e with μ in [1, 2), log μ = 2 atanh z = 2 Σ z^(2j+1)/(2j+1), z = (μ − 1)/(μ + 1) ≤ 1/3, to j = 6. Each row's loss is summed per
 point in float64. A row with NaN or +inf, or whose logits are all −inf, gives NaN (as F.cross_entropy does).
 
 Compiling costs seconds, loading the compiled code from numba's on-disk cache (filled at install by `make`,
