@@ -15,7 +15,7 @@ error, nll, brier and ece are NaN at a point whose outputs are not finite (NaN o
 With the default loss, logits [P, N, C] of fewer than SMALL_CLASSES classes and class targets, loss and error
 come from one pass (`small_class_cross_entropy`): torch's log-softmax and arg-max kernels are several times
 slower on so narrow a class axis; for float32 logits on CPU, once a process has run enough of them, that pass is
-a compiled kernel (`cross_entropy_cpu.py`, 3× faster). `fast=False` keeps the plain calls (F.cross_entropy,
+a compiled kernel (`cpu_kernels.py`, 3× faster). `fast=False` keeps the plain calls (F.cross_entropy,
 argmax).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cross_entropy_cpu
+from . import compiled_cpu
 from .calibration import ReliabilityBins
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -127,10 +127,15 @@ class MetricSums:
 
     def _one_pass(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """(loss sums float64 [P], wrong arg-max counts [P]) of `small_class_cross_entropy`, by the compiled
-        kernel where it applies and is loaded (`cross_entropy_cpu.py`: loaded in the background once the process
-        has run enough rows on torch's path)."""
-        if cross_entropy_cpu.use_kernel(outputs):
-            return cross_entropy_cpu.cross_entropy_sums(outputs, targets)
+        kernel for float32 logits where it is loaded (`compiled_cpu.py`: loaded in the background once the process
+        has run enough rows on torch's paths)."""
+        if outputs.device.type == "cpu" and outputs.dtype == torch.float32 and not outputs.requires_grad:
+            kernels = compiled_cpu.kernels(outputs.shape[0] * outputs.shape[1])
+            if kernels is not None:
+                loss = torch.empty(outputs.shape[0], dtype=torch.float64)
+                wrong = torch.empty(outputs.shape[0], dtype=torch.int64)
+                kernels.cross_entropy_sums(outputs.numpy(), targets.numpy(), loss.numpy(), wrong.numpy())
+                return loss, wrong
         losses, predicted = small_class_cross_entropy(outputs, targets)
         return losses.sum(dim=1, dtype=torch.float64), (predicted != targets).sum(dim=1)
 
