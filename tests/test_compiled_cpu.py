@@ -6,25 +6,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_loss_and_error, mlp, seeded
+from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu
-from test_engine_fast import METRICS, assert_fast_equals_plain_and_loop, coefficient_rows
+from test_conv_block import members_and_data
+from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
+                              test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
+                              test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop,
+                              test_fallback_fast_path_equals_plain_path_and_loop)
+
+
+real_kernels = compiled_cpu.kernels  # before conftest's fixture hides them
 
 
 @pytest.fixture
 def kernels():
     assert compiled_cpu.wait()
-    return compiled_cpu.kernels(0)
+    return real_kernels(0)
 
 
 @pytest.fixture
 def kernel_calls(kernels, monkeypatch):
-    """The kernels loaded, and taken for every float32 batch (no torch rows needed first): their calls."""
+    """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums",):
+    for name in ("cross_entropy_sums", "mix_pool_block"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: kernels)
     return calls
 
 
@@ -82,7 +90,7 @@ def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
     data = [(torch.randn(300, 19), torch.randint(0, 5, (300,))), (torch.randn(41, 19), torch.randint(0, 5, (41,)))]
     coeffs = coefficient_rows(9, 3, seed=3)
     assert_fast_equals_plain_and_loop(models, data, coeffs)
-    assert kernel_calls  # the fast run took it
+    assert set(kernel_calls) == {"cross_entropy_sums"}  # the fast run took it
     kernel_calls.clear()
     plain = evaluate(models[0], models, coeffs, data, fast=False)  # loss and error only: the kernel gives both
     assert not kernel_calls
@@ -97,7 +105,73 @@ def test_the_load_starts_only_after_torch_rows(monkeypatch):
     monkeypatch.setattr(compiled_cpu, "_torch_rows", [0])
     monkeypatch.setattr(compiled_cpu, "load", lambda: started.append(1))
     for _ in range(compiled_cpu.TORCH_ROWS // 256 - 1):
-        assert compiled_cpu.kernels(256) is None
+        assert real_kernels(256) is None
     assert not started
-    assert compiled_cpu.kernels(256) is None
+    assert real_kernels(256) is None
     assert started
+
+
+def pooled_reference(per_basis: torch.Tensor, coeffs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     relu: bool) -> torch.Tensor:
+    """float64: mix [P, N, H, W, C], 2×2 max-pool (NaN propagating), affine, ReLU -> [P·N, C, H/2, W/2]."""
+    mixed = torch.einsum("pk,knhwc->pnhwc", coeffs.double(), per_basis.double())
+    points, samples, height, width, channels = mixed.shape
+    mixed = mixed[:, :, : height // 2 * 2, : width // 2 * 2]
+    windows = mixed.reshape(points, samples, height // 2, 2, width // 2, 2, channels)
+    top = torch.maximum(torch.maximum(windows[:, :, :, 0, :, 0], windows[:, :, :, 0, :, 1]),
+                        torch.maximum(windows[:, :, :, 1, :, 0], windows[:, :, :, 1, :, 1]))
+    y = top * scale.double()[:, None, None, None] + shift.double()[:, None, None, None]
+    y = torch.relu(y) if relu else y
+    return y.permute(0, 1, 4, 2, 3).reshape(points * samples, channels, height // 2, width // 2)
+
+
+@pytest.mark.parametrize("bases,samples,height,width,channels,points,relu",
+                         [(3, 5, 8, 8, 16, 4, True), (2, 3, 7, 5, 3, 3, False), (4, 2, 4, 9, 17, 1, True)])
+def test_mix_pool_block_equals_float64_reference_on_odd_shapes(kernels, bases, samples, height, width, channels,
+                                                               points, relu):
+    generator = torch.Generator().manual_seed(channels)
+    per_basis = torch.randn(bases, samples, height, width, channels, generator=generator)
+    per_basis[0, 0, 1, 1, 0] = float("nan")  # the window (0, 0) of channel 0, sample 0, at every point
+    coeffs = torch.rand(points, bases, generator=generator) * 1.6 - 0.3
+    scale = torch.rand(points, channels, generator=generator)
+    scale[0, 0] = 0.0
+    shift = torch.randn(points, channels, generator=generator)
+    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
+    kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
+    expected = pooled_reference(per_basis, coeffs, scale, shift, relu)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert out[::samples, 0, 0, 0].isnan().all()
+
+
+@pytest.mark.parametrize("bn", ["eval", "recompute"])
+def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls):
+    """The conv-block test model (odd maps, a grouped convolution) with its first BatchNorm's scales made positive
+    (the kernel's case), at points of the members' convex hull."""
+    members, inputs, targets = members_and_data("two_blocks", seed=3)
+    for member in members:
+        with torch.no_grad():
+            member[1].weight.abs_()
+    coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0], [0.4, 0.2, 0.4]])
+    batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 45, 16)]
+    bn_batches = [x for x, _ in batches]
+    options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
+    fast = evaluate(members[0], members, coeffs, batches, **options)
+    assert "mix_pool_block" in kernel_calls
+    kernel_calls.clear()
+    plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    assert not kernel_calls
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches))
+
+
+@pytest.mark.parametrize("bn", ["recompute", "eval"])
+def test_cnn_with_batchnorm_and_the_kernels_equals_plain_path_and_loop(bn, kernel_calls):
+    test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop(bn)
+    assert "mix_pool_block" in kernel_calls
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_other_engine_models_with_the_kernels_equal_plain_path_and_loop(kernel_calls):
+    test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop()
+    test_fallback_fast_path_equals_plain_path_and_loop()
+    assert "cross_entropy_sums" in kernel_calls

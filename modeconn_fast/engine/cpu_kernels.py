@@ -107,3 +107,43 @@ def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped
                 total += losses[r]
         loss[p] = total
         wrong[p] = misses
+
+
+@numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
+                       numba.boolean, numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
+    """out[p·N + n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
+    ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
+    (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out.
+    NaN propagates through the max, as in torch.maximum, and through the ReLU."""
+    bases, samples, height, width, channels = per_basis.shape
+    size, row = height * width * channels, width * channels
+    flat = per_basis.reshape(bases, samples, size)
+    mixed = np.empty(size, np.float32)  # one sample's map at point p
+    pairs = np.empty(row, np.float32)  # the max of two rows of it
+    pooled = np.empty(channels, np.float32)
+    for p in range(coeffs.shape[0]):
+        point_scale, point_shift = scale[p].copy(), shift[p].copy()
+        for n in range(samples):
+            weight = coeffs[p, 0]
+            source = flat[0, n]
+            for e in range(size):
+                mixed[e] = weight * source[e]
+            for k in range(1, bases):
+                weight = coeffs[p, k]
+                source = flat[k, n]
+                for e in range(size):
+                    mixed[e] += weight * source[e]
+            target = out[p * samples + n]
+            for i in range(height // 2):
+                top = 2 * i * row
+                for e in range(row):
+                    v, m = mixed[top + row + e], mixed[top + e]
+                    pairs[e] = v if (v > m) | (v != v) else m
+                for j in range(width // 2):
+                    for c in range(channels):
+                        v, m = pairs[(2 * j + 1) * channels + c], pairs[2 * j * channels + c]
+                        y = (v if (v > m) | (v != v) else m) * point_scale[c] + point_shift[c]
+                        pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
+                    for c in range(channels):
+                        target[c, i, j] = pooled[c]
