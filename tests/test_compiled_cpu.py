@@ -29,7 +29,7 @@ def kernels():
 def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums", "mix_pool_block"):
+    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: kernels)
@@ -143,6 +143,22 @@ def test_mix_pool_block_equals_float64_reference_on_odd_shapes(kernels, bases, s
     assert out[::samples, 0, 0, 0].isnan().all()
 
 
+@pytest.mark.parametrize("samples,height,width,points,channels,relu", [(3, 4, 4, 5, 32, True), (2, 7, 5, 3, 3, False)])
+def test_pool_block_equals_float64_reference_on_odd_shapes(kernels, samples, height, width, points, channels, relu):
+    generator = torch.Generator().manual_seed(height)
+    maps = torch.randn(samples, height, width, points * channels, generator=generator)  # [N, H, W, P·C]
+    maps[0, 1, 0, 0] = float("nan")  # the window (0, 0) of point 0, channel 0, sample 0
+    scale = torch.rand(points, channels, generator=generator)
+    shift = torch.randn(points, channels, generator=generator)
+    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
+    kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
+    per_point = maps.reshape(samples, height, width, points, channels).permute(3, 0, 1, 2, 4)  # [P, N, H, W, C]
+    expected = torch.cat([pooled_reference(per_point[p:p + 1], torch.ones(1, 1), scale[p:p + 1], shift[p:p + 1], relu)
+                          for p in range(points)])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert out[0, 0, 0, 0].isnan() and not out[1:, :, 1:].isnan().any()
+
+
 @pytest.mark.parametrize("bn", ["eval", "recompute"])
 def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls):
     """The conv-block test model (odd maps, a grouped convolution) with its first BatchNorm's scales made positive
@@ -156,7 +172,7 @@ def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls
     bn_batches = [x for x, _ in batches]
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
-    assert "mix_pool_block" in kernel_calls
+    assert {"mix_pool_block", "pool_block"} <= set(kernel_calls)
     kernel_calls.clear()
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
     assert not kernel_calls

@@ -19,7 +19,8 @@ normalises:
 
 For the shared input with 2×2 pooling and scale ≥ 0, once the compiled CPU kernels are loaded (`compiled_cpu.py`),
 the mix, pooling, affine map and ReLU run as one pass (`cpu_kernels.mix_pool_block`) straight into the output
-(B3 on one core, in-process A/B, load 4.7: 29.6 against 33.9 ms a point).
+(B3 on one core, in-process A/B, load 4.7: 29.6 against 33.9 ms a point); likewise, after a grouped convolution,
+the pooling, affine map, ReLU and the move to point-major NCHW (`cpu_kernels.pool_block`).
 
 The block returns contiguous NCHW [P·N, C, H', W'] as the layers would. Anywhere else (gradients, GPU, large
 maps, padding modes other than zeros, the view's plain mode) it runs its layers one after another.
@@ -68,6 +69,9 @@ class ConvBlock(nn.Module):
             y = self._grouped_convolution(x)
             values = _values(y, points, points_first=False)
             scale, shift = self._affine(lambda: _statistics(values), values.shape[0] * values.shape[2])
+            compiled = self._compiled_pool(y, scale, shift, points)
+            if compiled is not None:
+                return compiled
             return _points_nchw(self._pooled(y, scale, shift, points, points_first=False), points, points_first=False)
         samples = per_basis.shape[1]
         scale, shift = self._affine(lambda: _mixed_statistics(*self._moments_of(per_basis), coeffs),
@@ -99,13 +103,36 @@ class ConvBlock(nn.Module):
         kernels = compiled_cpu.kernels(coeffs.shape[0] * samples)
         if kernels is None:
             return None
-        if scale is None or shift is None:
-            scale = per_basis.new_ones(coeffs.shape[0], channels)
-            shift = per_basis.new_zeros(coeffs.shape[0], channels)
+        scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
         out = per_basis.new_empty(coeffs.shape[0] * samples, channels, height // 2, width // 2)
-        kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.float().numpy(), shift.float().numpy(),
-                               self.relu is not None, out.numpy())
+        kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None,
+                               out.numpy())
         return out
+
+    def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int) -> Tensor | None:
+        """Pooling, BatchNorm and ReLU of a grouped convolution's channels-last, sample-major output [N, P·C, H, W]
+        into point-major NCHW in one compiled pass (`cpu_kernels.pool_block`) where it applies (as
+        `_compiled_mix_pool`); else None."""
+        maps = y.permute(0, 2, 3, 1)
+        if not (self.pool_2x2 and y.dtype == torch.float32 and maps.is_contiguous()
+                and (scale is None or bool((scale >= 0).all()))):
+            return None
+        samples, height, width, point_channels = maps.shape
+        kernels = compiled_cpu.kernels(points * samples)
+        if kernels is None:
+            return None
+        scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
+        out = y.new_empty(points * samples, point_channels // points, height // 2, width // 2)
+        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, out.numpy())
+        return out
+
+    @staticmethod
+    def _scale_shift_or_identity(scale: Tensor | None, shift: Tensor | None, points: int, channels: int,
+                                 like: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 scale and shift [P, C] for the kernels: ones and zeros without BatchNorm."""
+        if scale is None or shift is None:
+            return like.new_ones(points, channels), like.new_zeros(points, channels)
+        return scale.float(), shift.float()
 
     def _plain(self, x: Tensor) -> Tensor:
         y = self.conv(x)

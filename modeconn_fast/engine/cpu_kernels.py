@@ -147,3 +147,34 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
                     for c in range(channels):
                         target[c, i, j] = pooled[c]
+
+
+@numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
+                       numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
+    """out[p·N + n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
+    shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
+    for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out. NaN propagates."""
+    samples, height, width, point_channels = maps.shape
+    points, channels = scale.shape
+    row = width * point_channels
+    flat = maps.reshape(samples, height * row)
+    pairs = np.empty(row, np.float32)  # the max of two rows of a sample's map
+    pooled = np.empty(channels, np.float32)
+    for n in range(samples):
+        source = flat[n]
+        for i in range(height // 2):
+            top = 2 * i * row
+            for e in range(row):
+                v, m = source[top + row + e], source[top + e]
+                pairs[e] = v if (v > m) | (v != v) else m
+            for j in range(width // 2):
+                left, right = 2 * j * point_channels, (2 * j + 1) * point_channels
+                for p in range(points):
+                    for c in range(channels):
+                        v, m = pairs[right + p * channels + c], pairs[left + p * channels + c]
+                        y = (v if (v > m) | (v != v) else m) * scale[p, c] + shift[p, c]
+                        pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
+                    target = out[p * samples + n]
+                    for c in range(channels):
+                        target[c, i, j] = pooled[c]
