@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu
+from modeconn_fast.engine.conv_block import _moments
 from test_conv_block import members_and_data
 from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
                               test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
@@ -191,3 +192,15 @@ def test_other_engine_models_with_the_kernels_equal_plain_path_and_loop(kernel_c
     test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop()
     test_fallback_fast_path_equals_plain_path_and_loop()
     assert "cross_entropy_sums" in kernel_calls
+
+
+@pytest.mark.parametrize("shape", [(3, 128, 8, 8, 16), (2, 5, 3, 7, 3), (4, 1, 2, 2, 1)])
+def test_moments_equal_the_float64_torch_path_on_odd_shapes(kernels, shape, monkeypatch):
+    generator = torch.Generator().manual_seed(shape[1])
+    per_basis = torch.randn(shape, generator=generator) * 3 + 5  # far from centred: the two passes matter
+    expected = _moments(per_basis)  # torch's path: conftest hides the kernels
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: kernels)
+    mean, covariance = _moments(per_basis)
+    torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(covariance, expected[1], rtol=1e-10, atol=1e-12)
+    assert torch.equal(covariance, covariance.transpose(1, 2))

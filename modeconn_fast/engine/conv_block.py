@@ -263,8 +263,16 @@ def _statistics(values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _moments(per_basis: Tensor) -> tuple[Tensor, Tensor]:
-    """Means [K, C] and covariances [C, K, K] (float64, over samples and positions) of K outputs [K, N, H, W, C]."""
+    """Means [K, C] and covariances [C, K, K] (float64, over samples and positions) of K outputs [K, N, H, W, C]
+    (by `cpu_kernels.moments` for contiguous float32 ones once the kernels are loaded)."""
     bases = per_basis.shape[0]
+    if per_basis.dtype == torch.float32 and per_basis.is_contiguous():
+        kernels = compiled_cpu.kernels(per_basis.shape[1])
+        if kernels is not None:
+            mean = torch.empty(bases, per_basis.shape[-1], dtype=torch.float64)
+            covariance = torch.empty(per_basis.shape[-1], bases, bases, dtype=torch.float64)
+            kernels.moments(per_basis.reshape(bases, -1, per_basis.shape[-1]).numpy(), mean.numpy(), covariance.numpy())
+            return mean, covariance
     centred = per_basis.reshape(bases, -1, per_basis.shape[-1]).double()  # [K, M, C], a copy
     mean = centred.mean(dim=1)
     centred.sub_(mean[:, None])

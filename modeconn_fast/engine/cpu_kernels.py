@@ -178,3 +178,32 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
                     target = out[p * samples + n]
                     for c in range(channels):
                         target[c, i, j] = pooled[c]
+
+
+@numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True,
+            fastmath=FAST)
+def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
+    """mean[k, c] = E_m values[k, m, c] and covariance[c, k, l] = E_m (values[k,m,c] − mean[k,c])(values[l,m,c] −
+    mean[l,c]) of K outputs [K, M, C] (`conv_block._moments`), in float64 without a float64 copy of the values:
+    two passes, the mean first, as the torch path."""
+    bases, count, channels = values.shape
+    mean[:] = 0
+    for k in range(bases):
+        for m in range(count):
+            for c in range(channels):
+                mean[k, c] += values[k, m, c]
+    mean /= count
+    deviation = np.empty((bases, channels), np.float64)
+    products = np.zeros((bases, bases, channels), np.float64)  # [k, l ≤ k, c]
+    for m in range(count):
+        for k in range(bases):
+            for c in range(channels):
+                deviation[k, c] = values[k, m, c] - mean[k, c]
+        for k in range(bases):
+            for l in range(k + 1):
+                for c in range(channels):
+                    products[k, l, c] += deviation[k, c] * deviation[l, c]
+    for k in range(bases):
+        for l in range(k + 1):
+            for c in range(channels):
+                covariance[c, k, l] = covariance[c, l, k] = products[k, l, c] / count
