@@ -109,6 +109,19 @@ def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped
         wrong[p] = misses
 
 
+@numba.njit(inline="always", fastmath=FAST)
+def _max(v, m):  # type: ignore[no-untyped-def]
+    """max(v, m), NaN if either is NaN (torch.maximum)."""
+    return v if (v > m) | (v != v) else m
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _max_of_rows(source, top, row, pairs):  # type: ignore[no-untyped-def]
+    """pairs[e] = max(source[top + e], source[top + row + e]) for e < row: a 2×2 pooling's row pairs."""
+    for e in range(row):
+        pairs[e] = _max(source[top + row + e], source[top + e])
+
+
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
                        numba.boolean, numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
@@ -136,14 +149,11 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
                     mixed[e] += weight * source[e]
             target = out[p * samples + n]
             for i in range(height // 2):
-                top = 2 * i * row
-                for e in range(row):
-                    v, m = mixed[top + row + e], mixed[top + e]
-                    pairs[e] = v if (v > m) | (v != v) else m
+                _max_of_rows(mixed, 2 * i * row, row, pairs)
                 for j in range(width // 2):
                     for c in range(channels):
                         v, m = pairs[(2 * j + 1) * channels + c], pairs[2 * j * channels + c]
-                        y = (v if (v > m) | (v != v) else m) * point_scale[c] + point_shift[c]
+                        y = _max(v, m) * point_scale[c] + point_shift[c]
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
                     for c in range(channels):
                         target[c, i, j] = pooled[c]
@@ -164,16 +174,13 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     for n in range(samples):
         source = flat[n]
         for i in range(height // 2):
-            top = 2 * i * row
-            for e in range(row):
-                v, m = source[top + row + e], source[top + e]
-                pairs[e] = v if (v > m) | (v != v) else m
+            _max_of_rows(source, 2 * i * row, row, pairs)
             for j in range(width // 2):
                 left, right = 2 * j * point_channels, (2 * j + 1) * point_channels
                 for p in range(points):
                     for c in range(channels):
                         v, m = pairs[right + p * channels + c], pairs[left + p * channels + c]
-                        y = (v if (v > m) | (v != v) else m) * scale[p, c] + shift[p, c]
+                        y = _max(v, m) * scale[p, c] + shift[p, c]
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
                     target = out[p * samples + n]
                     for c in range(channels):
