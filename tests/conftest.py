@@ -9,4 +9,4 @@ from modeconn_fast.engine import compiled_cpu
 
 @pytest.fixture(autouse=True)
 def torch_paths_only(monkeypatch):
-    monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: None)
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: None)

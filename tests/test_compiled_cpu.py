@@ -1,5 +1,5 @@
 """The compiled CPU kernels (`cpu_kernels.py`) against float64 references on odd shapes, non-finite values and
-ties; the engine with them taken, against the plain path and a per-point loop; their load after TORCH_ROWS."""
+ties; the engine with them taken, against the plain path and a per-point loop; their load after TORCH_SECONDS of evaluations."""
 from __future__ import annotations
 
 import pytest
@@ -23,7 +23,7 @@ real_kernels = compiled_cpu.kernels  # before conftest's fixture hides them
 @pytest.fixture
 def kernels():
     assert compiled_cpu.wait()
-    return real_kernels(0)
+    return real_kernels()
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def kernel_calls(kernels, monkeypatch):
     for name in ("cross_entropy_sums", "mix_pool_block", "pool_block"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
-    monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: kernels)
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
     return calls
 
 
@@ -99,17 +99,30 @@ def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
     assert kernel_calls
 
 
-def test_the_load_starts_only_after_torch_rows(monkeypatch):
-    """Before TORCH_ROWS rows on torch's paths the kernels are neither taken nor loaded."""
-    started = []
+def test_the_load_starts_only_after_a_second_of_evaluations(monkeypatch):
+    """Jobs shorter than TORCH_SECONDS in all neither take nor load the kernels; time inside evaluations counts."""
+    started, clock = [], [100.0]
     monkeypatch.setattr(compiled_cpu, "_compiled", [])
-    monkeypatch.setattr(compiled_cpu, "_torch_rows", [0])
+    monkeypatch.setattr(compiled_cpu, "_seconds", [0.0])
     monkeypatch.setattr(compiled_cpu, "load", lambda: started.append(1))
-    for _ in range(compiled_cpu.TORCH_ROWS // 256 - 1):
-        assert real_kernels(256) is None
-    assert not started
-    assert real_kernels(256) is None
+    monkeypatch.setattr(compiled_cpu.time, "perf_counter", lambda: clock[0])
+    for _ in range(2):
+        with compiled_cpu.counting(), compiled_cpu.counting():  # nested: counted once
+            clock[0] += 0.45
+            assert real_kernels() is None
+    clock[0] += 5.0  # outside evaluations: not counted
+    assert real_kernels() is None and not started
+    with compiled_cpu.counting():
+        clock[0] += 0.1
+        assert real_kernels() is None
     assert started
+
+
+def test_evaluate_counts_its_time(monkeypatch):
+    monkeypatch.setattr(compiled_cpu, "_seconds", [0.0])
+    models = [seeded(mlp, seed) for seed in (1, 2)]
+    evaluate(models[0], models, coefficient_rows(3, 2, seed=1), (torch.randn(7, 19), torch.randint(0, 5, (7,))))
+    assert 0.0 < compiled_cpu._seconds[0] < 60.0
 
 
 def pooled_reference(per_basis: torch.Tensor, coeffs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -199,7 +212,7 @@ def test_moments_equal_the_float64_torch_path_on_odd_shapes(kernels, shape, monk
     generator = torch.Generator().manual_seed(shape[1])
     per_basis = torch.randn(shape, generator=generator) * 3 + 5  # far from centred: the two passes matter
     expected = _moments(per_basis)  # torch's path: conftest hides the kernels
-    monkeypatch.setattr(compiled_cpu, "kernels", lambda rows: kernels)
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
     mean, covariance = _moments(per_basis)
     torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(covariance, expected[1], rtol=1e-10, atol=1e-12)

@@ -100,7 +100,7 @@ class ConvBlock(nn.Module):
                 and (scale is None or bool((scale >= 0).all()))):
             return None
         bases, samples, height, width, channels = per_basis.shape
-        kernels = compiled_cpu.kernels(coeffs.shape[0] * samples)
+        kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
@@ -118,7 +118,7 @@ class ConvBlock(nn.Module):
                 and (scale is None or bool((scale >= 0).all()))):
             return None
         samples, height, width, point_channels = maps.shape
-        kernels = compiled_cpu.kernels(points * samples)
+        kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
@@ -267,7 +267,7 @@ def _moments(per_basis: Tensor) -> tuple[Tensor, Tensor]:
     (by `cpu_kernels.moments` for contiguous float32 ones once the kernels are loaded)."""
     bases = per_basis.shape[0]
     if per_basis.dtype == torch.float32 and per_basis.is_contiguous():
-        kernels = compiled_cpu.kernels(per_basis.shape[1])
+        kernels = compiled_cpu.kernels()
         if kernels is not None:
             mean = torch.empty(bases, per_basis.shape[-1], dtype=torch.float64)
             covariance = torch.empty(per_basis.shape[-1], bases, bases, dtype=torch.float64)

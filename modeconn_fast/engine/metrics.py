@@ -15,7 +15,7 @@ error, nll, brier and ece are NaN at a point whose outputs are not finite (NaN o
 With the default loss, logits [P, N, C] of fewer than SMALL_CLASSES classes and class targets, loss and error
 come from one pass (`small_class_cross_entropy`): torch's log-softmax and arg-max kernels are several times
 slower on so narrow a class axis; for float32 logits on CPU, once a process has run enough of them, that pass is
-a compiled kernel (`cpu_kernels.py`, 3× faster). `fast=False` keeps the plain calls (F.cross_entropy,
+a compiled kernel (`cpu_kernels.py`, 3× faster; `compiled_cpu.py` says when it loads). `fast=False` keeps the plain calls (F.cross_entropy,
 argmax).
 """
 from __future__ import annotations
@@ -128,9 +128,9 @@ class MetricSums:
     def _one_pass(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """(loss sums float64 [P], wrong arg-max counts [P]) of `small_class_cross_entropy`, by the compiled
         kernel for float32 logits where it is loaded (`compiled_cpu.py`: loaded in the background once the process
-        has run enough rows on torch's paths)."""
+        has spent a second in evaluations)."""
         if outputs.device.type == "cpu" and outputs.dtype == torch.float32 and not outputs.requires_grad:
-            kernels = compiled_cpu.kernels(outputs.shape[0] * outputs.shape[1])
+            kernels = compiled_cpu.kernels()
             if kernels is not None:
                 loss = torch.empty(outputs.shape[0], dtype=torch.float64)
                 wrong = torch.empty(outputs.shape[0], dtype=torch.int64)
