@@ -15,6 +15,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -c "from modeconn_fast.rebasin import lap; lap.warm_up()"  # fills numba's cache: no compiling at first use
+	$(PY) -c "from modeconn_fast.engine import compiled_cpu; compiled_cpu.warm_up()"  # the same for the engine's kernels
 	touch $@
 
 demo: $(VENV)/.installed

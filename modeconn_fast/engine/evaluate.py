@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from contextlib import nullcontext
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..ops import mix
 from ..subspace import Basis, StateLike, as_basis
+from . import compiled_cpu
 from .batches import Batches, move
 from .chunks import plan_chunks
 from .memory import keep_freed_memory
@@ -96,7 +98,7 @@ def evaluate(
                leave=False)
     if device.type == "cpu":
         keep_freed_memory()
-    with torch.no_grad(), bar:
+    with torch.no_grad(), bar, compiled_cpu.counting() if device.type == "cpu" else nullcontext():
         if bn_batches is not None:
             view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunks)
         else:

@@ -14,7 +14,9 @@ error, nll, brier and ece are NaN at a point whose outputs are not finite (NaN o
 
 With the default loss, logits [P, N, C] of fewer than SMALL_CLASSES classes and class targets, loss and error
 come from one pass (`small_class_cross_entropy`): torch's log-softmax and arg-max kernels are several times
-slower on so narrow a class axis. `fast=False` keeps the plain calls (F.cross_entropy, argmax).
+slower on so narrow a class axis; for float32 logits on CPU, once a process has run enough of them, that pass is
+a compiled kernel (`cpu_kernels.py`, 3× faster; `compiled_cpu.py` says when it loads). `fast=False` keeps the plain calls (F.cross_entropy,
+argmax).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compiled_cpu
 from .calibration import ReliabilityBins
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -85,29 +88,30 @@ class MetricSums:
         """
         points = outputs.shape[0]
         where = slice(start, start + points)
-        flat_outputs = outputs.reshape(-1, *outputs.shape[2:])
-        flat_targets = targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:])
         if start == 0:
             self.target_count += targets.numel()
             self.sample_count += targets.shape[0]
-        predicted = None  # arg-max classes [P, N], where the one-pass cross-entropy gave them
+        wrong = None  # wrong arg-max classes per point, where the one-pass cross-entropy gave them
         if "loss" in self.metrics:
             if self._small_classes(outputs, targets):
-                losses, predicted = small_class_cross_entropy(outputs, targets)
-                loss, weight = losses.sum(dim=1, dtype=torch.float64), targets.numel()
+                loss, wrong = self._one_pass(outputs, targets)
+                weight = targets.numel()
             else:
-                loss, weight = self._loss_sums(outputs, targets, flat_outputs, flat_targets)
+                loss, weight = self._loss_sums(outputs, targets, *_flat(outputs, targets))
             self.sums["loss"][where] += loss
             self.finite[where] &= torch.isfinite(loss)  # NaN or +inf in the outputs make the loss NaN
             if start == 0:
                 self.loss_weight += weight
         else:
             self.finite[where] &= torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
+        if "error" in self.metrics and wrong is not None:
+            self.sums["error"][where] += wrong
+        if wrong is not None and all(name in ("loss", "error") for name in self.metrics):
+            return  # the one-pass path gave all (its targets are classes in range)
+        flat_outputs, flat_targets = _flat(outputs, targets)
         if any(name in self.metrics for name in _CLASS_METRICS):
             _check_classes(flat_outputs, targets, [name for name in _CLASS_METRICS if name in self.metrics][0])
-        if "error" in self.metrics and predicted is not None:
-            self.sums["error"][where] += (predicted != targets).sum(dim=1).double()
-        elif "error" in self.metrics:
+        if "error" in self.metrics and wrong is None:
             wrong = flat_outputs.argmax(dim=1) != flat_targets
             self.sums["error"][where] += wrong.reshape(points, -1).sum(dim=1).double()
         if any(name in self.metrics for name in _PROBABILITY_METRICS):
@@ -120,6 +124,20 @@ class MetricSums:
                     raise ValueError(f"metric {name!r} returned {shape} for a batch of {flat_outputs.shape[0]} "
                                      "samples; it must return one value per sample, a Tensor of shape [N]")
                 self.sums[name][where] += values.reshape(points, -1).sum(dim=1, dtype=torch.float64)
+
+    def _one_pass(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss sums float64 [P], wrong arg-max counts [P]) of `small_class_cross_entropy`, by the compiled
+        kernel for float32 logits where it is loaded (`compiled_cpu.py`: loaded in the background once the process
+        has spent a second in evaluations)."""
+        if outputs.device.type == "cpu" and outputs.dtype == torch.float32 and not outputs.requires_grad:
+            kernels = compiled_cpu.kernels()
+            if kernels is not None:
+                loss = torch.empty(outputs.shape[0], dtype=torch.float64)
+                wrong = torch.empty(outputs.shape[0], dtype=torch.int64)
+                kernels.cross_entropy_sums(outputs.numpy(), targets.numpy(), loss.numpy(), wrong.numpy())
+                return loss, wrong
+        losses, predicted = small_class_cross_entropy(outputs, targets)
+        return losses.sum(dim=1, dtype=torch.float64), (predicted != targets).sum(dim=1)
 
     def _small_classes(self, outputs: Tensor, targets: Tensor) -> bool:
         """Whether the default loss can take the one-pass path: logits [P, N, C < SMALL_CLASSES] in fp32 or fp64
@@ -194,6 +212,13 @@ def small_class_cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, 
     shifted = logits - top
     picked = shifted.gather(2, targets.reshape(1, -1, 1).expand(logits.shape[0], -1, 1))
     return shifted.exp_().sum(dim=2).log_().sub_(picked.squeeze(2)), predicted.squeeze(2)
+
+
+def _flat(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """outputs [P, B, ...] as [P·B, ...] and targets [B, ...] repeated for every point as [P·B, ...]."""
+    points = outputs.shape[0]
+    flat_targets = targets.unsqueeze(0).expand(points, *targets.shape).reshape(-1, *targets.shape[1:])
+    return outputs.reshape(-1, *outputs.shape[2:]), flat_targets
 
 
 def _check_classes(flat_outputs: Tensor, targets: Tensor, metric: str) -> None:

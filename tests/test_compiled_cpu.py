@@ -1,0 +1,219 @@
+"""The compiled CPU kernels (`cpu_kernels.py`) against float64 references on odd shapes, non-finite values and
+ties; the engine with them taken, against the plain path and a per-point loop; their load after TORCH_SECONDS of evaluations."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
+from modeconn_fast import evaluate
+from modeconn_fast.engine import compiled_cpu
+from modeconn_fast.engine.conv_block import _moments
+from test_conv_block import members_and_data
+from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
+                              test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
+                              test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop,
+                              test_fallback_fast_path_equals_plain_path_and_loop)
+
+
+real_kernels = compiled_cpu.kernels  # before conftest's fixture hides them
+
+
+@pytest.fixture
+def kernels():
+    assert compiled_cpu.wait()
+    return real_kernels()
+
+
+@pytest.fixture
+def kernel_calls(kernels, monkeypatch):
+    """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
+    calls = []
+    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
+    return calls
+
+
+def cross_entropy_sums(kernels, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, wrong = torch.empty(logits.shape[0], dtype=torch.float64), torch.empty(logits.shape[0], dtype=torch.int64)
+    kernels.cross_entropy_sums(logits.numpy(), targets.numpy(), loss.numpy(), wrong.numpy())
+    return loss, wrong
+
+
+def reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 loss sums and wrong arg-max counts per point."""
+    points, rows, classes = logits.shape
+    flat = logits.double().reshape(-1, classes)
+    losses = F.cross_entropy(flat, targets.repeat(points), reduction="none").reshape(points, rows)
+    wrong = (flat.argmax(dim=1).reshape(points, rows) != targets).sum(dim=1)
+    return losses.sum(dim=1), wrong
+
+
+@pytest.mark.parametrize("points,rows,classes", [(3, 37, 7), (2, 301, 10), (1, 513, 1), (4, 5, 2), (2, 260, 15)])
+def test_cross_entropy_equals_float64_reference_on_odd_shapes(kernels, points, rows, classes):
+    generator = torch.Generator().manual_seed(rows)
+    padded = torch.randn(points, rows, classes + 3, generator=generator) * 6  # strided: every row padded
+    logits = padded[:, :, 1:classes + 1]
+    logits[0, :3] = 0.5  # rows of equal logits: arg-max takes the first
+    targets = torch.randint(0, classes, (rows,), generator=generator)
+    loss, wrong = cross_entropy_sums(kernels, logits, targets)
+    expected_loss, expected_wrong = reference(logits, targets)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6 * rows)
+    assert torch.equal(wrong, expected_wrong)
+
+
+def test_cross_entropy_on_far_apart_logits_and_ties(kernels):
+    """Logits 200 apart (exp underflows: the clamp), a tie between classes 2 and 4, -inf at a non-target class."""
+    logits = torch.tensor([[[0.0, -200.0, 3.0, 1.0, 3.0], [150.0, -50.0, 0.0, float("-inf"), 1.0]]])
+    targets = torch.tensor([4, 0])
+    loss, wrong = cross_entropy_sums(kernels, logits, targets)
+    expected_loss, expected_wrong = reference(logits, targets)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
+    assert torch.equal(wrong, expected_wrong) and int(wrong) == 1  # argmax 2 ≠ 4; 0 = 0
+
+
+def test_cross_entropy_gives_nan_or_inf_where_torch_does(kernels):
+    inf, nan = float("inf"), float("nan")
+    rows = [[0.0, 1.0, nan], [inf, 1.0, 2.0], [-inf, -inf, -inf], [-inf, 1.0, 2.0], [0.0, 1.0, 2.0]]
+    logits = torch.tensor(rows).unsqueeze(1)  # five points of one row each
+    targets = torch.tensor([0])
+    loss, _ = cross_entropy_sums(kernels, logits, targets)
+    expected, _ = reference(logits, targets)
+    assert torch.equal(loss.isnan(), expected.isnan()) and loss[:3].isnan().all()
+    assert loss[3] == expected[3] == inf and torch.isclose(loss[4], expected[4])
+
+
+def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
+    models = [seeded(mlp, seed) for seed in (1, 2, 3)]
+    data = [(torch.randn(300, 19), torch.randint(0, 5, (300,))), (torch.randn(41, 19), torch.randint(0, 5, (41,)))]
+    coeffs = coefficient_rows(9, 3, seed=3)
+    assert_fast_equals_plain_and_loop(models, data, coeffs)
+    assert set(kernel_calls) == {"cross_entropy_sums"}  # the fast run took it
+    kernel_calls.clear()
+    plain = evaluate(models[0], models, coeffs, data, fast=False)  # loss and error only: the kernel gives both
+    assert not kernel_calls
+    assert_same_loss_and_error(evaluate(models[0], models, coeffs, data), plain)
+    assert kernel_calls
+
+
+def test_the_load_starts_only_after_a_second_of_evaluations(monkeypatch):
+    """Jobs shorter than TORCH_SECONDS in all neither take nor load the kernels; time inside evaluations counts."""
+    started, clock = [], [100.0]
+    monkeypatch.setattr(compiled_cpu, "_compiled", [])
+    monkeypatch.setattr(compiled_cpu, "_seconds", [0.0])
+    monkeypatch.setattr(compiled_cpu, "load", lambda: started.append(1))
+    monkeypatch.setattr(compiled_cpu.time, "perf_counter", lambda: clock[0])
+    for _ in range(2):
+        with compiled_cpu.counting(), compiled_cpu.counting():  # nested: counted once
+            clock[0] += 0.45
+            assert real_kernels() is None
+    clock[0] += 5.0  # outside evaluations: not counted
+    assert real_kernels() is None and not started
+    with compiled_cpu.counting():
+        clock[0] += 0.1
+        assert real_kernels() is None
+    assert started
+
+
+def test_evaluate_counts_its_time(monkeypatch):
+    monkeypatch.setattr(compiled_cpu, "_seconds", [0.0])
+    models = [seeded(mlp, seed) for seed in (1, 2)]
+    evaluate(models[0], models, coefficient_rows(3, 2, seed=1), (torch.randn(7, 19), torch.randint(0, 5, (7,))))
+    assert 0.0 < compiled_cpu._seconds[0] < 60.0
+
+
+def pooled_reference(per_basis: torch.Tensor, coeffs: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     relu: bool) -> torch.Tensor:
+    """float64: mix [P, N, H, W, C], 2×2 max-pool (NaN propagating), affine, ReLU -> [P·N, C, H/2, W/2]."""
+    mixed = torch.einsum("pk,knhwc->pnhwc", coeffs.double(), per_basis.double())
+    points, samples, height, width, channels = mixed.shape
+    mixed = mixed[:, :, : height // 2 * 2, : width // 2 * 2]
+    windows = mixed.reshape(points, samples, height // 2, 2, width // 2, 2, channels)
+    top = torch.maximum(torch.maximum(windows[:, :, :, 0, :, 0], windows[:, :, :, 0, :, 1]),
+                        torch.maximum(windows[:, :, :, 1, :, 0], windows[:, :, :, 1, :, 1]))
+    y = top * scale.double()[:, None, None, None] + shift.double()[:, None, None, None]
+    y = torch.relu(y) if relu else y
+    return y.permute(0, 1, 4, 2, 3).reshape(points * samples, channels, height // 2, width // 2)
+
+
+@pytest.mark.parametrize("bases,samples,height,width,channels,points,relu",
+                         [(3, 5, 8, 8, 16, 4, True), (2, 3, 7, 5, 3, 3, False), (4, 2, 4, 9, 17, 1, True)])
+def test_mix_pool_block_equals_float64_reference_on_odd_shapes(kernels, bases, samples, height, width, channels,
+                                                               points, relu):
+    generator = torch.Generator().manual_seed(channels)
+    per_basis = torch.randn(bases, samples, height, width, channels, generator=generator)
+    per_basis[0, 0, 1, 1, 0] = float("nan")  # the window (0, 0) of channel 0, sample 0, at every point
+    coeffs = torch.rand(points, bases, generator=generator) * 1.6 - 0.3
+    scale = torch.rand(points, channels, generator=generator)
+    scale[0, 0] = 0.0
+    shift = torch.randn(points, channels, generator=generator)
+    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
+    kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
+    expected = pooled_reference(per_basis, coeffs, scale, shift, relu)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert out[::samples, 0, 0, 0].isnan().all()
+
+
+@pytest.mark.parametrize("samples,height,width,points,channels,relu", [(3, 4, 4, 5, 32, True), (2, 7, 5, 3, 3, False)])
+def test_pool_block_equals_float64_reference_on_odd_shapes(kernels, samples, height, width, points, channels, relu):
+    generator = torch.Generator().manual_seed(height)
+    maps = torch.randn(samples, height, width, points * channels, generator=generator)  # [N, H, W, P·C]
+    maps[0, 1, 0, 0] = float("nan")  # the window (0, 0) of point 0, channel 0, sample 0
+    scale = torch.rand(points, channels, generator=generator)
+    shift = torch.randn(points, channels, generator=generator)
+    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
+    kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
+    per_point = maps.reshape(samples, height, width, points, channels).permute(3, 0, 1, 2, 4)  # [P, N, H, W, C]
+    expected = torch.cat([pooled_reference(per_point[p:p + 1], torch.ones(1, 1), scale[p:p + 1], shift[p:p + 1], relu)
+                          for p in range(points)])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert out[0, 0, 0, 0].isnan() and not out[1:, :, 1:].isnan().any()
+
+
+@pytest.mark.parametrize("bn", ["eval", "recompute"])
+def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls):
+    """The conv-block test model (odd maps, a grouped convolution) with its first BatchNorm's scales made positive
+    (the kernel's case), at points of the members' convex hull."""
+    members, inputs, targets = members_and_data("two_blocks", seed=3)
+    for member in members:
+        with torch.no_grad():
+            member[1].weight.abs_()
+    coeffs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0], [0.4, 0.2, 0.4]])
+    batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 45, 16)]
+    bn_batches = [x for x, _ in batches]
+    options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
+    fast = evaluate(members[0], members, coeffs, batches, **options)
+    assert {"mix_pool_block", "pool_block"} <= set(kernel_calls)
+    kernel_calls.clear()
+    plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    assert not kernel_calls
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches))
+
+
+@pytest.mark.parametrize("bn", ["recompute", "eval"])
+def test_cnn_with_batchnorm_and_the_kernels_equals_plain_path_and_loop(bn, kernel_calls):
+    test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop(bn)
+    assert "mix_pool_block" in kernel_calls
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_other_engine_models_with_the_kernels_equal_plain_path_and_loop(kernel_calls):
+    test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop()
+    test_fallback_fast_path_equals_plain_path_and_loop()
+    assert "cross_entropy_sums" in kernel_calls
+
+
+@pytest.mark.parametrize("shape", [(3, 128, 8, 8, 16), (2, 5, 3, 7, 3), (4, 1, 2, 2, 1)])
+def test_moments_equal_the_float64_torch_path_on_odd_shapes(kernels, shape, monkeypatch):
+    generator = torch.Generator().manual_seed(shape[1])
+    per_basis = torch.randn(shape, generator=generator) * 3 + 5  # far from centred: the two passes matter
+    expected = _moments(per_basis)  # torch's path: conftest hides the kernels
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
+    mean, covariance = _moments(per_basis)
+    torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(covariance, expected[1], rtol=1e-10, atol=1e-12)
+    assert torch.equal(covariance, covariance.transpose(1, 2))
