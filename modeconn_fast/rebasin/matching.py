@@ -25,7 +25,7 @@ in between J moves by the LAP gains, which are exact for a linear step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -250,13 +250,15 @@ def weight_matching(
     max_iter: int = 100,
     seed: int = 0,
     init: Permutation | Mapping[str, Tensor] | None = None,
+    on_visit: Callable[[str, Tensor], None] | None = None,
 ) -> Permutation:
     """Permutation of model_b's hidden units that maximises Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ (Ainsworth et al. 2023, Alg. 1).
 
     The models are modules, state dicts, or paths of saved state dicts, read memory-mapped (see `sources.py`;
     then `spec` is needed). The spec is derived from model_a and `example_input` unless given. Returns a
     Permutation whose `apply(model_b)` gives the aligned model; `objective_history` and `iterations` (sweeps)
-    record the run.
+    record the run. `on_visit(group, perm)`, if given, is called after every solve of a group's LAP with the
+    permutation it chose (groups none of whose neighbours changed since their last solve are not solved again).
     """
     state_a, state_b = read_source(model_a, "model_a"), read_source(model_b, "model_b")
     if isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module):
@@ -312,6 +314,8 @@ def weight_matching(
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)
+                    if on_visit is not None:
+                        on_visit(group, col)
                     if not torch.equal(col, perms[group]):
                         old = cost.gather(1, perms[group][:, None]).sum().item()
                         new = cost.gather(1, col[:, None]).sum().item()
