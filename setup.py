@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton; platform_system == 'Linux'"],
-        "dev": ["pytest", "pytest-benchmark", "triton; platform_system == 'Linux'"],
+        "safetensors": ["safetensors"],
+        "dev": ["pytest", "pytest-benchmark", "safetensors", "triton; platform_system == 'Linux'"],
         "bench": ["pytest-benchmark", "loss-landscapes"],
     },
     entry_points={"console_scripts": ["modeconn = modeconn_fast.cli:main"]},

@@ -6,6 +6,10 @@ three 3×3 convolutions of h channels with BatchNorm and ReLU, 2×2 max-pools af
 
 Both runs visit the groups in the same random order, so they must reach the same objective (relative difference
 ≤ 1e-6, computed by one function for both). The ceiling is one LAP of size h (scipy) measured in the same run.
+The floor (`floor_s`) is the FLOPs of the cost matrices along our trajectory counted as updates (a group's full
+product at its first visit, then rank-|K| updates for the K units its neighbours moved, see `update_flops`) at
+the fp32 GEMM rate measured in the same run (`gflops`); `floor_fraction` = floor ÷ our time. `full_floor_s`
+counts every group's full product in every sweep instead (the port's work, far above any warm-started run).
 The two models are trained here from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64).
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of two runs
@@ -92,11 +96,44 @@ def gemm_rate(n: int = 2048) -> float:
 
 
 def trajectory_flops(spec, state: dict[str, torch.Tensor], sweeps: int) -> float:
-    """FLOPs of the published trajectory's cost matrices: every group in every sweep, each from scratch
-    (Σ over its axes of 2·n·numel(tensor) for the n×n product)."""
+    """FLOPs of the published trajectory's cost matrices, every group in every sweep from scratch: Σ over its
+    axes of 2·n·numel(tensor) for the n×n product (the port's work, an upper bound on any implementation's)."""
     per_sweep = sum(2 * state[a.tensor].numel() * state[a.tensor].shape[a.dim] for axes in spec.groups.values()
                     for a in axes if a.tensor in state)  # fmt: skip
     return per_sweep * sweeps
+
+
+def update_flops(spec, state: dict[str, torch.Tensor], visits: list[tuple[str, torch.Tensor]]) -> float:
+    """FLOPs of the trajectory's cost matrices formed by updates: the floor of any implementation on it.
+
+    `visits`: (group, the permutation its solve chose) in order, from weight_matching's `on_visit`; the walk
+    starts at the identity. A group's cost matrix C_p = Σ_axes mat(W_A)·mat(π(W_B))ᵀ needs the full product
+    (2·n_p·numel of the axis's slice) at its first visit; later, for a tensor whose other permuted axis is group
+    q's, only the columns of mat(W_B) that the |K| units of q moved since p's last visit changed: a rank update
+    of 2·n_p·numel·|K|·inner_q / size of q's dimension. Tensors with no other permuted axis add nothing after
+    the first visit; those with two others (or p twice) the full product at every visit."""
+    sizes = {g: len(p) for g, p in reversed(visits)}  # every group is visited: its first solve sees every change
+    perms = {g: torch.arange(n) for g, n in sizes.items()}
+    last: dict[str, dict[str, torch.Tensor]] = {}  # per group, every permutation at its last visit
+    total = 0
+    for group, perm in visits:
+        before = last.get(group)
+        for axis in spec.groups[group]:
+            if axis.tensor not in state:
+                continue
+            shape = state[axis.tensor].shape
+            start, stop = axis.bounds(shape[axis.dim])
+            full = 2 * sizes[group] * state[axis.tensor].numel() // shape[axis.dim] * (stop - start)
+            others = [(a, q) for a, q in spec.axes_of(axis.tensor) if a.dim != axis.dim]
+            if before is None or len({a.dim for a, _ in others}) > 1 or any(q == group for _, q in others):
+                total += full
+                continue
+            for other, q in others:
+                moved = int((perms[q] != before[q]).sum())
+                total += full * moved * other.inner // shape[other.dim]
+        last[group] = dict(perms)
+        perms[group] = perm
+    return float(total)
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
@@ -131,14 +168,25 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
     params = {name for name, _ in model_a.named_parameters()}
     state_a = {k: v for k, v in model_a.state_dict().items() if k in params}  # the objective holds no buffers
     state_b = {k: v for k, v in model_b.state_dict().items() if k in params}
-    ours, ours_s, ours_split = _fastest(lambda: weight_matching(model_a, model_b, spec=spec), repeats)
+    visits: list[tuple[str, torch.Tensor]] = []
+
+    def match() -> Permutation:
+        visits.clear()
+        return weight_matching(model_a, model_b, spec=spec, on_visit=lambda g, p: visits.append((g, p.clone())))
+
+    ours, ours_s, ours_split = _fastest(match, repeats)
+    rate = gemm_rate()
+    floor_s = update_flops(spec, state_a, visits) / rate
     row: dict[str, Any] = {
         "width": width,
         "kind": kind,
         "ours_s": round(ours_s, 3),
         "sweeps": ours.iterations,
         "objective": ours.objective,
-        "floor_s": round(trajectory_flops(spec, state_a, ours.iterations) / gemm_rate(), 3),
+        "gflops": round(rate / 1e9, 1),
+        "full_floor_s": round(trajectory_flops(spec, state_a, ours.iterations) / rate, 3),
+        "floor_s": round(floor_s, 3),
+        "floor_fraction": round(floor_s / ours_s, 3),
         **{f"ours_{k}": round(v, 3) for k, v in ours_split.items()},
     }
     hidden = spec.groups[sorted(spec.groups)[1]][0]  # a hidden group's cost, as the ceiling's LAP
@@ -199,7 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None, kinds=tuple(args.kinds))
     columns = ["kind", "width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
-               "port_objective", "same_objective", "floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
+               "port_objective", "same_objective", "gflops", "floor_s", "floor_fraction", "full_floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
                "port_cost_s", "port_other_s"]  # fmt: skip
     print(" | ".join(columns))
     for row in rows:

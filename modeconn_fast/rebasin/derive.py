@@ -31,7 +31,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .spec import Axis, Heads, PermutationSpec, SpecError, as_args
 
@@ -691,6 +690,33 @@ class _Derivation:
         )
 
 
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph on the example input and records, per node whose result holds tensors, that result with
+    every tensor replaced by its shape as `node.meta["tensor_meta"]` (`.shape`). fx's own ShapeProp does the
+    same but imports sympy (1.5 s, most of a process's first `weight_matching`)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def shape_of(value: Any) -> Any:
+            nonlocal found
+            if not isinstance(value, Tensor):
+                return value
+            found = True
+            return _Shape(value.shape)
+
+        meta = torch.fx.node.map_aggregate(result, shape_of)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: torch.Size
+
+
 def _tensor_meta(node: Any) -> Any:
     return node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
 
@@ -754,7 +780,7 @@ def trace(model: nn.Module, example_input: Tensor | Sequence[Tensor], move_heads
     except Exception as error:  # fx raises many kinds: data-dependent control flow, unsupported builtins, ...
         raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {error}") from error
     with torch.no_grad():
-        ShapeProp(gm).propagate(*args)
+        _ShapeRecorder(gm).run(*args)
     derivation = _Derivation(gm, move_heads)
     derivation.run()
     groups, activations, heads = derivation.groups()

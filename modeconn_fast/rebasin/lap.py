@@ -234,7 +234,9 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragm
 @numba.njit(cache=True)
 def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred, scanned):  # pragma: no cover
     """Dijkstra from free row s over the columns, reduced costs a_i + p_k − C[i, k]: (sink, its distance,
-    number of scanned columns, listed in `scanned`); sink −1 when no free column is reachable."""
+    number of scanned columns, listed in `scanned`); sink −1 when no free column is reachable. Over candidate
+    entries the next column comes from a heap, over whole rows from a scan of the distances (O(n) memory; the
+    same column: the nearest, the lowest index among equals)."""
     dist[:] = np.inf
     done[:] = False
     heap = [(0.0, np.int64(0))]
@@ -251,13 +253,19 @@ def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred
             if nd < dist[k]:
                 dist[k] = nd
                 pred[k] = i
-                heapq.heappush(heap, (nd, k))
+                if not dense:
+                    heapq.heappush(heap, (nd, k))
         j = -1
-        while heap:
+        if dense:  # a scan for the nearest column: a heap would grow to n entries per scanned row (GBs at 8192)
+            for k in range(width):
+                if not done[k] and dist[k] < np.inf and (j < 0 or dist[k] < dist[j]):
+                    j = k
+            if j >= 0:
+                d = dist[j]
+        while j < 0 and heap:
             d, k = heapq.heappop(heap)
             if not done[k] and d <= dist[k]:
                 j = k
-                break
         if j < 0:
             return -1, 0.0, n_scanned
         done[j] = True

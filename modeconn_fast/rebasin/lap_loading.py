@@ -1,10 +1,14 @@
 """The compiled LAP (`lap.py`, numba) loads in a background thread; until it is ready, LAPs go to scipy.
 
-Loading costs a new process about 0.3 s for `import numba` and 0.3–0.5 s to read the compiled code from numba's
-cache (several seconds if the cache is empty: `make` fills it at install, see `lap.warm_up`). The first
-`weight_matching` call starts the load and does not wait for it: a LAP of up to `SCIPY_WHILE_LOADING` units
-meanwhile goes to `scipy.optimize.linear_sum_assignment`, which returns an exact optimum as well (the same one
-but for exact ties); a larger LAP waits for the compiled solver, which is then faster than scipy's.
+Loading costs a new process about 0.6 s of CPU, most of it holding the GIL: `import numba` and numba's first
+dispatch (its typing and target registries), then the compiled code read from numba's cache (several seconds if
+the cache is empty: `make` fills it at install, see `lap.warm_up`). Run beside a call's own Python work it
+would slow that call by about as much, so a process's first `weight_matching` starts the load only when it
+returns, its LAPs of up to `SCIPY_WHILE_LOADING` units going to `scipy.optimize.linear_sum_assignment` (an exact
+optimum as well: the same one but for exact ties); a call with a larger group starts the load at once and its
+larger LAPs wait for the compiled solver, which is then faster than scipy's. Later calls use scipy until the
+load is done. The loading thread is not a daemon: a process that ends during the load waits for it (numba's
+compiler killed midway aborts the interpreter).
 """
 from __future__ import annotations
 
@@ -27,11 +31,11 @@ _thread: threading.Thread | None = None
 
 
 def start() -> None:
-    """Start loading the compiled LAP in a daemon thread (once per process; later calls return at once)."""
+    """Start loading the compiled LAP in a background thread (once per process; later calls return at once)."""
     global _thread
     with _started:
         if _thread is None:
-            _thread = threading.Thread(target=_load, name="modeconn_fast-lap-loading", daemon=True)
+            _thread = threading.Thread(target=_load, name="modeconn_fast-lap-loading")
             _thread.start()
 
 
@@ -52,12 +56,11 @@ def wait() -> None:
 
 def solve(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
     """`lap.solve_lap(cost, warm)` once the compiled solver is loaded; before, scipy's exact dense solver for
-    up to SCIPY_WHILE_LOADING units (no warm start is left then), else wait for the load."""
-    start()
+    up to SCIPY_WHILE_LOADING units (no warm start is left then), else start the load and wait for it."""
     if not _ready.is_set() and cost.shape[0] <= SCIPY_WHILE_LOADING:
         cols = linear_sum_assignment(np.ascontiguousarray(cost.double().numpy()), maximize=True)[1]
         return torch.as_tensor(cols, dtype=torch.long), None
-    _ready.wait()
+    wait()
     from .lap import solve_lap
 
     return solve_lap(cost, warm)

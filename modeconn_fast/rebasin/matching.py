@@ -16,7 +16,7 @@ step's result:
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
-     compiled solver to load (`lap_loading.py`): meanwhile scipy's solves the small LAPs.
+     compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history is exact: J before the first sweep and at the end are computed directly (float64);
@@ -25,7 +25,7 @@ in between J moves by the LAP gains, which are exact for a linear step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -250,13 +250,15 @@ def weight_matching(
     max_iter: int = 100,
     seed: int = 0,
     init: Permutation | Mapping[str, Tensor] | None = None,
+    on_visit: Callable[[str, Tensor], None] | None = None,
 ) -> Permutation:
     """Permutation of model_b's hidden units that maximises Σ_ℓ ⟨W_A^ℓ, π(W_B^ℓ)⟩ (Ainsworth et al. 2023, Alg. 1).
 
     The models are modules, state dicts, or paths of saved state dicts, read memory-mapped (see `sources.py`;
     then `spec` is needed). The spec is derived from model_a and `example_input` unless given. Returns a
     Permutation whose `apply(model_b)` gives the aligned model; `objective_history` and `iterations` (sweeps)
-    record the run.
+    record the run. `on_visit(group, perm)`, if given, is called after every solve of a group's LAP with the
+    permutation it chose (groups none of whose neighbours changed since their last solve are not solved again).
     """
     state_a, state_b = read_source(model_a, "model_a"), read_source(model_b, "model_b")
     if isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module):
@@ -284,6 +286,8 @@ def weight_matching(
         perms = init.perms if isinstance(init, Permutation) else init
         start.perms.update({g: torch.as_tensor(p, dtype=torch.long).clone() for g, p in perms.items()})
     perms = start.perms
+    if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
+        lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
     history = [matching_objective(state_a, state_b, start, params)]
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
@@ -312,6 +316,8 @@ def weight_matching(
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)
+                    if on_visit is not None:
+                        on_visit(group, col)
                     if not torch.equal(col, perms[group]):
                         old = cost.gather(1, perms[group][:, None]).sum().item()
                         new = cost.gather(1, col[:, None]).sum().item()
@@ -325,6 +331,7 @@ def weight_matching(
                 history.append(history[-1] + gain_total)
             if not progress:
                 break
+    lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
     self_dependent = matcher.self_dependent
     del matcher  # its cost matrices (n×n float64 per group) are not needed for the objective
     if not self_dependent:  # else the last sweep computed it directly already

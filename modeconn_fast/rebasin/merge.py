@@ -30,13 +30,15 @@ def merge(
     reference: int = 0,
     rounds: int = 3,
     seed: int = 0,
+    max_iter: int = 100,
 ) -> nn.Module | dict[str, Tensor]:
     """One model whose weights are the mean of `models` after aligning their hidden units (a new module).
 
     data: `(inputs, targets)` or an iterable of batches, used for BatchNorm statistics and, when neither spec
     nor example_input is given, as the example input for deriving the spec. The models may also be state dicts
     or paths of saved state dicts (read memory-mapped, see `sources.py`; `spec` needed, `data` refused): then
-    the result is the merged state dict, built one tensor at a time.
+    the result is the merged state dict, built one tensor at a time. `max_iter`: sweeps per alignment (see
+    `weight_matching`).
     """
     if len(models) < 2:
         raise ValueError(f"merge needs at least two models, got {len(models)}")
@@ -57,7 +59,7 @@ def merge(
         spec = permutation_spec(models[reference], example_input if example_input is not None else batches.first[0])
     anchor = models[reference]
     perms = [
-        weight_matching(anchor, m, spec=spec, seed=seed) if i != reference else Permutation.identity(spec, states[i])
+        weight_matching(anchor, m, spec=spec, seed=seed, max_iter=max_iter) if i != reference else Permutation.identity(spec, states[i])
         for i, m in enumerate(models)
     ]
     generator = torch.Generator().manual_seed(seed)
@@ -67,7 +69,7 @@ def merge(
             others = _aligned_mean(states, perms, skip=i)
             if modules:
                 others = _module_with(anchor, others)
-            found = weight_matching(others, models[i], spec=spec, seed=seed + round_index, init=perms[i])
+            found = weight_matching(others, models[i], spec=spec, seed=seed + round_index, init=perms[i], max_iter=max_iter)
             if any(not torch.equal(found.perms[g], perms[i].perms[g]) for g in spec.groups):
                 changed = True
             perms[i] = found

@@ -1,0 +1,46 @@
+"""B4's floor: the FLOPs of a weight-matching trajectory's cost matrices counted as updates."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from rebasin_models import mlp
+
+from modeconn_fast.rebasin import permutation_spec, weight_matching
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.b4_rebasin import trajectory_flops, update_flops  # noqa: E402
+
+
+def test_update_flops_by_hand() -> None:
+    """MLP 2-3-4-1: groups g1 (3 units: fc1 rows, fc2 columns) and g2 (4 units: fc2 rows, fc3 columns)."""
+    model = mlp((2, 3, 4, 1))
+    spec = permutation_spec(model, torch.randn(1, 2))
+    state = dict(model.named_parameters())
+    g1, g2 = sorted(spec.groups, key=lambda g: spec.sizes(state)[g])
+    visits = [
+        (g1, torch.tensor([1, 0, 2])),  # first visit: 2·3·(6 + 3 + 12) = 126
+        (g2, torch.tensor([3, 1, 2, 0])),  # first visit: 2·4·(12 + 4 + 4) = 160
+        (g1, torch.tensor([0, 1, 2])),  # fc2.weight[1]: g2 moved 2 of 4 units: 2·3·3·2 = 36
+        (g2, torch.tensor([3, 1, 2, 0])),  # fc2.weight[0]: g1 moved 2 of 3 units since g2's last visit: 2·4·4·2 = 64
+        (g1, torch.tensor([0, 1, 2])),  # g2 chose what it had at g1's last visit: 0
+    ]
+    assert update_flops(spec, state, visits) == 126 + 160 + 36 + 64
+    assert trajectory_flops(spec, state, 1) == 126 + 160
+
+
+def test_update_flops_of_a_run_is_below_the_full_products() -> None:
+    """Replaying weight_matching's visits ends at its permutations; the count lies between one sweep of full
+    products and all of them."""
+    torch.manual_seed(0)
+    model_a, model_b = mlp((16, 40, 40, 40, 4)), mlp((16, 40, 40, 40, 4))
+    spec = permutation_spec(model_a, torch.randn(1, 16))
+    visits: list[tuple[str, torch.Tensor]] = []
+    result = weight_matching(model_a, model_b, spec=spec, on_visit=lambda g, p: visits.append((g, p.clone())))
+    last = dict(visits)
+    for group in spec.groups:
+        assert torch.equal(last[group], result.perms[group])
+    state = dict(model_a.named_parameters())
+    flops = update_flops(spec, state, visits)
+    assert trajectory_flops(spec, state, 1) < flops < trajectory_flops(spec, state, result.iterations)
