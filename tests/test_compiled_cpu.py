@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
+from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu
 from modeconn_fast.engine.conv_block import _moments
@@ -102,7 +103,7 @@ def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
 def test_the_load_starts_only_after_a_second_of_evaluations(monkeypatch):
     """Jobs shorter than TORCH_SECONDS in all neither take nor load the kernels; time inside evaluations counts."""
     started, clock = [], [100.0]
-    monkeypatch.setattr(compiled_cpu, "_compiled", [])
+    monkeypatch.setattr(compiled_cpu, "_loading", BackgroundLoad(lambda: None, "never started"))
     monkeypatch.setattr(compiled_cpu, "_seconds", [0.0])
     monkeypatch.setattr(compiled_cpu, "load", lambda: started.append(1))
     monkeypatch.setattr(compiled_cpu.time, "perf_counter", lambda: clock[0])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from rebasin_models import mlp
 from scipy.optimize import linear_sum_assignment
 
+from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast.rebasin import lap, lap_loading, weight_matching
 from modeconn_fast.rebasin.lap import solve_lap
 
@@ -81,8 +81,7 @@ def test_non_finite_entries_raise() -> None:
 
 def test_scipy_answers_while_the_compiled_solver_loads(monkeypatch) -> None:
     """Before the load completes, small LAPs get scipy's exact optimum at once (and no warm start)."""
-    monkeypatch.setattr(lap_loading, "_ready", threading.Event())  # as if still loading
-    monkeypatch.setattr(lap_loading, "_thread", threading.Thread(target=lambda: None))
+    monkeypatch.setattr(lap_loading, "_loading", BackgroundLoad(lambda: None, "never started"))  # as if loading
     cost = torch.randn(300, 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sigma, warm = lap_loading.solve(cost)
     assert warm is None and torch.equal(sigma, optimum(cost))
@@ -114,5 +113,6 @@ def test_a_fresh_process_first_call_loads_neither_sympy_nor_waits() -> None:
 
 def test_a_process_ending_during_the_load_exits_cleanly() -> None:
     """The loading thread is joined at exit: numba killed midway would abort the interpreter (status 134)."""
-    code = "from modeconn_fast.rebasin import lap_loading; lap_loading.start()"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    for code in ("from modeconn_fast.rebasin import lap_loading; lap_loading.start()",
+                 "from modeconn_fast.engine import compiled_cpu; compiled_cpu.load()"):
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

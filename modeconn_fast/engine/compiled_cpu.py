@@ -3,23 +3,29 @@ enough time in evaluations to gain from them.
 
 Compiling them costs seconds; loading the compiled code from numba's on-disk cache (filled at install by `make`,
 see `warm_up`) about 1 s of a core with `import numba` (4 s on a loaded machine). So they are loaded only once the
-process has spent TORCH_SECONDS inside evaluations on CPU (`counting`, around `evaluate`'s passes), in a daemon
-thread; until they are ready, torch's paths go on. Jobs shorter than that never load them.
+process has spent TORCH_SECONDS inside evaluations on CPU (`counting`, around `evaluate`'s passes), in a
+background thread (`BackgroundLoad`); until they are ready, torch's paths go on. Jobs shorter than that never
+load them.
 """
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator
 
+from ..background_load import BackgroundLoad
+
 TORCH_SECONDS = 1.0  # seconds of evaluations on CPU before the load starts
 
-_ready = threading.Event()  # the load has finished (or failed)
-_started = threading.Event()
-_starting = threading.Lock()
-_compiled: list[ModuleType] = []  # the loaded kernel module, once loaded
+
+def _import_kernels() -> ModuleType:
+    from . import cpu_kernels
+
+    return cpu_kernels
+
+
+_loading = BackgroundLoad(_import_kernels, "modeconn_fast-cpu-kernels-loading")
 _seconds = [0.0]  # in finished evaluations
 _since: list[float] = []  # the start of the evaluation in progress
 
@@ -40,35 +46,22 @@ def counting() -> Iterator[None]:
 def kernels() -> ModuleType | None:
     """The compiled kernels' module where it is loaded, else None (the caller runs torch's path); starts the load
     once the evaluations so far took TORCH_SECONDS."""
-    if _compiled:
-        return _compiled[0]
+    module = _loading.module()
+    if module is not None:
+        return module
     if _seconds[0] + (time.perf_counter() - _since[0] if _since else 0.0) >= TORCH_SECONDS:
         load()
     return None
 
 
 def load() -> None:
-    """Start loading the compiled kernels in a daemon thread (once per process; later calls return at once)."""
-    with _starting:
-        if not _started.is_set():
-            _started.set()
-            threading.Thread(target=_load, name="modeconn_fast-cpu-kernels-loading", daemon=True).start()
-
-
-def _load() -> None:
-    try:
-        from . import cpu_kernels
-
-        _compiled.append(cpu_kernels)
-    finally:
-        _ready.set()
+    """Start loading the compiled kernels in the background (once per process; later calls return at once)."""
+    _loading.start()
 
 
 def wait() -> bool:
     """Block until the load has finished (starting it if needed); whether it succeeded."""
-    load()
-    _ready.wait()
-    return bool(_compiled)
+    return _loading.wait() is not None
 
 
 def warm_up() -> None:

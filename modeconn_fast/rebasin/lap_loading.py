@@ -7,12 +7,11 @@ would slow that call by about as much, so a process's first `weight_matching` st
 returns, its LAPs of up to `SCIPY_WHILE_LOADING` units going to `scipy.optimize.linear_sum_assignment` (an exact
 optimum as well: the same one but for exact ties); a call with a larger group starts the load at once and its
 larger LAPs wait for the compiled solver, which is then faster than scipy's. Later calls use scipy until the
-load is done. The loading thread is not a daemon: a process that ends during the load waits for it (numba's
-compiler killed midway aborts the interpreter).
+load is done. The thread is a `BackgroundLoad`: a process that ends during the load waits for it.
 """
 from __future__ import annotations
 
-import threading
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,44 +19,38 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from ..background_load import BackgroundLoad
+
 if TYPE_CHECKING:
     from .lap import WarmStart
 
 SCIPY_WHILE_LOADING = 1024  # largest LAP given to scipy rather than waiting for the compiled solver
 
-_ready = threading.Event()
-_started = threading.Lock()
-_thread: threading.Thread | None = None
+
+def _import_lap() -> ModuleType:
+    from . import lap
+
+    lap.warm_up()  # compiles whatever numba's cache lacks
+    return lap
+
+
+_loading = BackgroundLoad(_import_lap, "modeconn_fast-lap-loading")
 
 
 def start() -> None:
     """Start loading the compiled LAP in a background thread (once per process; later calls return at once)."""
-    global _thread
-    with _started:
-        if _thread is None:
-            _thread = threading.Thread(target=_load, name="modeconn_fast-lap-loading")
-            _thread.start()
-
-
-def _load() -> None:
-    try:
-        from . import lap
-
-        lap.warm_up()
-    finally:
-        _ready.set()  # also on failure: the waiting caller's own import of lap then raises the error
+    _loading.start()
 
 
 def wait() -> None:
     """Block until the compiled LAP is loaded (starting the load if needed)."""
-    start()
-    _ready.wait()
+    _loading.wait()
 
 
 def solve(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
     """`lap.solve_lap(cost, warm)` once the compiled solver is loaded; before, scipy's exact dense solver for
     up to SCIPY_WHILE_LOADING units (no warm start is left then), else start the load and wait for it."""
-    if not _ready.is_set() and cost.shape[0] <= SCIPY_WHILE_LOADING:
+    if not _loading.ready and cost.shape[0] <= SCIPY_WHILE_LOADING:
         cols = linear_sum_assignment(np.ascontiguousarray(cost.double().numpy()), maximize=True)[1]
         return torch.as_tensor(cols, dtype=torch.long), None
     wait()
