@@ -28,7 +28,7 @@ def b4_row(raw: dict[str, Any]) -> Row:
     if raw.get("floor_s") is not None:
         row.ceiling = (f"{row.ceiling or ''}; GEMM floor {raw['floor_s']:.3g} s of updates (ours = "
                        f"{ours_s / raw['floor_s']:.2f}× it), {raw['full_floor_s']:.3g} s of full products; peak RSS "
-                       f"{raw['peak_rss_gb']:.2f} GB")
+                       f"{raw['peak_rss_gb']:.2f} GB ({raw.get('peak_rss_scope', 'process')})")
     if width == B4_WIDTH:
         row.target = f"≥ {B4_RATIO:g}× the port, same objective"
         row.met = bool(row.peers) and row.checks_ok and (row.ratio or 0) >= B4_RATIO
