@@ -261,7 +261,9 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 
 FOOTNOTE = ("~ timed on a subset of the points and extrapolated per point; ✗ its numbers differ from ours "
-            "(the row does not count). Medians of alternating repeats in one process.")
+            "(the row does not count). Medians of alternating repeats in one process, the engine's compiled CPU "
+            "kernels loaded before timing (once per process; a job loads them in the background after its first "
+            "second of evaluations).")
 
 
 def render_table(results: dict[str, Any]) -> str:
