@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
+import gc
 import pstats
 import resource
 import time
@@ -165,7 +167,12 @@ def _fastest(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, dict[str,
 def reset_peak_rss() -> bool:
     """Reset this process's peak resident memory to its current one (Linux: writing 5 to /proc/self/clear_refs
     resets VmHWM), so that a later `peak_rss_gb` covers what ran since (not the models' training); False where
-    the system does not allow it."""
+    the system does not allow it. Freed memory the allocator still holds (the training's) is returned first."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as file:
             file.write("5")
