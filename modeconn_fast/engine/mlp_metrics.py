@@ -10,10 +10,11 @@ time and reduces the block's logits at once, so no activation or logit leaves th
     loss(p), wrong(p) as `cpu_kernels.cross_entropy_sums` of the last layer's output.
 
 The layer-by-layer path instead writes every layer's output for a chunk of points to memory and reads it back
-for the ReLU, the next product and the metric (B1, MLP 64-32-32-10 on 512 samples, one thread: 34 µs a point
-against 55 µs). It runs once the compiled kernels are loaded (`compiled_cpu.py`), on float32 without
-gradients, where the first layer's K per-basis products cost less than a product per point (K < its inputs);
-`evaluate(..., fast=False)` never takes it.
+for the ReLU, the next product and the metric (B1, MLP 64-32-32-10 on 512 samples, one thread: 54 µs a point
+against 143 µs, load 6). It runs once the compiled kernels are loaded (`compiled_cpu.py`), on float32 without
+gradients, where the first layer's K per-basis products cost less than a product per point (K < its inputs) and
+no layer has more than MAX_WIDTH outputs (wider products run faster in torch's GEMMs); `evaluate(..., fast=False)`
+never takes it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from .layers import SubspaceLinear, has_forward_hooks
 from .metrics import SMALL_CLASSES, MetricSums
 from .view import SubspaceView
 
+# Layers up to this many outputs are fused (MLP 64-w-w-10 on 512 samples, one thread, µs a point, fused against
+# layer by layer: w = 32: 54 / 143; 64: 138 / 341; 128: 661 / 1263; 256: 3021 / 2658, where oneDNN's and MKL's
+# GEMMs outrun the kernel's plain loops).
+MAX_WIDTH = 128
 
 class FusedMlpMetrics:
     """The packed layers of an MLP view, and its shared input's per-basis products for the batch in flight."""
@@ -63,7 +68,8 @@ class FusedMlpMetrics:
                 layers[-1] = (layers[-1][0], True)
             else:
                 return None
-        if len(layers) < 2 or layers[-1][1] or not 0 < layers[-1][0].out_features < SMALL_CLASSES:
+        if (len(layers) < 2 or layers[-1][1] or not 0 < layers[-1][0].out_features < SMALL_CLASSES
+                or any(linear.out_features > MAX_WIDTH for linear, _ in layers)):
             return None
         first = layers[0][0]
         if first.stacked["weight"].shape[0] >= first.in_features:  # K products of X cost more than mixing weights
