@@ -100,7 +100,8 @@ def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
     assert kernel_calls
 
 
-def mlp_reference(first: torch.Tensor, first_relu: bool, coeffs: torch.Tensor, layers: list[tuple], targets: torch.Tensor):
+def mlp_reference(first: torch.Tensor, first_relu: bool, coeffs: torch.Tensor, layers: list[tuple],
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 loss sums and wrong counts per point of the MLP `mlp_cross_entropy_sums` computes: first [K, N, D1]
     per-basis outputs; layers: (stacked weight [K, Dout, Din], stacked bias [K, Dout], relu)."""
     losses, wrong = [], []
@@ -115,9 +116,11 @@ def mlp_reference(first: torch.Tensor, first_relu: bool, coeffs: torch.Tensor, l
     return torch.stack(losses), torch.stack(wrong)
 
 
-@pytest.mark.parametrize("widths,relus,rows,bases,points", [((7, 5, 9, 3), (True, True, False), 37, 3, 5),
-                                                             ((13, 6, 11, 4, 2), (False, True, False, False), 130, 2, 3),
-                                                             ((3, 8, 15), (True, False), 64, 4, 1)])
+@pytest.mark.parametrize("widths,relus,rows,bases,points", [
+    ((7, 5, 9, 3), (True, True, False), 37, 3, 5),
+    ((13, 6, 11, 4, 2), (False, True, False, False), 300, 2, 3),
+    ((3, 8, 15), (True, False), 256, 4, 1),
+])
 def test_mlp_cross_entropy_equals_float64_reference_on_odd_shapes(kernels, widths, relus, rows, bases, points):
     """Widths that are not multiples of the kernel's four inputs per pass, rows around its block of ROWS, NaN at
     one point's logits (a NaN first-layer output reaches every class)."""
@@ -155,7 +158,7 @@ def relu_mlp(bias: bool = True) -> torch.nn.Module:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_engine_with_the_fused_mlp_equals_plain_path_and_loop(kernel_calls, bias):
-    """Linear → ReLU → … → Linear through `mlp_metrics.py`, batches of 300 and 41 rows, points outside the hull."""
+    """Linear → ReLU → … → Linear through `mlp_metrics.py`, batches of 300 and 41 rows, points off the hull."""
     models = [seeded(lambda: relu_mlp(bias), seed) for seed in (1, 2, 3)]
     data = [(torch.randn(300, 19), torch.randint(0, 5, (300,))), (torch.randn(41, 19), torch.randint(0, 5, (41,)))]
     coeffs = coefficient_rows(9, 3, seed=4)

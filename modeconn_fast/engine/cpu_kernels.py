@@ -196,7 +196,8 @@ def _dense(h, out, weights, bias, count, relu):  # type: ignore[no-untyped-def]
 @numba.njit(numba.void(numba.float32[:, :, ::1], numba.boolean, numba.float32[:, ::1], numba.float32[:, ::1],
                        numba.float32[:, ::1], numba.int64[:, ::1], numba.int64[::1], numba.float64[::1],
                        numba.int64[::1]), cache=True, parallel=True, fastmath=FAST)
-def mlp_cross_entropy_sums(first, first_relu, coeffs, weights, biases, layers, targets, loss, wrong):  # type: ignore[no-untyped-def]
+def mlp_cross_entropy_sums(  # type: ignore[no-untyped-def]
+        first, first_relu, coeffs, weights, biases, layers, targets, loss, wrong):
     """An MLP at P points, its cross-entropy and arg-max errors summed per point (`cross_entropy_sums` of its
     logits, which never leave the cache): a row block's activations go through every layer before the next block.
 

@@ -11,10 +11,10 @@ time and reduces the block's logits at once, so no activation or logit leaves th
 
 The layer-by-layer path instead writes every layer's output for a chunk of points to memory and reads it back
 for the ReLU, the next product and the metric (B1, MLP 64-32-32-10 on 512 samples, one thread: 54 µs a point
-against 143 µs, load 6). It runs once the compiled kernels are loaded (`compiled_cpu.py`), on float32 without
-gradients, where the first layer's K per-basis products cost less than a product per point (K < its inputs) and
-no layer has more than MAX_WIDTH outputs (wider products run faster in torch's GEMMs); `evaluate(..., fast=False)`
-never takes it.
+against 143 µs, load 6). It runs once the compiled kernels are loaded (`compiled_cpu.py`; a call of WAIT_MACS
+or more waits for them), on float32 without gradients, where the first layer's K per-basis products cost less
+than a product per point (K < its inputs) and no layer has more than MAX_WIDTH outputs (wider products run
+faster in torch's GEMMs); `evaluate(..., fast=False)` never takes it.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ from .view import SubspaceView
 # layer by layer: w = 32: 54 / 143; 64: 138 / 341; 128: 661 / 1263; 256: 3021 / 2658, where oneDNN's and MKL's
 # GEMMs outrun the kernel's plain loops).
 MAX_WIDTH = 128
+# A call of at least this many multiply-adds (points × samples × Σ Din·Dout) waits for the compiled kernels to load
+# rather than run the layer-by-layer path: loading them from numba's cache takes about 1 s of a core (up to 4 s
+# loaded), the torch path runs B1 at ~35 G multiply-adds/s on 2 threads, 2.5× slower than the kernel, so from
+# about 1.7 s of work on the torch path waiting pays (B1: 29,000 points of 512 samples).
+WAIT_MACS = 5 * 10**10
 
 class FusedMlpMetrics:
     """The packed layers of an MLP view, and its shared input's per-basis products for the batch in flight."""
@@ -42,7 +47,8 @@ class FusedMlpMetrics:
         self.first_weight = first.stacked["weight"].detach()
         self.first_bias = _bias(first)
         rest = layers[1:]
-        self.weights = torch.cat([linear.stacked["weight"].detach().flatten(1) for linear, _ in rest], dim=1).contiguous()
+        weights = [linear.stacked["weight"].detach().flatten(1) for linear, _ in rest]
+        self.weights = torch.cat(weights, dim=1).contiguous()
         self.biases = torch.cat([_bias(linear) for linear, _ in rest], dim=1).contiguous()
         table, weight_at, bias_at = [], 0, 0
         for linear, relu in rest:
@@ -51,6 +57,7 @@ class FusedMlpMetrics:
             bias_at += linear.out_features
         self.layers = torch.tensor(table, dtype=torch.int64)
         self.classes = rest[-1][0].out_features
+        self.macs_per_row = sum(linear.in_features * linear.out_features for linear, _ in layers)
         self._first: tuple[tuple, Tensor] | None = None  # (batch key, Y [K, D1, N] feature-major)
 
     @classmethod
@@ -58,7 +65,8 @@ class FusedMlpMetrics:
         """The fused pass for `view` and metrics `sums`, or None where it does not apply (see the module doc)."""
         net = view.net
         if (device.type != "cpu" or view.state.plain or view.fallback_names or not sums.takes_one_pass_only()
-                or type(net) not in (nn.Sequential, FusedSequential) or any(has_forward_hooks(m) for m in net.modules())):
+                or type(net) not in (nn.Sequential, FusedSequential)
+                or any(has_forward_hooks(m) for m in net.modules())):
             return None
         layers: list[tuple[SubspaceLinear, bool]] = []
         for module in net:
@@ -84,6 +92,9 @@ class FusedMlpMetrics:
                 or not sums.one_pass_applies(self.classes, targets) or targets.shape[0] != inputs.shape[0]):
             return False
         kernels = compiled_cpu.kernels()
+        if kernels is None and coeffs.shape[0] * inputs.shape[0] * self.macs_per_row >= WAIT_MACS:
+            compiled_cpu.wait()  # a long call: load them now (a failed load returns None below)
+            kernels = compiled_cpu.kernels()
         if kernels is None:
             return False
         first = self._first_outputs(inputs, batch)
