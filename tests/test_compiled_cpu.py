@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
 from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
-from modeconn_fast.engine import compiled_cpu
+from modeconn_fast.engine import compiled_cpu, mlp_metrics
 from modeconn_fast.engine.conv_block import _moments
 from test_conv_block import members_and_data
 from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
@@ -189,6 +189,26 @@ def test_fused_mlp_is_left_where_it_does_not_apply(kernel_calls):
     assert fast["loss"][1:].isnan().all() and not fast["loss"][0].isnan()
     for name in ("loss", "error"):
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_a_long_fused_mlp_call_waits_for_the_kernels(kernels, monkeypatch):
+    """Before the kernels are loaded a short call runs torch's path; one of WAIT_MACS or more waits for the load."""
+    loaded, calls = [], []
+    monkeypatch.setattr(compiled_cpu, "wait", lambda: loaded.append(1) or True)
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels if loaded else None)
+    fused = kernels.mlp_cross_entropy_sums
+    monkeypatch.setattr(kernels, "mlp_cross_entropy_sums", lambda *args: calls.append(1) or fused(*args))
+    models = [seeded(relu_mlp, seed) for seed in (1, 2, 3)]
+    data = (torch.randn(30, 19), torch.randint(0, 5, (30,)))
+    coeffs = coefficient_rows(4, 3, seed=6)
+    multiply_adds = 4 * 30 * (19 * 23 + 23 * 17 + 17 * 5)
+    monkeypatch.setattr(mlp_metrics, "WAIT_MACS", multiply_adds + 1)
+    short = evaluate(models[0], models, coeffs, data, progress=False)
+    assert not loaded and not calls
+    monkeypatch.setattr(mlp_metrics, "WAIT_MACS", multiply_adds)
+    long = evaluate(models[0], models, coeffs, data, progress=False)
+    assert loaded and calls
+    assert_same_loss_and_error(long, short)
 
 
 def test_the_load_starts_only_after_a_second_of_evaluations(monkeypatch):
