@@ -39,6 +39,7 @@ MAX_WIDTH = 128
 # about 1.7 s of work on the torch path waiting pays (B1: 29,000 points of 512 samples).
 WAIT_MACS = 5 * 10**10
 
+
 class FusedMlpMetrics:
     """The packed layers of an MLP view, and its shared input's per-basis products for the batch in flight."""
 
