@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
 from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
-from modeconn_fast.engine import compiled_cpu
+from modeconn_fast.engine import compiled_cpu, mlp_metrics
 from modeconn_fast.engine.conv_block import _moments
 from test_conv_block import members_and_data
 from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
@@ -31,7 +31,7 @@ def kernels():
 def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block"):
+    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block", "mlp_cross_entropy_sums"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
@@ -98,6 +98,117 @@ def test_engine_with_the_kernel_equals_plain_path_and_loop(kernel_calls):
     assert not kernel_calls
     assert_same_loss_and_error(evaluate(models[0], models, coeffs, data), plain)
     assert kernel_calls
+
+
+def mlp_reference(first: torch.Tensor, first_relu: bool, coeffs: torch.Tensor, layers: list[tuple],
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 loss sums and wrong counts per point of the MLP `mlp_cross_entropy_sums` computes: first [K, N, D1]
+    per-basis outputs; layers: (stacked weight [K, Dout, Din], stacked bias [K, Dout], relu)."""
+    losses, wrong = [], []
+    for c in coeffs.double():
+        h = torch.einsum("k,knd->nd", c, first.double())
+        h = h.relu() if first_relu else h
+        for weight, bias, relu in layers:
+            h = h @ torch.einsum("k,kij->ij", c, weight.double()).T + c @ bias.double()
+            h = h.relu() if relu else h
+        losses.append(F.cross_entropy(h, targets, reduction="sum"))
+        wrong.append((h.argmax(dim=1) != targets).sum())
+    return torch.stack(losses), torch.stack(wrong)
+
+
+@pytest.mark.parametrize("widths,relus,rows,bases,points", [
+    ((7, 5, 9, 3), (True, True, False), 37, 3, 5),
+    ((13, 6, 11, 4, 2), (False, True, False, False), 300, 2, 3),
+    ((3, 8, 15), (True, False), 256, 4, 1),
+])
+def test_mlp_cross_entropy_equals_float64_reference_on_odd_shapes(kernels, widths, relus, rows, bases, points):
+    """Widths that are not multiples of the kernel's four inputs per pass, rows around its block of ROWS, NaN at
+    one point's logits (a NaN first-layer output reaches every class)."""
+    generator = torch.Generator().manual_seed(rows)
+    first = torch.randn(bases, rows, widths[1], generator=generator)
+    layers = [(torch.randn(bases, d_out, d_in, generator=generator) / d_in ** 0.5,
+               torch.randn(bases, d_out, generator=generator), relu)
+              for d_in, d_out, relu in zip(widths[1:-1], widths[2:], relus[1:])]
+    coeffs = torch.rand(points, bases, generator=generator) * 1.6 - 0.3
+    if points > 1:
+        first[1, 3, 0] = float("nan")
+        coeffs[1, 1] = 0.5  # NaN · 0 would be NaN too; the other points have nonzero weights on member 1 as well
+    targets = torch.randint(0, widths[-1], (rows,), generator=generator)
+    weights = torch.cat([w.flatten(1) for w, _, _ in layers], dim=1).contiguous()
+    biases = torch.cat([b for _, b, _ in layers], dim=1).contiguous()
+    table, at_w, at_b = [], 0, 0
+    for weight, _, relu in layers:
+        table.append((at_w, at_b, weight.shape[1], weight.shape[2], int(relu)))
+        at_w, at_b = at_w + weight[0].numel(), at_b + weight.shape[1]
+    loss, wrong = torch.empty(points, dtype=torch.float64), torch.empty(points, dtype=torch.int64)
+    kernels.mlp_cross_entropy_sums(first.transpose(1, 2).contiguous().numpy(), relus[0], coeffs.numpy(),
+                                   weights.numpy(), biases.numpy(), torch.tensor(table).numpy(), targets.numpy(),
+                                   loss.numpy(), wrong.numpy())
+    expected_loss, expected_wrong = mlp_reference(first, relus[0], coeffs, layers, targets)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5 * rows, equal_nan=True)
+    assert torch.equal(loss.isnan(), expected_loss.isnan()) and loss.isnan().any() == (points > 1)
+    finite = ~loss.isnan()
+    assert torch.equal(wrong[finite], expected_wrong[finite])
+
+
+def relu_mlp(bias: bool = True) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(19, 23), torch.nn.ReLU(), torch.nn.Linear(23, 17, bias=bias),
+                               torch.nn.ReLU(), torch.nn.Linear(17, 5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_engine_with_the_fused_mlp_equals_plain_path_and_loop(kernel_calls, bias):
+    """Linear → ReLU → … → Linear through `mlp_metrics.py`, batches of 300 and 41 rows, points off the hull."""
+    models = [seeded(lambda: relu_mlp(bias), seed) for seed in (1, 2, 3)]
+    data = [(torch.randn(300, 19), torch.randint(0, 5, (300,))), (torch.randn(41, 19), torch.randint(0, 5, (41,)))]
+    coeffs = coefficient_rows(9, 3, seed=4)
+    fast = evaluate(models[0], models, coeffs, data, progress=False)
+    assert set(kernel_calls) == {"mlp_cross_entropy_sums"}
+    kernel_calls.clear()
+    plain = evaluate(models[0], models, coeffs, data, fast=False, progress=False)
+    assert not kernel_calls
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, plain_loop(models[0], models, coeffs, data))
+
+
+def test_fused_mlp_is_left_where_it_does_not_apply(kernel_calls):
+    """Other metrics, a custom loss or targets outside the classes take the view's path, with the same numbers;
+    a member with NaN weights gives NaN at the points that use it, as the plain path."""
+    models = [seeded(relu_mlp, seed) for seed in (1, 2, 3)]
+    inputs, targets = torch.randn(50, 19), torch.randint(0, 5, (50,))
+    coeffs = coefficient_rows(6, 3, seed=5)
+    assert_fast_equals_plain_and_loop(models, (inputs, targets), coeffs)  # nll and brier asked too
+    evaluate(models[0], models, coeffs, (inputs, targets), loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    assert "mlp_cross_entropy_sums" not in kernel_calls
+    with torch.no_grad():
+        models[2][2].weight[0, 0] = float("nan")
+    coeffs[0, 2] = 0.0
+    fast = evaluate(models[0], models, coeffs, (inputs, targets), progress=False)
+    assert "mlp_cross_entropy_sums" in kernel_calls
+    plain = evaluate(models[0], models, coeffs, (inputs, targets), fast=False, progress=False)
+    assert fast["loss"][1:].isnan().all() and not fast["loss"][0].isnan()
+    for name in ("loss", "error"):
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_a_long_fused_mlp_call_waits_for_the_kernels(kernels, monkeypatch):
+    """Before the kernels are loaded a short call runs torch's path; one of WAIT_MACS or more waits for the load."""
+    loaded, calls = [], []
+    monkeypatch.setattr(compiled_cpu, "wait", lambda: loaded.append(1) or True)
+    monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels if loaded else None)
+    fused = kernels.mlp_cross_entropy_sums
+    monkeypatch.setattr(kernels, "mlp_cross_entropy_sums", lambda *args: calls.append(1) or fused(*args))
+    models = [seeded(relu_mlp, seed) for seed in (1, 2, 3)]
+    data = (torch.randn(30, 19), torch.randint(0, 5, (30,)))
+    coeffs = coefficient_rows(4, 3, seed=6)
+    multiply_adds = 4 * 30 * (19 * 23 + 23 * 17 + 17 * 5)
+    monkeypatch.setattr(mlp_metrics, "WAIT_MACS", multiply_adds + 1)
+    short = evaluate(models[0], models, coeffs, data, progress=False)
+    assert not loaded and not calls
+    monkeypatch.setattr(mlp_metrics, "WAIT_MACS", multiply_adds)
+    long = evaluate(models[0], models, coeffs, data, progress=False)
+    assert loaded and calls
+    assert_same_loss_and_error(long, short)
 
 
 def test_the_load_starts_only_after_a_second_of_evaluations(monkeypatch):

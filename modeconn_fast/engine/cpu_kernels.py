@@ -31,20 +31,80 @@ LOWEST = np.float32(-87.0)  # exp(−87) ≈ 1.6e-38: the clamp for x_c − m
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
+@numba.njit(inline="always", fastmath=FAST)
+def _class_major_cross_entropy(xt, count, targets, scratch):  # type: ignore[no-untyped-def]
+    """(Σ_r cross-entropy, #{r: argmax ≠ target}) of the rows r < count of class-major logits xt [C, ≥ count]
+    against targets [count] (the formulas above); scratch: float32 [6, ≥ count]."""
+    classes = xt.shape[0]
+    top, sums, picked, losses = scratch[0], scratch[1], scratch[2], scratch[3]
+    first = scratch[4].view(np.int32)  # argmax
+    bad = scratch[5].view(np.int32)  # NaN or +inf in the row
+    bits = picked.view(np.int32)  # 2ⁿ as float32 bits (picked is written after the exponentials)
+    scale = picked
+    for r in range(count):
+        v = xt[0, r]
+        top[r], first[r], sums[r] = v, 0, 0
+        bad[r] = np.int32((v != v) | (v == np.inf))
+    for c in range(1, classes):
+        row = xt[c]
+        for r in range(count):
+            v = row[r]
+            greater = v > top[r]
+            top[r] = v if greater else top[r]
+            first[r] = np.int32(c) if greater else first[r]
+            bad[r] |= np.int32((v != v) | (v == np.inf))
+    for c in range(classes):
+        row = xt[c]
+        for r in range(count):
+            d = row[r] - top[r]
+            d = d if d > LOWEST else LOWEST
+            n = np.floor(d * LOG2E + np.float32(0.5))
+            f = d - n * LN2_HI - n * LN2_LO
+            e = np.float32(1 / 5040)
+            e = np.float32(1 / 720) + f * e
+            e = np.float32(1 / 120) + f * e
+            e = np.float32(1 / 24) + f * e
+            e = np.float32(1 / 6) + f * e
+            e = np.float32(0.5) + f * e
+            e = np.float32(1.0) + f * e
+            e = np.float32(1.0) + f * e
+            bits[r] = (np.int32(n) + np.int32(127)) << 23
+            sums[r] += e * scale[r]
+    misses = 0
+    for r in range(count):  # x_y − m, and the wrong arg-max count
+        target = targets[r]
+        picked[r] = xt[target, r] - top[r]
+        misses += first[r] != target
+    total = 0.0
+    bits = losses.view(np.int32)  # s = μ 2^e as float32 bits, then μ
+    for r in range(count):  # log s = e ln 2 + log μ, s = μ 2^e with μ in [1, 2)
+        losses[r] = sums[r]
+        exponent = np.float32((bits[r] >> 23) - 127)
+        bits[r] = (bits[r] & np.int32(0x7FFFFF)) | np.int32(0x3F800000)
+        mu = losses[r]
+        z = (mu - np.float32(1.0)) / (mu + np.float32(1.0))  # log μ = 2 atanh z, z ≤ 1/3
+        z2 = z * z
+        series = np.float32(1 / 13)
+        series = np.float32(1 / 11) + z2 * series
+        series = np.float32(1 / 9) + z2 * series
+        series = np.float32(1 / 7) + z2 * series
+        series = np.float32(1 / 5) + z2 * series
+        series = np.float32(1 / 3) + z2 * series
+        series = np.float32(1.0) + z2 * series
+        value = exponent * LN2 + np.float32(2.0) * z * series - picked[r]
+        losses[r] = value if bad[r] == 0 and top[r] != -np.inf else np.float32(np.nan)
+    for r in range(count):
+        total += losses[r]
+    return total, misses
+
+
 @numba.njit(numba.void(numba.float32[:, :, :], numba.int64[:], numba.float64[:], numba.int64[:]),
             cache=True, fastmath=FAST)
 def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped-def]
     """loss[p] = Σ_n cross-entropy of logits[p, n] against targets[n]; wrong[p] = #{n: argmax ≠ target}."""
     points, rows, classes = logits.shape
     xt = np.empty((classes, BLOCK), np.float32)  # a block of rows, class-major
-    top = np.empty(BLOCK, np.float32)
-    first = np.empty(BLOCK, np.int32)  # argmax
-    sums = np.empty(BLOCK, np.float32)  # Σ_c exp(x_c − m)
-    bits = np.empty(BLOCK, np.int32)  # 2ⁿ as float32 bits
-    scale = bits.view(np.float32)
-    bad = np.empty(BLOCK, np.int32)  # NaN or +inf in the row
-    picked = np.empty(BLOCK, np.float32)  # x_y − m
-    losses = np.empty(BLOCK, np.float32)
+    scratch = np.empty((6, BLOCK), np.float32)
     for p in range(points):
         total = 0.0
         misses = 0
@@ -55,56 +115,143 @@ def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped
                 row = xt[c]
                 for r in range(count):
                     row[r] = block[r, c]
+            block_loss, block_misses = _class_major_cross_entropy(xt, count, targets[start:start + count], scratch)
+            total += block_loss
+            misses += block_misses
+        loss[p] = total
+        wrong[p] = misses
+
+
+def use_threads(count: int) -> None:
+    """Run the parallel kernels on `count` threads (at most numba's pool; e.g. torch.get_num_threads())."""
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+
+
+ROWS = 256  # rows of samples carried through all layers at a time (B1, one thread: 1.3× faster than 64, as 512)
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _relu(acc, count):  # type: ignore[no-untyped-def]
+    """max(acc[r], 0) in place for r < count; NaN stays NaN (torch.relu)."""
+    for r in range(count):
+        acc[r] = np.float32(0.0) if acc[r] < 0 else acc[r]
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _dense_row(h, acc, w, b, count, relu):  # type: ignore[no-untyped-def]
+    """acc[r] = b + Σ_i w[i] h[i, r] for r < count (then ReLU): one output of `_dense`."""
+    for r in range(count):
+        acc[r] = b
+    i = 0
+    while i + 4 <= w.shape[0]:
+        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+        h0, h1, h2, h3 = h[i], h[i + 1], h[i + 2], h[i + 3]
+        for r in range(count):
+            acc[r] += w0 * h0[r] + w1 * h1[r] + w2 * h2[r] + w3 * h3[r]
+        i += 4
+    for rest in range(i, w.shape[0]):
+        w0, h0 = w[rest], h[rest]
+        for r in range(count):
+            acc[r] += w0 * h0[r]
+    if relu:
+        _relu(acc, count)
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _dense(h, out, weights, bias, count, relu):  # type: ignore[no-untyped-def]
+    """out[j, r] = bias[j] + Σ_i weights[j, i] h[i, r] for r < count, then max(·, 0) if relu (NaN stays): a
+    Linear on feature-major activations h [Din, ≥ count]. Two outputs and four inputs per pass over the rows: 8
+    multiply-adds for 6 loads and 2 stores, within what a core issues per cycle (one output at a time, the stores
+    bound it: B1's layers ran 1.3× slower so)."""
+    outputs, inputs = weights.shape
+    for j in range(0, outputs - 1, 2):
+        acc0, acc1 = out[j], out[j + 1]
+        wa, wb = weights[j], weights[j + 1]
+        ba, bb = bias[j], bias[j + 1]
+        for r in range(count):
+            acc0[r] = ba
+            acc1[r] = bb
+        i = 0
+        while i + 4 <= inputs:
+            a0, a1, a2, a3 = wa[i], wa[i + 1], wa[i + 2], wa[i + 3]
+            b0, b1, b2, b3 = wb[i], wb[i + 1], wb[i + 2], wb[i + 3]
+            h0, h1, h2, h3 = h[i], h[i + 1], h[i + 2], h[i + 3]
             for r in range(count):
-                v = xt[0, r]
-                top[r], first[r], sums[r] = v, 0, 0
-                bad[r] = np.int32((v != v) | (v == np.inf))
-            for c in range(1, classes):
-                row = xt[c]
-                for r in range(count):
-                    v = row[r]
-                    greater = v > top[r]
-                    top[r] = v if greater else top[r]
-                    first[r] = np.int32(c) if greater else first[r]
-                    bad[r] |= np.int32((v != v) | (v == np.inf))
-            for c in range(classes):
-                row = xt[c]
-                for r in range(count):
-                    d = row[r] - top[r]
-                    d = d if d > LOWEST else LOWEST
-                    n = np.floor(d * LOG2E + np.float32(0.5))
-                    f = d - n * LN2_HI - n * LN2_LO
-                    e = np.float32(1 / 5040)
-                    e = np.float32(1 / 720) + f * e
-                    e = np.float32(1 / 120) + f * e
-                    e = np.float32(1 / 24) + f * e
-                    e = np.float32(1 / 6) + f * e
-                    e = np.float32(0.5) + f * e
-                    e = np.float32(1.0) + f * e
-                    e = np.float32(1.0) + f * e
-                    bits[r] = (np.int32(n) + np.int32(127)) << 23
-                    sums[r] += e * scale[r]
-            for r in range(count):  # x_y − m, and the wrong arg-max count
-                target = targets[start + r]
-                picked[r] = xt[target, r] - top[r]
-                misses += first[r] != target
-            for r in range(count):  # log s = e ln 2 + log μ, s = μ 2^e with μ in [1, 2)
-                scale[r] = sums[r]
-                exponent = np.float32((bits[r] >> 23) - 127)
-                bits[r] = (bits[r] & np.int32(0x7FFFFF)) | np.int32(0x3F800000)
-                z = (scale[r] - np.float32(1.0)) / (scale[r] + np.float32(1.0))  # log μ = 2 atanh z, z ≤ 1/3
-                z2 = z * z
-                series = np.float32(1 / 13)
-                series = np.float32(1 / 11) + z2 * series
-                series = np.float32(1 / 9) + z2 * series
-                series = np.float32(1 / 7) + z2 * series
-                series = np.float32(1 / 5) + z2 * series
-                series = np.float32(1 / 3) + z2 * series
-                series = np.float32(1.0) + z2 * series
-                value = exponent * LN2 + np.float32(2.0) * z * series - picked[r]
-                losses[r] = value if bad[r] == 0 and top[r] != -np.inf else np.float32(np.nan)
+                x0, x1, x2, x3 = h0[r], h1[r], h2[r], h3[r]
+                acc0[r] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                acc1[r] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            i += 4
+        for rest in range(i, inputs):
+            a0, b0, h0 = wa[rest], wb[rest], h[rest]
             for r in range(count):
-                total += losses[r]
+                acc0[r] += a0 * h0[r]
+                acc1[r] += b0 * h0[r]
+        if relu:
+            _relu(acc0, count)
+            _relu(acc1, count)
+    if outputs % 2:
+        _dense_row(h, out[outputs - 1], weights[outputs - 1], bias[outputs - 1], count, relu)
+
+
+@numba.njit(numba.void(numba.float32[:, :, ::1], numba.boolean, numba.float32[:, ::1], numba.float32[:, ::1],
+                       numba.float32[:, ::1], numba.int64[:, ::1], numba.int64[::1], numba.float64[::1],
+                       numba.int64[::1]), cache=True, parallel=True, fastmath=FAST)
+def mlp_cross_entropy_sums(  # type: ignore[no-untyped-def]
+        first, first_relu, coeffs, weights, biases, layers, targets, loss, wrong):
+    """An MLP at P points, its cross-entropy and arg-max errors summed per point (`cross_entropy_sums` of its
+    logits, which never leave the cache): a row block's activations go through every layer before the next block.
+
+    first [K, D1, N]: the first Linear's outputs Y_k = X W_kᵀ + b_k of the shared input X for each basis member,
+    feature-major; h1 = Σ_k coeffs[p,k] Y_k, then ReLU if first_relu. Layer l > 1, layers[l] = (weight offset,
+    bias offset, Dout, Din, relu): W_k = weights[k, offset : offset + Dout·Din] as [Dout, Din], b_k likewise from
+    biases; at point p, W(p) = Σ_k coeffs[p,k] W_k (and b(p)). The last layer gives the logits (no ReLU). Points
+    run in parallel (numba threads)."""
+    bases, width, rows = first.shape
+    widest = width
+    for l in range(layers.shape[0]):
+        widest = max(widest, layers[l, 2])
+    for p in numba.prange(coeffs.shape[0]):
+        mixed_w = np.empty(weights.shape[1], np.float32)
+        mixed_b = np.empty(biases.shape[1], np.float32)
+        for e in range(weights.shape[1]):
+            mixed_w[e] = coeffs[p, 0] * weights[0, e]
+        for e in range(biases.shape[1]):
+            mixed_b[e] = coeffs[p, 0] * biases[0, e]
+        for k in range(1, bases):
+            for e in range(weights.shape[1]):
+                mixed_w[e] += coeffs[p, k] * weights[k, e]
+            for e in range(biases.shape[1]):
+                mixed_b[e] += coeffs[p, k] * biases[k, e]
+        h = np.empty((widest, ROWS), np.float32)
+        out = np.empty((widest, ROWS), np.float32)
+        scratch = np.empty((6, ROWS), np.float32)
+        total = 0.0
+        misses = 0
+        for start in range(0, rows, ROWS):
+            count = min(ROWS, rows - start)
+            for i in range(width):
+                row = h[i]
+                c = coeffs[p, 0]
+                source = first[0, i, start:start + count]
+                for r in range(count):
+                    row[r] = c * source[r]
+                for k in range(1, bases):
+                    c = coeffs[p, k]
+                    source = first[k, i, start:start + count]
+                    for r in range(count):
+                        row[r] += c * source[r]
+                if first_relu:
+                    _relu(row, count)
+            for l in range(layers.shape[0]):
+                w_at, b_at, outputs, inputs, relu = layers[l, 0], layers[l, 1], layers[l, 2], layers[l, 3], layers[l, 4]
+                _dense(h, out, mixed_w[w_at:w_at + outputs * inputs].reshape((outputs, inputs)),
+                       mixed_b[b_at:b_at + outputs], count, relu != 0)
+                h, out = out, h
+            classes = layers[layers.shape[0] - 1, 2]
+            block_loss, block_misses = _class_major_cross_entropy(h[:classes], count, targets[start:start + count],
+                                                                  scratch)
+            total += block_loss
+            misses += block_misses
         loss[p] = total
         wrong[p] = misses
 

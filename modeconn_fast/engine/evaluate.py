@@ -23,6 +23,7 @@ from .batches import Batches, move
 from .chunks import plan_chunks
 from .memory import keep_freed_memory
 from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
+from .mlp_metrics import FusedMlpMetrics
 from .outputs import OutputSelector
 from .view import SubspaceView
 
@@ -91,6 +92,7 @@ def evaluate(
 
     points = coeffs.shape[0]
     sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}
+    fused = {name: FusedMlpMetrics.of(view, metric_sums, device) for name, metric_sums in sums.items()}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
@@ -108,9 +110,11 @@ def evaluate(
             for inputs, targets in batches:
                 inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
                 batch = next(batch_names)
-                for chunk in chunks:
-                    outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
-                    sums[name].add(outputs, targets, chunk.start)
+                mlp = fused[name]
+                if mlp is None or not mlp.add(coeffs, inputs, targets, batch, sums[name]):  # else one compiled pass
+                    for chunk in chunks:
+                        outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
+                        sums[name].add(outputs, targets, chunk.start)
                 bar.update()
     values = {f"{name}_{metric}" if name else metric: value
               for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}

@@ -106,7 +106,7 @@ class MetricSums:
             self.finite[where] &= torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
         if "error" in self.metrics and wrong is not None:
             self.sums["error"][where] += wrong
-        if wrong is not None and all(name in ("loss", "error") for name in self.metrics):
+        if wrong is not None and self.takes_one_pass_only():
             return  # the one-pass path gave all (its targets are classes in range)
         flat_outputs, flat_targets = _flat(outputs, targets)
         if any(name in self.metrics for name in _CLASS_METRICS):
@@ -142,15 +142,38 @@ class MetricSums:
     def _small_classes(self, outputs: Tensor, targets: Tensor) -> bool:
         """Whether the default loss can take the one-pass path: logits [P, N, C < SMALL_CLASSES] in fp32 or fp64
         and int64 class targets [N] all in range (others, e.g. ignore_index, go to F.cross_entropy)."""
-        if not (self.fast and self.loss_fn is None and outputs.dim() == 3 and 0 < outputs.shape[2] < SMALL_CLASSES
-                and outputs.dtype in (torch.float32, torch.float64) and targets.dim() == 1
+        return (outputs.dim() == 3 and outputs.dtype in (torch.float32, torch.float64)
+                and self.one_pass_applies(outputs.shape[2], targets))
+
+    def one_pass_applies(self, classes: int, targets: Tensor) -> bool:
+        """Whether the default loss of logits with `classes` < SMALL_CLASSES classes against `targets` comes from
+        the one pass of `small_class_cross_entropy`: int64 class targets [N] all in range."""
+        if not (self.fast and self.loss_fn is None and 0 < classes < SMALL_CLASSES and targets.dim() == 1
                 and targets.dtype == torch.long and targets.numel() > 0):
             return False
         checked = self._checked_targets  # every chunk of points sees the same batch: check it once
-        if checked is None or checked[0] is not targets or checked[1:3] != (targets._version, outputs.shape[2]):
-            in_range = bool((targets >= 0).all()) and bool((targets < outputs.shape[2]).all())
-            checked = self._checked_targets = (targets, targets._version, outputs.shape[2], in_range)
+        if checked is None or checked[0] is not targets or checked[1:3] != (targets._version, classes):
+            in_range = bool((targets >= 0).all()) and bool((targets < classes).all())
+            checked = self._checked_targets = (targets, targets._version, classes, in_range)
         return checked[3]
+
+    def takes_one_pass_only(self) -> bool:
+        """Whether the metrics asked are loss and error alone, with the default loss (the one pass gives both)."""
+        return (self.fast and self.loss_fn is None and "loss" in self.metrics
+                and all(name in ("loss", "error") for name in self.metrics))
+
+    def add_one_pass(self, loss: Tensor, wrong: Tensor, targets: Tensor, start: int) -> None:
+        """Loss sums (float64) and wrong arg-max counts [Pc] of points start … start+Pc−1 on a batch with class
+        targets [N] (from a pass that gave both, e.g. `mlp_metrics.py`; metrics: `takes_one_pass_only`)."""
+        where = slice(start, start + loss.shape[0])
+        if start == 0:
+            self.target_count += targets.numel()
+            self.sample_count += targets.shape[0]
+            self.loss_weight += targets.numel()
+        self.sums["loss"][where] += loss
+        self.finite[where] &= torch.isfinite(loss)
+        if "error" in self.metrics:
+            self.sums["error"][where] += wrong
 
     def _add_probability_metrics(self, outputs: Tensor, targets: Tensor, flat_outputs: Tensor, flat_targets: Tensor,
                                  where: slice) -> None:

@@ -26,7 +26,12 @@ from .planes import Subspace
 from .result import GridResult
 from .storage import ScanStore
 
-DEFAULT_CHUNK_POINTS = 4096  # one evaluate call of B1 takes about 0.4 s: its fixed cost (~10 ms) stays small
+# Points per chunk, each one `evaluate` call: every call pays a fixed cost (a view of the model, its probe and chunk
+# plan, the first layer's per-basis products, a chunk file written with fsync): 3 ms on one idle thread, 10-70 ms on
+# two threads of a loaded machine, where each parallel region may wait for a descheduled thread. B1 (fused MLP,
+# 20-35 µs a point) then spends under 10 % of a 32768-point chunk there; at 4096 points its 1000×1000 scan lost
+# about 30 % to it.
+DEFAULT_CHUNK_POINTS = 32768
 WORKING_SET = 4  # as the engine counts: the largest activation, its input and temporaries
 MIN_ROWS = 2  # the engine evaluates at least two samples at once
 Chunk = tuple[dict[str, np.ndarray], float, str]  # a chunk's values by metric, its seconds, the BatchNorm mode
@@ -43,7 +48,7 @@ def scan(subspace: Subspace, model: nn.Module, data: Any, *, xs: Sequence[float]
     as in `evaluate` (bn_data: the training data, to recompute BatchNorm statistics at every point). out: a
     folder where every finished chunk is written at once; a scan started again with the same arguments and
     resume=True computes only the chunks missing there (resume=False discards them). chunk_points: points per
-    chunk (default 4096, fewer where memory_budget needs it). Inside a torchrun job the chunks are shared out
+    chunk (default 32768, fewer where memory_budget needs it). Inside a torchrun job the chunks are shared out
     among the ranks (`out` then on a file system all ranks share) and every rank returns the whole result.
     """
     started = time.perf_counter()
