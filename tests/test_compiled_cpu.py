@@ -180,6 +180,11 @@ def test_fused_mlp_is_left_where_it_does_not_apply(kernel_calls):
     assert_fast_equals_plain_and_loop(models, (inputs, targets), coeffs)  # nll and brier asked too
     evaluate(models[0], models, coeffs, (inputs, targets), loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
     assert "mlp_cross_entropy_sums" not in kernel_calls
+    halved = evaluate(models[0], models, coeffs, (inputs, targets), output=lambda logits: logits / 2, progress=False)
+    assert "mlp_cross_entropy_sums" not in kernel_calls  # the picked output is not the last layer's
+    halved_plain = evaluate(models[0], models, coeffs, (inputs, targets), output=lambda logits: logits / 2,
+                            fast=False, progress=False)
+    assert_same_loss_and_error(halved, halved_plain)
     with torch.no_grad():
         models[2][2].weight[0, 0] = float("nan")
     coeffs[0, 2] = 0.0

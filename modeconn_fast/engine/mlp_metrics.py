@@ -65,7 +65,8 @@ class FusedMlpMetrics:
     def of(cls, view: SubspaceView, sums: MetricSums, device: torch.device) -> "FusedMlpMetrics | None":
         """The fused pass for `view` and metrics `sums`, or None where it does not apply (see the module doc)."""
         net = view.net
-        if (device.type != "cpu" or view.state.plain or view.fallback_names or not sums.takes_one_pass_only()
+        if (device.type != "cpu" or view.state.plain or view.fallback_names or view.output is not None
+                or not sums.takes_one_pass_only()
                 or type(net) not in (nn.Sequential, FusedSequential)
                 or any(has_forward_hooks(m) for m in net.modules())):
             return None
