@@ -27,6 +27,7 @@ maps, padding modes other than zeros, the view's plain mode) it runs its layers 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,6 +51,19 @@ POINT_GROUP = 4
 SMALL_PATCH = 32
 
 
+@dataclass(frozen=True)
+class SampleMajorMaps:
+    """A ConvBlock's output handed to the next ConvBlock in the layout its grouped convolution reads: maps
+    [N, P·C, H, W] channels-last, i.e. memory [N, H, W, P, C], for P points (never leaves a FusedSequential)."""
+
+    maps: Tensor
+    points: int
+
+    def point_major(self) -> Tensor:
+        """The same values as the layers pass them on: contiguous NCHW [P·N, C, H, W]."""
+        return _points_nchw(self.maps, self.points, points_first=False)
+
+
 class ConvBlock(nn.Module):
     """conv → [norm] → [relu] → pool, with the fast path above for evaluation on CPU."""
 
@@ -59,13 +73,17 @@ class ConvBlock(nn.Module):
         self.pool_2x2 = is_plain_2x2(pool.pool)
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
+        self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._fast(x):
-            return self._plain(x)
+    def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
+        """The block's output: point-major NCHW [P·N, C, H', W'], or where `feeds_block` and a compiled kernel
+        writes it, SampleMajorMaps for the next ConvBlock (which takes either)."""
+        handed = isinstance(x, SampleMajorMaps)
+        if not self._fast(x.maps if handed else x):
+            return self._plain(x.point_major() if handed else x)
         state = self.conv.state
         points, coeffs = state.points, state.coeffs
-        per_basis = self._per_basis_outputs(x)
+        per_basis = None if handed else self._per_basis_outputs(x)
         if per_basis is None:
             y = self._grouped_convolution(x)
             values = _values(y, points, points_first=False)
@@ -93,7 +111,7 @@ class ConvBlock(nn.Module):
         return out
 
     def _compiled_mix_pool(self, per_basis: Tensor, coeffs: Tensor, scale: Tensor | None, shift: Tensor | None
-                           ) -> Tensor | None:
+                           ) -> Tensor | SampleMajorMaps | None:
         """The mix, pooling, BatchNorm and ReLU of the shared input's K outputs in one compiled pass
         (`cpu_kernels.mix_pool_block`, loaded by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0.
         None elsewhere, or before the kernels are loaded."""
@@ -105,12 +123,13 @@ class ConvBlock(nn.Module):
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
-        out = per_basis.new_empty(coeffs.shape[0] * samples, channels, height // 2, width // 2)
+        out, target = self._output(coeffs.shape[0], samples, channels, height // 2, width // 2, per_basis)
         kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None,
-                               out.numpy())
+                               target.numpy())
         return out
 
-    def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int) -> Tensor | None:
+    def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int
+                       ) -> Tensor | SampleMajorMaps | None:
         """Pooling, BatchNorm and ReLU of a grouped convolution's channels-last, sample-major output [N, P·C, H, W]
         into point-major NCHW in one compiled pass (`cpu_kernels.pool_block`) where it applies (as
         `_compiled_mix_pool`); else None."""
@@ -123,9 +142,21 @@ class ConvBlock(nn.Module):
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
-        out = y.new_empty(points * samples, point_channels // points, height // 2, width // 2)
-        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, out.numpy())
+        out, target = self._output(points, samples, point_channels // points, height // 2, width // 2, y)
+        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, target.numpy())
         return out
+
+    def _output(self, points: int, samples: int, channels: int, height: int, width: int, like: Tensor
+                ) -> tuple[Tensor | SampleMajorMaps, Tensor]:
+        """A compiled kernel's output and the [P, N, C, H, W] view of it the kernel writes: SampleMajorMaps where
+        the next step is a ConvBlock (its grouped convolution reads that layout, no transpose between them), else
+        point-major NCHW [P·N, C, H, W]."""
+        if self.feeds_block:
+            memory = like.new_empty(samples, height, width, points, channels)
+            maps = memory.reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
+            return SampleMajorMaps(maps, points), memory.permute(3, 0, 4, 1, 2)
+        out = like.new_empty(points * samples, channels, height, width)
+        return out, out.reshape(points, samples, channels, height, width)
 
     @staticmethod
     def _scale_shift_or_identity(scale: Tensor | None, shift: Tensor | None, points: int, channels: int,
@@ -195,15 +226,18 @@ class ConvBlock(nn.Module):
             self._moments = (per_basis, *_moments(per_basis))
         return self._moments[1], self._moments[2]
 
-    def _grouped_convolution(self, x: Tensor) -> Tensor:
+    def _grouped_convolution(self, x: Tensor | SampleMajorMaps) -> Tensor:
         """One convolution grouped over points: channels-last, sample-major [N, P·C, H, W]."""
         conv, state = self.conv, self.conv.state
         weight, bias = conv.stacked["weight"], conv.stacked.get("bias")
         points, coeffs = state.points, state.coeffs
-        shared = state.shared_rows(x)
-        x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
-        _, samples, channels, height, width = x_points.shape
-        grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
+        if isinstance(x, SampleMajorMaps):
+            grouped = x.maps
+        else:
+            shared = state.shared_rows(x)
+            x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
+            _, samples, channels, height, width = x_points.shape
+            grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
         w = ops.mix(coeffs.to(weight.dtype), weight)
         w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
         b = None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
@@ -354,4 +388,7 @@ def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
             continue
         steps.append(conv)
         i += 1
+    for step, following in zip(steps, steps[1:] + [None]):
+        if isinstance(step, ConvBlock):
+            step.feeds_block = isinstance(following, ConvBlock)
     return steps

@@ -123,11 +123,12 @@ def _max_of_rows(source, top, row, pairs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
-    """out[p·N + n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
+    """out[p, n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
     ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
-    (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out.
+    (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into out [P, N, C, H', W']
+    of any strides (point-major NCHW, or a view of sample-major channels-last [N, H', W', P, C] memory).
     NaN propagates through the max, as in torch.maximum, and through the ReLU."""
     bases, samples, height, width, channels = per_basis.shape
     size, row = height * width * channels, width * channels
@@ -147,7 +148,7 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
                 source = flat[k, n]
                 for e in range(size):
                     mixed[e] += weight * source[e]
-            target = out[p * samples + n]
+            target = out[p, n]
             for i in range(height // 2):
                 _max_of_rows(mixed, 2 * i * row, row, pairs)
                 for j in range(width // 2):
@@ -160,11 +161,12 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
-    """out[p·N + n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
+    """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
-    for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out. NaN propagates."""
+    for scale ≥ 0 the same numbers as pooling after the affine map) into out [P, N, C, H', W'] of any strides.
+    NaN propagates."""
     samples, height, width, point_channels = maps.shape
     points, channels = scale.shape
     row = width * point_channels
@@ -182,7 +184,7 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
                         v, m = pairs[right + p * channels + c], pairs[left + p * channels + c]
                         y = _max(v, m) * scale[p, c] + shift[p, c]
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
-                    target = out[p * samples + n]
+                    target = out[p, n]
                     for c in range(channels):
                         target[c, i, j] = pooled[c]
 
