@@ -31,7 +31,7 @@ def kernels():
 def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block"):
+    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block", "column_statistics"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
@@ -202,6 +202,7 @@ def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
     assert {"mix_pool_block", "pool_block"} <= set(kernel_calls) and handed and all(handed)
+    assert ("column_statistics" in kernel_calls) == (bn == "recompute")
     kernel_calls.clear()
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
     assert not kernel_calls
@@ -232,3 +233,13 @@ def test_moments_equal_the_float64_torch_path_on_odd_shapes(kernels, shape, monk
     torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(covariance, expected[1], rtol=1e-10, atol=1e-12)
     assert torch.equal(covariance, covariance.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rows,columns", [(37, 23), (2048, 352), (2, 1)])
+def test_column_statistics_equal_float64_reference_on_odd_shapes(kernels, rows, columns):
+    generator = torch.Generator().manual_seed(rows)
+    values = torch.randn(rows, columns, generator=generator) * 3 + 40  # far from centred: the two passes matter
+    mean, var = torch.full((columns,), 7.0), torch.full((columns,), 7.0)
+    kernels.column_statistics(values.numpy(), mean.numpy(), var.numpy())
+    torch.testing.assert_close(mean.double(), values.double().mean(dim=0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), values.double().var(dim=0, unbiased=False), rtol=1e-5, atol=0)

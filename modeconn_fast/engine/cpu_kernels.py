@@ -216,3 +216,23 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
         for l in range(k + 1):
             for c in range(channels):
                 covariance[c, k, l] = covariance[c, l, k] = products[k, l, c] / count
+
+
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST)
+def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
+    """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
+    J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`)."""
+    rows, columns = values.shape
+    sums = np.zeros(columns, np.float64)
+    for m in range(rows):
+        for j in range(columns):
+            sums[j] += values[m, j]
+    centre = sums / rows
+    squares = np.zeros(columns, np.float64)
+    for m in range(rows):
+        for j in range(columns):
+            d = values[m, j] - centre[j]
+            squares[j] += d * d
+    for j in range(columns):
+        mean[j] = np.float32(centre[j])
+        var[j] = np.float32(squares[j] / rows)
