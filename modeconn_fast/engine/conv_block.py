@@ -28,7 +28,7 @@ maps, padding modes other than zeros, the view's plain mode) it runs its layers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,8 @@ class ConvBlock(nn.Module):
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
         self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
+        self._kept_values: dict[str, tuple[tuple, tuple[Tensor, ...], Any]] = {}  # see `_kept`
+        self._signs: tuple[Tensor, bool] | None = None  # see `_nonnegative`
 
     def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
         """The block's output: point-major NCHW [P·N, C, H', W'], or where `feeds_block` and a compiled kernel
@@ -116,7 +118,7 @@ class ConvBlock(nn.Module):
         (`cpu_kernels.mix_pool_block`, loaded by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0.
         None elsewhere, or before the kernels are loaded."""
         if not (self.pool_2x2 and per_basis.dtype == torch.float32 and coeffs.dtype == torch.float32
-                and (scale is None or bool((scale >= 0).all()))):
+                and (scale is None or self._nonnegative(scale))):
             return None
         bases, samples, height, width, channels = per_basis.shape
         kernels = compiled_cpu.kernels()
@@ -135,7 +137,7 @@ class ConvBlock(nn.Module):
         `_compiled_mix_pool`); else None."""
         maps = y.permute(0, 2, 3, 1)
         if not (self.pool_2x2 and y.dtype == torch.float32 and maps.is_contiguous()
-                and (scale is None or bool((scale >= 0).all()))):
+                and (scale is None or self._nonnegative(scale))):
             return None
         samples, height, width, point_channels = maps.shape
         kernels = compiled_cpu.kernels()
@@ -189,14 +191,39 @@ class ConvBlock(nn.Module):
 
     def _affine(self, batch_statistics: Callable[[], tuple[Tensor, Tensor]], per_channel: int
                 ) -> tuple[Tensor | None, Tensor | None]:
-        """BatchNorm's scale and shift [P, C] for the points in flight, (None, None) without BatchNorm."""
-        if self.norm is None:
+        """BatchNorm's scale and shift [P, C] for the points in flight, (None, None) without BatchNorm; kept from
+        batch to batch where they do not depend on the batch (the stored or the recomputed statistics)."""
+        norm = self.norm
+        if norm is None:
             return None, None
-        return self.norm.scale_shift(*self.norm.statistics(batch_statistics, per_channel))
+        affine = lambda: norm.scale_shift(*norm.statistics(batch_statistics, per_channel))
+        phase = self.conv.state.bn_phase
+        if not norm.tracks_statistics or phase not in ("stored", "recomputed"):
+            return affine()
+        return self._kept("affine", norm.recomputed or () if phase == "recomputed" else (), affine)
+
+    def _kept(self, name: str, tensors: tuple[Tensor, ...], make: Callable[[], Any]) -> Any:
+        """make(), a function of the points in flight, the block's stacked tensors and `tensors` only, kept while
+        they stay the same (evaluation: the next batch of the same chunk of points reuses it). The tensors are held
+        with the value, so no other tensor can take their memory while the key names it."""
+        state = self.conv.state
+        held = (state.coeffs, *tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
+        key = (state.offset, state.bn_phase, *((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in held))
+        entry = self._kept_values.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, held, make())
+            self._kept_values[name] = entry
+        return entry[2]
+
+    def _nonnegative(self, scale: Tensor) -> bool:
+        """Whether every BatchNorm scale is ≥ 0 (pooling may then run first), remembered for the last scales seen."""
+        if self._signs is None or self._signs[0] is not scale:
+            self._signs = (scale, bool((scale >= 0).all()))
+        return self._signs[1]
 
     def _pooled(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int, points_first: bool) -> Tensor:
         """pool(relu(y · scale + shift)) of a channels-last map, pooling first where that gives the same numbers."""
-        if scale is not None and not bool((scale >= 0).all()):  # pooling does not commute with a decreasing map
+        if scale is not None and not self._nonnegative(scale):  # pooling does not commute with a decreasing map
             y = _affine_map(y, scale, shift, points, points_first)
             scale = shift = None
         y = max_pool_2x2_channels_last(y) if self.pool_2x2 else self.pool.pool(y)
@@ -238,11 +265,16 @@ class ConvBlock(nn.Module):
             x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
             _, samples, channels, height, width = x_points.shape
             grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
-        w = ops.mix(coeffs.to(weight.dtype), weight)
-        w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
-        b = None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
+        w, b = self._kept("grouped kernels", (), lambda: _grouped_kernels(coeffs, weight, bias))
         return F.conv2d(grouped.contiguous(memory_format=torch.channels_last), w, b, conv.stride, conv.padding,
                         conv.dilation, points * conv.groups)
+
+
+def _grouped_kernels(coeffs: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The P combined kernels stacked for a convolution grouped over points (channels-last) and their biases."""
+    w = ops.mix(coeffs.to(weight.dtype), weight)
+    w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+    return w, None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
 
 
 def _per_basis_by_patches(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...],
