@@ -74,7 +74,7 @@ class ConvBlock(nn.Module):
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
         self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
-        self._kept_values: dict[str, tuple[tuple, tuple[Tensor, ...], Any]] = {}  # see `_kept`
+        self._kept_values: dict[str, tuple[tuple, tuple[Tensor, ...], Tensor, Any]] = {}  # see `_kept`
         self._signs: tuple[Tensor, bool] | None = None  # see `_nonnegative`
 
     def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
@@ -204,16 +204,19 @@ class ConvBlock(nn.Module):
 
     def _kept(self, name: str, tensors: tuple[Tensor, ...], make: Callable[[], Any]) -> Any:
         """make(), a function of the points in flight, the block's stacked tensors and `tensors` only, kept while
-        they stay the same (evaluation: the next batch of the same chunk of points reuses it). The tensors are held
-        with the value, so no other tensor can take their memory while the key names it."""
+        they stay the same (evaluation: the next batch of the same chunk of points reuses it): the same coefficient
+        memory, and the same tensor objects, each unchanged since. The coefficients are held with the value, so no
+        other tensor can take their memory while the key names it."""
         state = self.conv.state
-        held = (state.coeffs, *tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
-        key = (state.offset, state.bn_phase, *((t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in held))
+        coeffs = state.coeffs
+        held = (*tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
+        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, coeffs._version, state.offset,
+               state.bn_phase, *(t._version for t in held))
         entry = self._kept_values.get(name)
-        if entry is None or entry[0] != key:
-            entry = (key, held, make())
+        if entry is None or entry[0] != key or len(entry[1]) != len(held) or any(a is not b for a, b in zip(entry[1], held)):
+            entry = (key, held, coeffs, make())
             self._kept_values[name] = entry
-        return entry[2]
+        return entry[3]
 
     def _nonnegative(self, scale: Tensor) -> bool:
         """Whether every BatchNorm scale is ≥ 0 (pooling may then run first), remembered for the last scales seen."""
