@@ -49,6 +49,10 @@ POINT_GROUP = 4
 # The shared input's K outputs come from one product of its patches where a patch holds at most this many numbers
 # (C·kh·kw; B3's 1·3·3 on one core: 0.45 ms against 0.9-3 ms for the convolution; at 16·3·3 the convolution wins).
 SMALL_PATCH = 32
+# A block keeps the P combined kernels of its grouped convolution from batch to batch (per chunk of points) up to this
+# size, and at most KEPT_ENTRIES values in all: beyond it, one layer's kernels at a time, as the chunk planner counts.
+KEPT_KERNEL_BYTES = 1 << 20
+KEPT_ENTRIES = 32
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class ConvBlock(nn.Module):
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
         self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
-        self._kept_values: dict[str, tuple[tuple, tuple[Tensor, ...], Tensor, Any]] = {}  # see `_kept`
+        self._kept_values: dict[tuple[str, int], tuple[tuple, tuple[Tensor, ...], Tensor, Any]] = {}  # see `_kept`
         self._signs: tuple[Tensor, bool] | None = None  # see `_nonnegative`
 
     def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
@@ -203,19 +207,22 @@ class ConvBlock(nn.Module):
         return self._kept("affine", norm.recomputed or () if phase == "recomputed" else (), affine)
 
     def _kept(self, name: str, tensors: tuple[Tensor, ...], make: Callable[[], Any]) -> Any:
-        """make(), a function of the points in flight, the block's stacked tensors and `tensors` only, kept while
-        they stay the same (evaluation: the next batch of the same chunk of points reuses it): the same coefficient
-        memory, and the same tensor objects, each unchanged since. The coefficients are held with the value, so no
-        other tensor can take their memory while the key names it."""
+        """make(), a function of the points in flight, the block's stacked tensors and `tensors` only, kept per chunk
+        of points while they stay the same (evaluation: the next batch reuses it): the same coefficient memory, and
+        the same tensor objects, each unchanged since. The coefficients are held with the value, so no other tensor
+        can take their memory while the key names it. At most KEPT_ENTRIES values, the oldest dropped first."""
         state = self.conv.state
         coeffs = state.coeffs
         held = (*tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
-        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, coeffs._version, state.offset,
-               state.bn_phase, *(t._version for t in held))
-        entry = self._kept_values.get(name)
+        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, coeffs._version, state.bn_phase,
+               *(t._version for t in held))
+        entry = self._kept_values.get((name, state.offset))
         if entry is None or entry[0] != key or len(entry[1]) != len(held) or any(a is not b for a, b in zip(entry[1], held)):
+            self._kept_values.pop((name, state.offset), None)
+            if len(self._kept_values) >= KEPT_ENTRIES:
+                self._kept_values.pop(next(iter(self._kept_values)))
             entry = (key, held, coeffs, make())
-            self._kept_values[name] = entry
+            self._kept_values[(name, state.offset)] = entry
         return entry[3]
 
     def _nonnegative(self, scale: Tensor) -> bool:
@@ -268,7 +275,9 @@ class ConvBlock(nn.Module):
             x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
             _, samples, channels, height, width = x_points.shape
             grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
-        w, b = self._kept("grouped kernels", (), lambda: _grouped_kernels(coeffs, weight, bias))
+        combined = lambda: _grouped_kernels(coeffs, weight, bias)
+        small = points * weight[0].numel() * weight.element_size() <= KEPT_KERNEL_BYTES
+        w, b = self._kept("grouped kernels", (), combined) if small else combined()
         return F.conv2d(grouped.contiguous(memory_format=torch.channels_last), w, b, conv.stride, conv.padding,
                         conv.dilation, points * conv.groups)
 
