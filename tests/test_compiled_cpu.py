@@ -10,7 +10,7 @@ from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
 from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu, mlp_metrics
-from modeconn_fast.engine.conv_block import _moments
+from modeconn_fast.engine.conv_block import ConvBlock, SampleMajorMaps, _moments
 from test_conv_block import members_and_data
 from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
                               test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
@@ -31,7 +31,7 @@ def kernels():
 def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block", "mlp_cross_entropy_sums"):
+    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block", "column_statistics", "mlp_cross_entropy_sums"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
@@ -267,11 +267,19 @@ def test_mix_pool_block_equals_float64_reference_on_odd_shapes(kernels, bases, s
     scale = torch.rand(points, channels, generator=generator)
     scale[0, 0] = 0.0
     shift = torch.randn(points, channels, generator=generator)
-    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
-    kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
     expected = pooled_reference(per_basis, coeffs, scale, shift, relu)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
-    assert out[::samples, 0, 0, 0].isnan().all()
+    for target in outputs(points, samples, channels, height // 2, width // 2):
+        kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), relu, target.numpy())
+        out = target.reshape(points * samples, channels, height // 2, width // 2)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert out[::samples, 0, 0, 0].isnan().all()
+
+
+def outputs(points: int, samples: int, channels: int, height: int, width: int) -> list[torch.Tensor]:
+    """Poisoned outputs [P, N, C, H, W] for a kernel: point-major NCHW memory, and sample-major channels-last
+    memory [N, H, W, P, C] (strided)."""
+    return [torch.full((points, samples, channels, height, width), 7.0),
+            torch.full((samples, height, width, points, channels), 7.0).permute(3, 0, 4, 1, 2)]
 
 
 @pytest.mark.parametrize("samples,height,width,points,channels,relu", [(3, 4, 4, 5, 32, True), (2, 7, 5, 3, 3, False)])
@@ -281,19 +289,25 @@ def test_pool_block_equals_float64_reference_on_odd_shapes(kernels, samples, hei
     maps[0, 1, 0, 0] = float("nan")  # the window (0, 0) of point 0, channel 0, sample 0
     scale = torch.rand(points, channels, generator=generator)
     shift = torch.randn(points, channels, generator=generator)
-    out = torch.full((points * samples, channels, height // 2, width // 2), 7.0)
-    kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), relu, out.numpy())
     per_point = maps.reshape(samples, height, width, points, channels).permute(3, 0, 1, 2, 4)  # [P, N, H, W, C]
     expected = torch.cat([pooled_reference(per_point[p:p + 1], torch.ones(1, 1), scale[p:p + 1], shift[p:p + 1], relu)
                           for p in range(points)])
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert out[0, 0, 0, 0].isnan() and not out[1:, :, 1:].isnan().any()
+    for target in outputs(points, samples, channels, height // 2, width // 2):
+        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), relu, target.numpy())
+        out = target.reshape(points * samples, channels, height // 2, width // 2)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert out[0, 0, 0, 0].isnan() and not out[1:, :, 1:].isnan().any()
 
 
 @pytest.mark.parametrize("bn", ["eval", "recompute"])
-def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls):
+def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls, monkeypatch):
     """The conv-block test model (odd maps, a grouped convolution) with its first BatchNorm's scales made positive
-    (the kernel's case), at points of the members' convex hull."""
+    (the kernel's case), at points of the members' convex hull; the first block hands the second its output
+    sample-major."""
+    handed = []
+    grouped = ConvBlock._grouped_convolution
+    monkeypatch.setattr(ConvBlock, "_grouped_convolution",
+                        lambda self, x: handed.append(isinstance(x, SampleMajorMaps)) or grouped(self, x))
     members, inputs, targets = members_and_data("two_blocks", seed=3)
     for member in members:
         with torch.no_grad():
@@ -303,7 +317,8 @@ def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls
     bn_batches = [x for x, _ in batches]
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
-    assert {"mix_pool_block", "pool_block"} <= set(kernel_calls)
+    assert {"mix_pool_block", "pool_block"} <= set(kernel_calls) and handed and all(handed)
+    assert ("column_statistics" in kernel_calls) == (bn == "recompute")
     kernel_calls.clear()
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
     assert not kernel_calls
@@ -334,3 +349,13 @@ def test_moments_equal_the_float64_torch_path_on_odd_shapes(kernels, shape, monk
     torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(covariance, expected[1], rtol=1e-10, atol=1e-12)
     assert torch.equal(covariance, covariance.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rows,columns", [(37, 23), (2048, 352), (2, 1)])
+def test_column_statistics_equal_float64_reference_on_odd_shapes(kernels, rows, columns):
+    generator = torch.Generator().manual_seed(rows)
+    values = torch.randn(rows, columns, generator=generator) * 3 + 40  # far from centred: the two passes matter
+    mean, var = torch.full((columns,), 7.0), torch.full((columns,), 7.0)
+    kernels.column_statistics(values.numpy(), mean.numpy(), var.numpy())
+    torch.testing.assert_close(mean.double(), values.double().mean(dim=0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), values.double().var(dim=0, unbiased=False), rtol=1e-5, atol=0)

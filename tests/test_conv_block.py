@@ -10,6 +10,7 @@ from torch import nn
 
 from helpers import assert_same_loss_and_error, mixed_state, one_thread, plain_loop, seeded, settle_batchnorm  # noqa: F401
 from modeconn_fast import Basis, SubspaceView, evaluate
+from modeconn_fast.engine import conv_block
 from modeconn_fast.engine.conv_block import ConvBlock, FusedSequential
 from modeconn_fast.engine.pooling import max_pool_2x2_channels_last
 
@@ -237,3 +238,42 @@ def test_blocks_alone_and_in_a_row_equal_the_plain_path(factory, fast_blocks, bn
     loop = plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches)
     assert_same_loss_and_error(fast, plain)
     assert_same_loss_and_error(fast, loop)
+
+
+@pytest.mark.parametrize("phase", ["stored", "recomputed"])
+def test_values_kept_from_batch_to_batch_follow_changed_coefficients_and_basis(phase, monkeypatch):
+    """The blocks keep the combined kernels and BatchNorm's scale and shift while the points stay the same: coefficient
+    rows changed in place, other rows at the same offset, and basis tensors changed in place are seen."""
+    members, inputs, _ = members_and_data("two_blocks", seed=4)
+    views = {fast: SubspaceView(members[0], Basis.from_members(members)) for fast in (True, False)}
+    coeffs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    with torch.no_grad():
+        for fast, view in views.items():
+            view.state.plain = not fast
+            view.prepare(coeffs, inputs[:2])
+            if phase == "recomputed":
+                view.recompute_batchnorm(coeffs, [inputs[:20], inputs[20:]])
+
+        def agree(rows: torch.Tensor) -> None:
+            for batch in range(2):  # the second batch runs on the kept values, whole and chunk by chunk
+                x = inputs[batch * 13:(batch + 1) * 13]
+                for chunk in (slice(0, len(rows)), *(slice(p, p + 1) for p in range(len(rows)))):
+                    outputs = [view(rows[chunk], x, offset=chunk.start, batch=batch) for view in views.values()]
+                    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+        agree(coeffs)
+        kept = {name for block in blocks_of(views[True]) for name, _ in block._kept_values}
+        assert kept == {"grouped kernels", "affine"}
+        monkeypatch.setattr(conv_block, "KEPT_KERNEL_BYTES", 0)  # larger kernels are made anew for every batch
+        for block in blocks_of(views[True]):
+            block._kept_values.clear()
+        agree(coeffs)
+        assert "grouped kernels" not in {name for block in blocks_of(views[True]) for name, _ in block._kept_values}
+        monkeypatch.undo()
+        coeffs[1] = torch.tensor([0.1, 0.1, 0.8])  # in place: a new version of the same tensor
+        if phase == "stored":  # recomputed statistics belong to the rows they were recomputed for
+            agree(coeffs)
+            agree(coeffs[:1])
+            for view in views.values():
+                next(t for name, t in view._basis.stacked.items() if name.endswith("4.weight")).mul_(0.5)
+        agree(coeffs)

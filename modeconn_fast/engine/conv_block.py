@@ -27,7 +27,8 @@ maps, padding modes other than zeros, the view's plain mode) it runs its layers 
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,23 @@ POINT_GROUP = 4
 # The shared input's K outputs come from one product of its patches where a patch holds at most this many numbers
 # (C·kh·kw; B3's 1·3·3 on one core: 0.45 ms against 0.9-3 ms for the convolution; at 16·3·3 the convolution wins).
 SMALL_PATCH = 32
+# A block keeps the P combined kernels of its grouped convolution from batch to batch (per chunk of points) up to this
+# size, and at most KEPT_ENTRIES values in all: beyond it, one layer's kernels at a time, as the chunk planner counts.
+KEPT_KERNEL_BYTES = 1 << 20
+KEPT_ENTRIES = 32
+
+
+@dataclass(frozen=True)
+class SampleMajorMaps:
+    """A ConvBlock's output handed to the next ConvBlock in the layout its grouped convolution reads: maps
+    [N, P·C, H, W] channels-last, i.e. memory [N, H, W, P, C], for P points (never leaves a FusedSequential)."""
+
+    maps: Tensor
+    points: int
+
+    def point_major(self) -> Tensor:
+        """The same values as the layers pass them on: contiguous NCHW [P·N, C, H, W]."""
+        return _points_nchw(self.maps, self.points, points_first=False)
 
 
 class ConvBlock(nn.Module):
@@ -59,13 +77,19 @@ class ConvBlock(nn.Module):
         self.pool_2x2 = is_plain_2x2(pool.pool)
         # The shared input's K outputs with their means [K, C] and covariances [C, K, K], kept per batch.
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
+        self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
+        self._kept_values: dict[tuple[str, int], tuple[tuple, tuple[Tensor, ...], Tensor, Any]] = {}  # see `_kept`
+        self._signs: tuple[Tensor, bool] | None = None  # see `_nonnegative`
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._fast(x):
-            return self._plain(x)
+    def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
+        """The block's output: point-major NCHW [P·N, C, H', W'], or where `feeds_block` and a compiled kernel
+        writes it, SampleMajorMaps for the next ConvBlock (which takes either)."""
+        handed = isinstance(x, SampleMajorMaps)
+        if not self._fast(x.maps if handed else x):
+            return self._plain(x.point_major() if handed else x)
         state = self.conv.state
         points, coeffs = state.points, state.coeffs
-        per_basis = self._per_basis_outputs(x)
+        per_basis = None if handed else self._per_basis_outputs(x)
         if per_basis is None:
             y = self._grouped_convolution(x)
             values = _values(y, points, points_first=False)
@@ -93,39 +117,52 @@ class ConvBlock(nn.Module):
         return out
 
     def _compiled_mix_pool(self, per_basis: Tensor, coeffs: Tensor, scale: Tensor | None, shift: Tensor | None
-                           ) -> Tensor | None:
+                           ) -> Tensor | SampleMajorMaps | None:
         """The mix, pooling, BatchNorm and ReLU of the shared input's K outputs in one compiled pass
         (`cpu_kernels.mix_pool_block`, loaded by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0.
         None elsewhere, or before the kernels are loaded."""
         if not (self.pool_2x2 and per_basis.dtype == torch.float32 and coeffs.dtype == torch.float32
-                and (scale is None or bool((scale >= 0).all()))):
+                and (scale is None or self._nonnegative(scale))):
             return None
         bases, samples, height, width, channels = per_basis.shape
         kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
-        out = per_basis.new_empty(coeffs.shape[0] * samples, channels, height // 2, width // 2)
+        out, target = self._output(coeffs.shape[0], samples, channels, height // 2, width // 2, per_basis)
         kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None,
-                               out.numpy())
+                               target.numpy())
         return out
 
-    def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int) -> Tensor | None:
+    def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int
+                       ) -> Tensor | SampleMajorMaps | None:
         """Pooling, BatchNorm and ReLU of a grouped convolution's channels-last, sample-major output [N, P·C, H, W]
         into point-major NCHW in one compiled pass (`cpu_kernels.pool_block`) where it applies (as
         `_compiled_mix_pool`); else None."""
         maps = y.permute(0, 2, 3, 1)
         if not (self.pool_2x2 and y.dtype == torch.float32 and maps.is_contiguous()
-                and (scale is None or bool((scale >= 0).all()))):
+                and (scale is None or self._nonnegative(scale))):
             return None
         samples, height, width, point_channels = maps.shape
         kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
-        out = y.new_empty(points * samples, point_channels // points, height // 2, width // 2)
-        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, out.numpy())
+        out, target = self._output(points, samples, point_channels // points, height // 2, width // 2, y)
+        kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, target.numpy())
         return out
+
+    def _output(self, points: int, samples: int, channels: int, height: int, width: int, like: Tensor
+                ) -> tuple[Tensor | SampleMajorMaps, Tensor]:
+        """A compiled kernel's output and the [P, N, C, H, W] view of it the kernel writes: SampleMajorMaps where
+        the next step is a ConvBlock (its grouped convolution reads that layout, no transpose between them), else
+        point-major NCHW [P·N, C, H, W]."""
+        if self.feeds_block:
+            memory = like.new_empty(samples, height, width, points, channels)
+            maps = memory.reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
+            return SampleMajorMaps(maps, points), memory.permute(3, 0, 4, 1, 2)
+        out = like.new_empty(points * samples, channels, height, width)
+        return out, out.reshape(points, samples, channels, height, width)
 
     @staticmethod
     def _scale_shift_or_identity(scale: Tensor | None, shift: Tensor | None, points: int, channels: int,
@@ -158,14 +195,45 @@ class ConvBlock(nn.Module):
 
     def _affine(self, batch_statistics: Callable[[], tuple[Tensor, Tensor]], per_channel: int
                 ) -> tuple[Tensor | None, Tensor | None]:
-        """BatchNorm's scale and shift [P, C] for the points in flight, (None, None) without BatchNorm."""
-        if self.norm is None:
+        """BatchNorm's scale and shift [P, C] for the points in flight, (None, None) without BatchNorm; kept from
+        batch to batch where they do not depend on the batch (the stored or the recomputed statistics)."""
+        norm = self.norm
+        if norm is None:
             return None, None
-        return self.norm.scale_shift(*self.norm.statistics(batch_statistics, per_channel))
+        affine = lambda: norm.scale_shift(*norm.statistics(batch_statistics, per_channel))
+        phase = self.conv.state.bn_phase
+        if not norm.tracks_statistics or phase not in ("stored", "recomputed"):
+            return affine()
+        return self._kept("affine", norm.recomputed or () if phase == "recomputed" else (), affine)
+
+    def _kept(self, name: str, tensors: tuple[Tensor, ...], make: Callable[[], Any]) -> Any:
+        """make(), a function of the points in flight, the block's stacked tensors and `tensors` only, kept per chunk
+        of points while they stay the same (evaluation: the next batch reuses it): the same coefficient memory, and
+        the same tensor objects, each unchanged since. The coefficients are held with the value, so no other tensor
+        can take their memory while the key names it. At most KEPT_ENTRIES values, the oldest dropped first."""
+        state = self.conv.state
+        coeffs = state.coeffs
+        held = (*tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
+        key = (coeffs.data_ptr(), coeffs.shape, coeffs.stride(), coeffs.dtype, coeffs._version, state.bn_phase,
+               *(t._version for t in held))
+        entry = self._kept_values.get((name, state.offset))
+        if entry is None or entry[0] != key or len(entry[1]) != len(held) or any(a is not b for a, b in zip(entry[1], held)):
+            self._kept_values.pop((name, state.offset), None)
+            if len(self._kept_values) >= KEPT_ENTRIES:
+                self._kept_values.pop(next(iter(self._kept_values)))
+            entry = (key, held, coeffs, make())
+            self._kept_values[(name, state.offset)] = entry
+        return entry[3]
+
+    def _nonnegative(self, scale: Tensor) -> bool:
+        """Whether every BatchNorm scale is ≥ 0 (pooling may then run first), remembered for the last scales seen."""
+        if self._signs is None or self._signs[0] is not scale:
+            self._signs = (scale, bool((scale >= 0).all()))
+        return self._signs[1]
 
     def _pooled(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int, points_first: bool) -> Tensor:
         """pool(relu(y · scale + shift)) of a channels-last map, pooling first where that gives the same numbers."""
-        if scale is not None and not bool((scale >= 0).all()):  # pooling does not commute with a decreasing map
+        if scale is not None and not self._nonnegative(scale):  # pooling does not commute with a decreasing map
             y = _affine_map(y, scale, shift, points, points_first)
             scale = shift = None
         y = max_pool_2x2_channels_last(y) if self.pool_2x2 else self.pool.pool(y)
@@ -195,20 +263,30 @@ class ConvBlock(nn.Module):
             self._moments = (per_basis, *_moments(per_basis))
         return self._moments[1], self._moments[2]
 
-    def _grouped_convolution(self, x: Tensor) -> Tensor:
+    def _grouped_convolution(self, x: Tensor | SampleMajorMaps) -> Tensor:
         """One convolution grouped over points: channels-last, sample-major [N, P·C, H, W]."""
         conv, state = self.conv, self.conv.state
         weight, bias = conv.stacked["weight"], conv.stacked.get("bias")
         points, coeffs = state.points, state.coeffs
-        shared = state.shared_rows(x)
-        x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
-        _, samples, channels, height, width = x_points.shape
-        grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
-        w = ops.mix(coeffs.to(weight.dtype), weight)
-        w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
-        b = None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
+        if isinstance(x, SampleMajorMaps):
+            grouped = x.maps
+        else:
+            shared = state.shared_rows(x)
+            x_points = shared[1].expand(points, *shared[1].shape) if shared is not None else state.per_point(x)
+            _, samples, channels, height, width = x_points.shape
+            grouped = x_points.permute(1, 3, 4, 0, 2).reshape(samples, height, width, points * channels).permute(0, 3, 1, 2)
+        combined = lambda: _grouped_kernels(coeffs, weight, bias)
+        small = points * weight[0].numel() * weight.element_size() <= KEPT_KERNEL_BYTES
+        w, b = self._kept("grouped kernels", (), combined) if small else combined()
         return F.conv2d(grouped.contiguous(memory_format=torch.channels_last), w, b, conv.stride, conv.padding,
                         conv.dilation, points * conv.groups)
+
+
+def _grouped_kernels(coeffs: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The P combined kernels stacked for a convolution grouped over points (channels-last) and their biases."""
+    w = ops.mix(coeffs.to(weight.dtype), weight)
+    w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+    return w, None if bias is None else ops.mix(coeffs.to(bias.dtype), bias).reshape(-1)
 
 
 def _per_basis_by_patches(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...],
@@ -257,7 +335,16 @@ def _points_nchw(y: Tensor, points: int, points_first: bool) -> Tensor:
 
 def _statistics(values: Tensor) -> tuple[Tensor, Tensor]:
     """Per point and channel, the mean and biased variance of [A, P, B, C] over A and B: [P, C] each. Two passes
-    (mean, then mean squared deviation), as BatchNorm's; several times faster on CPU than torch.var_mean here."""
+    (mean, then mean squared deviation), as BatchNorm's; several times faster on CPU than torch.var_mean here, and
+    one compiled pass each (`cpu_kernels.column_statistics`, float64 sums) for float32 [A, P, 1, C] of contiguous
+    rows, once the kernels are loaded."""
+    if values.shape[2] == 1 and values.dtype == torch.float32:
+        rows = values.reshape(values.shape[0], -1)
+        kernels = compiled_cpu.kernels() if rows.stride(1) == 1 and rows.stride(0) == rows.shape[1] else None
+        if kernels is not None:
+            mean, var = rows.new_empty(rows.shape[1]), rows.new_empty(rows.shape[1])
+            kernels.column_statistics(rows.numpy(), mean.numpy(), var.numpy())
+            return mean.reshape(values.shape[1], -1), var.reshape(values.shape[1], -1)
     mean = values.mean(dim=(0, 2), keepdim=True)
     var = (values - mean).square_().mean(dim=(0, 2))
     return mean[0, :, 0], var
@@ -354,4 +441,7 @@ def _fused_steps(modules: list[nn.Module]) -> list[nn.Module]:
             continue
         steps.append(conv)
         i += 1
+    for step, following in zip(steps, steps[1:] + [None]):
+        if isinstance(step, ConvBlock):
+            step.feeds_block = isinstance(following, ConvBlock)
     return steps

@@ -270,11 +270,12 @@ def _max_of_rows(source, top, row, pairs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
-    """out[p·N + n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
+    """out[p, n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
     ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
-    (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out.
+    (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into out [P, N, C, H', W']
+    of any strides (point-major NCHW, or a view of sample-major channels-last [N, H', W', P, C] memory).
     NaN propagates through the max, as in torch.maximum, and through the ReLU."""
     bases, samples, height, width, channels = per_basis.shape
     size, row = height * width * channels, width * channels
@@ -294,7 +295,7 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
                 source = flat[k, n]
                 for e in range(size):
                     mixed[e] += weight * source[e]
-            target = out[p * samples + n]
+            target = out[p, n]
             for i in range(height // 2):
                 _max_of_rows(mixed, 2 * i * row, row, pairs)
                 for j in range(width // 2):
@@ -307,11 +308,12 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, ::1]), cache=True, fastmath=FAST)
+                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
-    """out[p·N + n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
+    """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
-    for scale ≥ 0 the same numbers as pooling after the affine map) into a contiguous out. NaN propagates."""
+    for scale ≥ 0 the same numbers as pooling after the affine map) into out [P, N, C, H', W'] of any strides.
+    NaN propagates."""
     samples, height, width, point_channels = maps.shape
     points, channels = scale.shape
     row = width * point_channels
@@ -329,7 +331,7 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
                         v, m = pairs[right + p * channels + c], pairs[left + p * channels + c]
                         y = _max(v, m) * scale[p, c] + shift[p, c]
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
-                    target = out[p * samples + n]
+                    target = out[p, n]
                     for c in range(channels):
                         target[c, i, j] = pooled[c]
 
@@ -361,3 +363,23 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
         for l in range(k + 1):
             for c in range(channels):
                 covariance[c, k, l] = covariance[c, l, k] = products[k, l, c] / count
+
+
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST)
+def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
+    """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
+    J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`)."""
+    rows, columns = values.shape
+    sums = np.zeros(columns, np.float64)
+    for m in range(rows):
+        for j in range(columns):
+            sums[j] += values[m, j]
+    centre = sums / rows
+    squares = np.zeros(columns, np.float64)
+    for m in range(rows):
+        for j in range(columns):
+            d = values[m, j] - centre[j]
+            squares[j] += d * d
+    for j in range(columns):
+        mean[j] = np.float32(centre[j])
+        var[j] = np.float32(squares[j] / rows)
