@@ -180,11 +180,18 @@ def _self_attention(layer: _MixedLayer, p: int, x: Tensor, qkv: Tensor | None, m
     attention = layer.attention
     samples, length, embed = x.shape
     heads, d = attention.num_heads, attention.head_dim
-    if qkv is None:
-        qkv = _shared_rows_once(lambda rows: _linear(rows, layer.in_proj, p), x)
-    q, k, v = qkv.view(samples, length, 3, heads, d).permute(2, 0, 3, 1, 4)  # [M, H, L, d] each
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return _linear(out.transpose(1, 2).reshape(samples, length, embed), layer.out_proj, p)
+    if x.stride(0) == 0 and mask is not None and mask.shape[1:3] == (1, 1):  # the same rows in every sequence
+        q, k, v = _linear(x[0], layer.in_proj, p).view(length, 3, heads, d).permute(1, 2, 0, 3)  # [H, L, d]
+        scores = torch.matmul(q, k.transpose(1, 2)).mul_(d ** -0.5)  # [H, L, S] once for all sequences
+        weights = torch.softmax(scores.unsqueeze(1) + mask.reshape(1, samples, 1, -1), dim=-1)  # [H, M, L, S]
+        out = torch.bmm(weights.view(heads, -1, weights.shape[-1]), v).view(heads, samples, length, d)
+        out = out.permute(1, 2, 0, 3)
+    else:
+        if qkv is None:
+            qkv = _shared_rows_once(lambda rows: _linear(rows, layer.in_proj, p), x)
+        q, k, v = qkv.view(samples, length, 3, heads, d).permute(2, 0, 3, 1, 4)  # [M, H, L, d] each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    return _linear(out.reshape(samples, length, embed), layer.out_proj, p)
 
 
 def _feed_forward(layer: _MixedLayer, p: int, x: Tensor) -> Tensor:
