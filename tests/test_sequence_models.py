@@ -125,8 +125,7 @@ class TokenEncoder(nn.Module):
 
 
 TOKEN_ENCODERS = {
-    "post-norm": dict(), "pre-norm": dict(norm_first=True), "padding": dict(mask="padding"),
-    "pre-norm padding": dict(norm_first=True, mask="padding"), "per point": dict(per_point=True),
+    "post-norm": dict(), "padding": dict(mask="padding"), "pre-norm padding": dict(norm_first=True, mask="padding"),
     "per point padding": dict(per_point=True, mask="padding"), "one layer": dict(single=True),
     "no biases": dict(bias=False, norm_first=True),
     "positions": dict(positions=True), "additive mask": dict(mask="additive"), "causal": dict(mask="causal"),
@@ -153,8 +152,8 @@ def test_encoder_point_by_point(case, monkeypatch):
     factory = lambda: TokenEncoder(**options)  # noqa: E731
     assert_native_and_matches_loop(factory, tokens, targets)
     took_token_rows = any(isinstance(p, transformer_per_point.TokenRows) for p in paths)
-    assert took_token_rows == (case in ("post-norm", "pre-norm", "padding", "pre-norm padding", "per point",
-                                        "per point padding", "one layer", "no biases"))
+    assert took_token_rows == (case in ("post-norm", "padding", "pre-norm padding", "per point padding", "one layer",
+                                        "no biases"))
     assert ("run" in paths) == (case != "causal")
     models = [seeded(factory, seed) for seed in (1, 2)]
     fast, plain = (evaluate(models[0], models, COEFFS, (tokens, targets), fast=f) for f in (True, False))

@@ -11,12 +11,13 @@ layers with that point's weights, as torch's slow path computes them:
 
 A point's activations (M·L·E floats, ~1 MB at B7's 128 sequences of 32 × 64) stay in the cache from one operation
 to the next, where the layer-by-layer path writes every operation's output for all points ([P·M, L, E] and the
-[P·M, H, L, L] attention weights, tens of MB) to memory and reads it back (B7 profiled on one thread: LayerNorm,
-copies and the attention took about twice as long over all points at once as over the same numbers point by point).
+[P·M, H, L, L] attention weights, tens of MB) to memory and reads it back (B7 --quick with token rows turned off,
+one thread, in one process alternating: 1.2× the layer-by-layer path; two threads likewise).
 
 The first layer fed straight by the view's Embedding (x = E(p)[indices], recorded in `ViewState.lookups` as for the
 recurrent layers) gathers its q/k/v rows from each point's table products E(p) Win(p)ᵀ + bin(p) [V, 3E] instead of
-multiplying every position (V ≤ M·L rows a point).
+multiplying every position (V ≤ M·L rows a point). With fewer tokens than positions and no attention mask, the
+whole stack runs on the distinct tokens' rows instead (`TokenRows`).
 """
 from __future__ import annotations
 
@@ -79,37 +80,39 @@ def run(layers: Sequence[nn.Module], src: Tensor, attn_mask: Tensor | None, key_
         ) -> Tensor:
     """The layers' output [P·M, L, E] for their input `src` [P·M, L, E] (points first), point by point."""
     state: ViewState = layers[0].self_attn.state
-    coeffs, points = state.coeffs, state.points
-    rows, length = src.shape[:2]
-    samples = rows // points
-    mixed = [_MixedLayer(layer, coeffs) for layer in layers]
-    first = mixed[0]
+    mixed = [_MixedLayer(layer, state.coeffs) for layer in layers]
     out = torch.empty_like(src, memory_format=torch.contiguous_format)
     lookup = state.lookup_of(src)
-    if lookup is not None and lookup.indices.shape == (rows, length):
-        tokens = TokenRows.of(state, lookup, key_padding_mask) if attn_mask is None else None
-        if tokens is not None:
-            for p in range(points):
-                span = slice(p * samples, (p + 1) * samples)
-                x = tokens.tables[p].expand(samples, *tokens.tables.shape[1:])
-                for layer in mixed:
-                    x = _layer(layer, p, x, None, tokens.mask(span))
-                torch.index_select(x.reshape(-1, x.shape[-1]), 0, tokens.positions(span), out=out[span].view(-1, x.shape[-1]))
-            return out
-    mask = first.attention._additive_mask(attn_mask, key_padding_mask, rows, length, length, src.dtype)
-    table = _table_products(state, src, first)
-    for p in range(points):
-        span = slice(p * samples, (p + 1) * samples)
+    tokens = None
+    if lookup is not None and lookup.indices.shape == src.shape[:2] and attn_mask is None:
+        tokens = TokenRows.of(state, lookup, key_padding_mask)
+    samples = src.shape[0] // state.points
+    if tokens is not None:
+        for p, span in _points(state.points, samples):
+            x = tokens.tables[p].expand(samples, *tokens.tables.shape[1:])
+            for layer in mixed:
+                x = _layer(layer, p, x, None, tokens.mask(span))
+            torch.index_select(x.reshape(-1, x.shape[-1]), 0, tokens.positions(span), out=out[span].flatten(0, 1))
+        return out
+    length = src.shape[1]
+    mask = mixed[0].attention._additive_mask(attn_mask, key_padding_mask, src.shape[0], length, length, src.dtype)
+    table = _table_products(state, src, mixed[0]) if not mixed[0].norm_first else None
+    for p, span in _points(state.points, samples):
         x = src[span]
-        point_mask = None if mask is None else (mask if mask.shape[0] == 1 else mask[span])
+        point_mask = None if mask is None or mask.shape[0] == 1 else mask[span]
         for i, layer in enumerate(mixed):
             qkv = None
-            if i == 0 and table is not None and not layer.norm_first:  # gathered rows of x Winᵀ + bin
+            if i == 0 and table is not None:  # gathered rows of x Winᵀ + bin
                 products, indices = table
                 qkv = F.embedding(indices[0] if indices.shape[0] == 1 else indices[span], products[p])
-            x = _layer(layer, p, x, qkv, point_mask)
+            x = _layer(layer, p, x, qkv, mask if point_mask is None else point_mask)
         out[span] = x
     return out
+
+
+def _points(points: int, samples: int) -> list[tuple[int, slice]]:
+    """Each point and its rows of the folded batch axis."""
+    return [(p, slice(p * samples, (p + 1) * samples)) for p in range(points)]
 
 
 class TokenRows:
