@@ -417,7 +417,7 @@ def test_recurrent_layer_fed_by_an_embedding(kind, layers, bidirectional, batch_
 def test_only_views_with_recurrent_or_encoder_layers_keep_embedding_outputs():
     """An Embedding's output is held for the forward (for a recurrent or encoder layer to recognise) only where one
     may read it."""
-    for factory, expected in [(lambda: Attention(True), False), (EncoderClassifier, True),
+    for factory, expected in [(lambda: Attention(True), False), (Decoder, False), (EncoderClassifier, True),
                               (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
         models = [seeded(factory, seed).eval() for seed in (1, 2)]
         assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected

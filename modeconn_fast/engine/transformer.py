@@ -32,8 +32,10 @@ from .layers import SubspaceLayer
 
 
 class StandIn(nn.Module):
-    """Registers `module`'s (converted) children as its own; other attributes are read from `module`. Where a view's
-    attention is among them, the view keeps its Embeddings' outputs for `transformer_per_point` to recognise."""
+    """Registers `module`'s (converted) children as its own; other attributes are read from `module`. Where it
+    `reads_lookups` (encoder layers: `transformer_per_point`), the view keeps its Embeddings' outputs."""
+
+    reads_lookups = False
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -41,7 +43,7 @@ class StandIn(nn.Module):
         self._modules.update(module._modules)
         self.train(module.training)
         for child in self.modules():
-            if isinstance(child, SubspaceMultiheadAttention):
+            if self.reads_lookups and isinstance(child, SubspaceMultiheadAttention):
                 child.state.records_lookups = True
 
     def __getattr__(self, name: str) -> Any:
@@ -61,7 +63,10 @@ def _points_first(x: Tensor, batch_first: bool) -> Tensor:
 
 
 class SubspaceTransformerEncoderLayer(StandIn):
-    """nn.TransformerEncoderLayer's slow path (see the module docstring)."""
+    """nn.TransformerEncoderLayer's slow path (see the module docstring); point by point where
+    `transformer_per_point` applies."""
+
+    reads_lookups = True
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
@@ -127,7 +132,10 @@ def _feed_forward(layer: StandIn, x: Tensor, dropout: nn.Module) -> Tensor:
 
 
 class SubspaceTransformerEncoder(StandIn):
-    """nn.TransformerEncoder: the layers in turn, then the optional final norm."""
+    """nn.TransformerEncoder: the layers in turn (point by point where `transformer_per_point` applies), then the
+    optional final norm."""
+
+    reads_lookups = True
 
     def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
