@@ -12,8 +12,9 @@ layers with that point's weights, as torch's slow path computes them:
 A point's activations (M·L·E floats, ~1 MB at B7's 128 sequences of 32 × 64) stay in the cache from one operation
 to the next, where the layer-by-layer path writes every operation's output for all points ([P·M, L, E] and the
 [P·M, H, L, L] attention weights, tens of MB) to memory and reads it back (B7 --quick with token rows turned off,
-one thread, in one process alternating: 1.2× the layer-by-layer path; with two threads on cores oversubscribed by
-other jobs, load 8-9, it ran 0.47× as fast, every small operation waiting for a descheduled thread).
+in one process alternating, load 1.3: 1.42× the layer-by-layer path on one thread, 1.24× on two; with two threads on
+cores oversubscribed by other jobs, load 8-9, it once ran 0.47× as fast, small operations waiting for descheduled
+threads).
 
 The first layer fed straight by the view's Embedding (x = E(p)[indices], recorded in `ViewState.lookups` as for the
 recurrent layers) gathers its q/k/v rows from each point's table products E(p) Win(p)ᵀ + bin(p) [V, 3E] instead of
