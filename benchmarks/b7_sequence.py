@@ -10,6 +10,9 @@ A 20×20 grid of the plane (1, x, y) over (m0, m1 − m0, m2 − m0), as in B1. 
 forward, and torch.func.vmap over functional_call (chunks of points); they evaluate a subset of the points and
 are extrapolated per point. The ceiling column counts the multiply-adds of one forward per point (projections,
 attention products, feed-forward, recurrence; ×2 FLOPs) and divides by the fp32 GEMM rate measured in the run.
+That count stays the plain forward's where the view does less work: the Transformer's encoder, fed straight by the
+Embedding of 16 tokens (no positional term), runs on the distinct tokens' rows (engine/transformer_per_point.py),
+so its fraction can exceed 1.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from helpers import assert_same_loss_and_error, plain_loop, seeded
 from modeconn_fast import Basis, SubspaceView, evaluate
-from modeconn_fast.engine import recurrent
+from modeconn_fast.engine import recurrent, transformer_per_point
 
 COEFFS = torch.tensor([[1.0, 0.0], [0.6, 0.4], [-0.2, 1.2], [0.0, 1.0]])
 TOKENS = 13
@@ -81,6 +81,89 @@ def test_transformer_encoder_with_padding(norm_first, batch_first):
     torch.manual_seed(0)
     assert_native_and_matches_loop(lambda: EncoderClassifier(norm_first, batch_first), tokens_with_padding(),
                                    torch.randint(0, 3, (9,)))
+
+
+class TokenEncoder(nn.Module):
+    """Embedding of a small vocabulary straight into an encoder (no positional term), or with a position embedding
+    added; options: a key padding mask, a causal or additive attention mask, tokens shifted per point, a single
+    encoder layer instead of a stack."""
+
+    def __init__(self, norm_first: bool = False, *, vocabulary: int = 5, mask: str = "none", positions: bool = False,
+                 per_point: bool = False, single: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.mask, self.positions, self.per_point, self.vocabulary = mask, positions, per_point, vocabulary
+        self.shift = nn.Linear(12, 3)
+        self.embed = nn.Embedding(vocabulary, 12)
+        self.position = nn.Embedding(11, 12)
+        layer = nn.TransformerEncoderLayer(12, 3, 20, dropout=0.1, batch_first=True, norm_first=norm_first, bias=bias,
+                                           activation="gelu" if norm_first else "relu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "enable_nested_tensor is True, but ..."
+            self.encoder = layer if single else nn.TransformerEncoder(layer, 3)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.per_point:
+            tokens = (tokens + self.shift(self.position(tokens % 11)).argmax(-1)) % self.vocabulary
+        h = self.embed(tokens)
+        if self.positions:
+            h = h + self.position(torch.arange(tokens.shape[1]).expand(tokens.shape))
+        length = tokens.shape[1]
+        options = {}
+        if self.mask == "padding":
+            options["src_key_padding_mask"] = tokens == 0
+        elif self.mask == "additive":
+            options["src_mask" if isinstance(self.encoder, nn.TransformerEncoderLayer) else "mask"] = \
+                torch.triu(torch.full((length, length), -1.5), diagonal=1)
+        elif self.mask == "causal":
+            causal = nn.Transformer.generate_square_subsequent_mask(length)
+            if isinstance(self.encoder, nn.TransformerEncoderLayer):
+                options.update(src_mask=causal, is_causal=True)
+            else:
+                options.update(mask=causal, is_causal=True)
+        return self.head(self.encoder(h, **options).mean(dim=1))
+
+
+TOKEN_ENCODERS = {
+    "post-norm": dict(), "padding": dict(mask="padding"), "pre-norm padding": dict(norm_first=True, mask="padding"),
+    "per point padding": dict(per_point=True, mask="padding"), "one layer": dict(single=True),
+    "no biases": dict(bias=False, norm_first=True),
+    "positions": dict(positions=True), "additive mask": dict(mask="additive"), "causal": dict(mask="causal"),
+    "large vocabulary": dict(vocabulary=17), "large vocabulary pre-norm padding": dict(vocabulary=17, mask="padding"),
+}
+
+
+@pytest.mark.parametrize("case", TOKEN_ENCODERS)
+def test_encoder_point_by_point(case, monkeypatch):
+    """Encoder layers run point by point, fed straight by an Embedding of fewer tokens than positions on the distinct
+    tokens' rows (`TokenRows`), else on every position (the first layer's q/k/v gathered from the table products where
+    it is post-norm and the table is small); each equal to the plain loop, to the layer-by-layer path and, in float64,
+    to a float64 loop."""
+    options = TOKEN_ENCODERS[case]
+    paths = []
+    token_rows, run = transformer_per_point.TokenRows.of, transformer_per_point.run
+    monkeypatch.setattr(transformer_per_point.TokenRows, "of",
+                        staticmethod(lambda *args: paths.append(token_rows(*args)) or paths[-1]))
+    monkeypatch.setattr(transformer_per_point, "run", lambda *args: paths.append("run") or run(*args))
+    torch.manual_seed(0)
+    tokens = tokens_with_padding(9, 11) % options.get("vocabulary", 5)
+    tokens[:, 0] = 1  # no sequence all padding
+    targets = torch.randint(0, 3, (9,))
+    factory = lambda: TokenEncoder(**options)  # noqa: E731
+    assert_native_and_matches_loop(factory, tokens, targets)
+    took_token_rows = any(isinstance(p, transformer_per_point.TokenRows) for p in paths)
+    assert took_token_rows == (case in ("post-norm", "padding", "pre-norm padding", "per point padding", "one layer",
+                                        "no biases"))
+    assert ("run" in paths) == (case != "causal")
+    models = [seeded(factory, seed) for seed in (1, 2)]
+    fast, plain = (evaluate(models[0], models, COEFFS, (tokens, targets), fast=f) for f in (True, False))
+    torch.testing.assert_close(fast["loss"], plain["loss"], rtol=1e-5, atol=1e-7)
+    wide = [m.double() for m in models]
+    result = evaluate(wide[0], wide, COEFFS, (tokens, targets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own warnings about nested tensors
+        expected = plain_loop(wide[0], wide, COEFFS, [(tokens, targets)])
+    torch.testing.assert_close(result["loss"], expected["loss"], rtol=1e-10, atol=1e-12)
 
 
 class Attention(nn.Module):
@@ -331,8 +414,10 @@ def test_recurrent_layer_fed_by_an_embedding(kind, layers, bidirectional, batch_
     assert gathered and all(gathered) == (indices != "scaled in place") and any(gathered) == all(gathered)
 
 
-def test_only_views_with_recurrent_layers_keep_embedding_outputs():
-    """An Embedding's output is held for the forward (for a recurrent layer to recognise) only where one may read it."""
-    for factory, expected in [(EncoderClassifier, False), (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
+def test_only_views_with_recurrent_or_encoder_layers_keep_embedding_outputs():
+    """An Embedding's output is held for the forward (for a recurrent or encoder layer to recognise) only where one
+    may read it."""
+    for factory, expected in [(lambda: Attention(True), False), (Decoder, False), (EncoderClassifier, True),
+                              (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
         models = [seeded(factory, seed).eval() for seed in (1, 2)]
         assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected

@@ -37,7 +37,7 @@ class ViewState:
     samples: int = 0  # N, the batch size of the user's model
     shared_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (data_ptr, numel, version) per input
     lookups: list[Lookup] = field(default_factory=list)  # the Embeddings' outputs of this forward (evaluation only)
-    records_lookups: bool = False  # set by a layer that reads `lookups` (recurrent layers); else none are kept
+    records_lookups: bool = False  # set by a layer that reads `lookups` (recurrent, encoder layers); else none are kept
     batch: Hashable | None = None  # names the batch of this forward; layers may keep results per batch
     bn_phase: BatchNormPhase = "stored"
     plain: bool = False  # run every layer's plain path (the reference of the fast ones, e.g. `conv_block.py`)

@@ -26,17 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import transformer_per_point
+from .attention import SubspaceMultiheadAttention
 from .layers import SubspaceLayer
 
 
 class StandIn(nn.Module):
-    """Registers `module`'s (converted) children as its own; other attributes are read from `module`."""
+    """Registers `module`'s (converted) children as its own; other attributes are read from `module`. Where it
+    `reads_lookups` (encoder layers: `transformer_per_point`), the view keeps its Embeddings' outputs."""
+
+    reads_lookups = False
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.__dict__["original"] = module  # not a submodule: its children are registered here
         self._modules.update(module._modules)
         self.train(module.training)
+        for child in self.modules():
+            if self.reads_lookups and isinstance(child, SubspaceMultiheadAttention):
+                child.state.records_lookups = True
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -55,12 +63,17 @@ def _points_first(x: Tensor, batch_first: bool) -> Tensor:
 
 
 class SubspaceTransformerEncoderLayer(StandIn):
-    """nn.TransformerEncoderLayer's slow path (see the module docstring)."""
+    """nn.TransformerEncoderLayer's slow path (see the module docstring); point by point where
+    `transformer_per_point` applies."""
+
+    reads_lookups = True
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
         batch_first = self.self_attn.batch_first
         x = _points_first(src, batch_first)
+        if transformer_per_point.applies([self], x, is_causal):
+            return _points_first(transformer_per_point.run([self], x, src_mask, src_key_padding_mask), batch_first)
         masks = dict(attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         if self.norm_first:
             x = _residual(x, self.dropout1(_attend(self.self_attn, self.norm1(x), None, masks)))
@@ -119,13 +132,21 @@ def _feed_forward(layer: StandIn, x: Tensor, dropout: nn.Module) -> Tensor:
 
 
 class SubspaceTransformerEncoder(StandIn):
-    """nn.TransformerEncoder: the layers in turn, then the optional final norm."""
+    """nn.TransformerEncoder: the layers in turn (point by point where `transformer_per_point` applies), then the
+    optional final norm."""
+
+    reads_lookups = True
 
     def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool | None = None) -> Tensor:
         out = src
-        for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+        batch_first = self.layers[0].self_attn.batch_first
+        if transformer_per_point.applies(self.layers, _points_first(src, batch_first), bool(is_causal)):
+            out = _points_first(transformer_per_point.run(self.layers, _points_first(src, batch_first), mask,
+                                                          src_key_padding_mask), batch_first)
+        else:
+            for layer in self.layers:
+                out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
         if self._torch_would_nest(src, mask, src_key_padding_mask):
             assert src_key_padding_mask is not None
             padded = src_key_padding_mask != 0  # True or a non-zero float: a padded position
