@@ -56,13 +56,13 @@ class WarmStart:
 def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = False) -> tuple[Tensor, WarmStart | None]:
     """(σ, warm start): an optimal assignment of `cost` ([n, n], maximised), and what it leaves for the next
     solve (None when the dense solver answered). `warm` only makes it faster. `force`: the certified path also
-    under DENSE_BELOW units."""
+    under DENSE_BELOW units. A float32 `cost` is read as it is (no float64 copy); duals are float64 either way."""
     n = cost.shape[0]
-    c = cost.double()
+    c = cost if cost.dtype == torch.float32 else cost.double()
     if n < DENSE_BELOW and not force:
         return _dense(c), None
     if warm is None:
-        prices = c.amax(dim=0)
+        prices = c.amax(dim=0).double()
         candidates = _best_columns(c, torch.arange(n), prices)
         sigma = torch.full((n,), -1, dtype=torch.long)
     else:
@@ -106,19 +106,20 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every compiled function of this module for the argument types that
-    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix. `make` runs it at install, so
-    that the cache is filled before the first use."""
+    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix, in float64 and float32. `make`
+    runs it at install, so that the cache is filled before the first use."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 4, generator=generator, dtype=torch.float64), torch.randn(4, 64, generator=generator)
     cost = torch.cat([a @ b.double(), a @ b.double().roll(1, 1)], dim=1).repeat(4, 2)
     cost = cost + 1e-3 * torch.rand(cost.shape, generator=generator, dtype=torch.float64)
-    sigma, warm = solve_lap(cost, force=True)
-    solve_lap(cost + 0.1 * cost.roll(1, 0), warm, force=True)
+    for dtype in (torch.float64, torch.float32):
+        sigma, warm = solve_lap(cost.to(dtype), force=True)
+        solve_lap((cost + 0.1 * cost.roll(1, 0)).to(dtype), warm, force=True)
 
 
 def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
     """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), CHUNK rows at a time:
-    no temporary of n rows (1 GB in float64 at 8192 units)."""
+    no temporary of n rows (512 MB in float64 at 8192 units)."""
     k = min(CANDIDATES, c.shape[1])
     return torch.cat([torch.topk(c[part] - prices, k, dim=1, sorted=False).indices for part in rows.split(CHUNK)])
 
