@@ -92,7 +92,7 @@ def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
     """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
     leaves numba's cache complete)."""
     lap.warm_up()
-    compiled = (lap._row_best, lap._auction, lap._augment)  # called from Python (_shortest_path from _augment)
+    compiled = (lap._row_best, lap._top_columns, lap._auction, lap._augment)  # called from Python
     assert all(len(f.signatures) == 2 for f in compiled)  # float64 and float32 costs
     lap_loading.wait()
     torch.manual_seed(0)
@@ -117,3 +117,17 @@ def test_a_process_ending_during_the_load_exits_cleanly() -> None:
     for code in ("from modeconn_fast.rebasin import lap_loading; lap_loading.start()",
                  "from modeconn_fast.engine import compiled_cpu; compiled_cpu.load()"):
         assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(7)
+    cost = torch.randn(90, 77, generator=generator).to(dtype)
+    prices = torch.randn(77, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([5, 0, 89, 40])
+    picked = lap._best_columns(cost, rows, prices)
+    reduced = cost[rows].double() - prices
+    assert picked.shape == (4, lap.CANDIDATES)
+    chosen = torch.gather(reduced, 1, picked).sort(dim=1).values
+    assert torch.equal(chosen, reduced.topk(lap.CANDIDATES, dim=1).values.sort(dim=1).values)
+    assert all(len(set(row.tolist())) == lap.CANDIDATES for row in picked)

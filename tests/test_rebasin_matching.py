@@ -83,9 +83,9 @@ def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_fr
 @pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64 caches (float32 products above rank 4), float32
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkeypatch) -> None:
-    """Updates gathered, subtracted and multiplied a few rows at a time, and LAP candidates picked a few rows at a
-    time, give the very same permutations and objective history as whole-matrix temporaries."""
-    monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP, whose candidates are chunked
+    """Updates gathered, subtracted and multiplied a few rows at a time give the very same permutations and
+    objective history as whole-matrix temporaries."""
+    monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
     monkeypatch.setattr(matching_module, "SMALL_UPDATE", 4)  # the float32 path of larger updates, whose rows are chunked
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
     lap_loading.wait()
@@ -93,7 +93,6 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
     runs = []
     for chunk in (1 << 30, 16):
         monkeypatch.setattr(matching_module, "CHUNK", chunk)
-        monkeypatch.setattr(lap, "CHUNK", chunk)
         runs.append(weight_matching(model_a, model_b, example_input=inputs(model_a)))
     whole, chunked = runs
     assert whole.iterations > 1 and chunked.objective_history == whole.objective_history

@@ -39,7 +39,6 @@ AUCTION_ABOVE = 0.5  # fraction of rows failing the first check above which an a
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-CHUNK = 512  # rows of C − p formed at a time to pick candidates
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
@@ -118,10 +117,46 @@ def warm_up() -> None:
 
 
 def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
-    """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), CHUNK rows at a time:
-    no temporary of n rows (512 MB in float64 at 8192 units)."""
-    k = min(CANDIDATES, c.shape[1])
-    return torch.cat([torch.topk(c[part] - prices, k, dim=1, sorted=False).indices for part in rows.split(CHUNK)])
+    """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), in any order."""
+    return torch.from_numpy(_top_columns(c.numpy(), prices.numpy(), rows.numpy(), min(CANDIDATES, c.shape[1])))
+
+
+@numba.njit(cache=True)
+def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
+    """For each i in rows, the k columns of the largest C[i, col] − p_col: one read of the row through a min-heap
+    of the k best so far (a column enters only above the heap's least), no temporary beyond [len(rows), k]."""
+    out = np.empty((rows.shape[0], k), dtype=np.int64)
+    values = np.empty(k)
+    for t in range(rows.shape[0]):
+        i = rows[t]
+        for e in range(k):
+            values[e] = c[i, e] - p[e]
+            out[t, e] = e
+        for start in range(k // 2 - 1, -1, -1):
+            _sift_down(values, out[t], start, k)
+        for col in range(k, c.shape[1]):
+            v = c[i, col] - p[col]
+            if v > values[0]:
+                values[0] = v
+                out[t, 0] = col
+                _sift_down(values, out[t], 0, k)
+    return out
+
+
+@numba.njit(cache=True)
+def _sift_down(values, index, at, size):  # pragma: no cover - compiled
+    """Restore the min-heap order of values[:size] (and the parallel `index`) below position `at`."""
+    while True:
+        least, left = at, 2 * at + 1
+        if left < size and values[left] < values[least]:
+            least = left
+        if left + 1 < size and values[left + 1] < values[least]:
+            least = left + 1
+        if least == at:
+            return
+        values[at], values[least] = values[least], values[at]
+        index[at], index[least] = index[least], index[at]
+        at = least
 
 
 def _dense(c: Tensor) -> Tensor:
