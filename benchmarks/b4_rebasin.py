@@ -10,7 +10,9 @@ The floor (`floor_s`) is the FLOPs of the cost matrices along our trajectory cou
 product at its first visit, then rank-|K| updates for the K units its neighbours moved, see `update_flops`) at
 the fp32 GEMM rate measured in the same run (`gflops`); `floor_fraction` = floor ÷ our time. `full_floor_s`
 counts every group's full product in every sweep instead (the port's work, far above any warm-started run).
-The two models are trained here from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64).
+The two models are trained from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64) in a child
+process and read back from .safetensors files, so `peak_rss_gb` (since the row's models were loaded) holds the
+models and the matching, no residue of the training.
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of two runs
 up to width 2048 in the full run (one in --quick), for both implementations alike.
@@ -23,8 +25,11 @@ import argparse
 import cProfile
 import ctypes
 import gc
+import multiprocessing
+import os
 import pstats
 import resource
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -43,13 +48,18 @@ PORT_MAX_WIDTH = 4096  # the port needs tens of minutes at 8192 on 2 cores
 EPOCHS = 2
 
 
-def mlp(width: int, seed: int, epochs: int = EPOCHS) -> nn.Sequential:
-    """MLP 64-w-w-w-10 from `seed`, trained `epochs` passes over the digits (inputs scaled to [0, 1])."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
+def mlp_net(width: int) -> nn.Sequential:
+    """MLP 64-w-w-w-10, initialised from torch's global generator."""
+    return nn.Sequential(
         nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
         nn.Linear(width, 10),
     )  # fmt: skip
+
+
+def mlp(width: int, seed: int, epochs: int = EPOCHS) -> nn.Sequential:
+    """MLP 64-w-w-w-10 from `seed`, trained `epochs` passes over the digits (inputs scaled to [0, 1])."""
+    torch.manual_seed(seed)
+    model = mlp_net(width)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
@@ -63,10 +73,13 @@ def mlp(width: int, seed: int, epochs: int = EPOCHS) -> nn.Sequential:
     return model.eval()
 
 
-def vgg(width: int, seed: int) -> nn.Sequential:
-    """VGG-style net on 1×8×8 inputs, freshly initialised from `seed`: (conv3×3 → BatchNorm → ReLU) ×3 with
-    2×2 max-pools after the second and third, then a linear head on the 2×2×width features."""
-    torch.manual_seed(seed)
+def vgg(width: int, seed: int | None = None) -> nn.Sequential:
+    """VGG-style net on 1×8×8 inputs, freshly initialised from `seed` (None: the global generator as it is):
+    (conv3×3 → BatchNorm → ReLU) ×3 with 2×2 max-pools after the second and third, then a linear head on the
+    2×2×width features."""
+    if seed is not None:
+        torch.manual_seed(seed)
+
     def block(c_in: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
 
@@ -84,6 +97,34 @@ def pair(kind: str, width: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     if kind == "vgg":
         return vgg(width, 0), vgg(width, 1), torch.randn(2, 1, 8, 8)
     raise ValueError(f"unknown B4 kind {kind!r}: use one of {KINDS}")
+
+
+def _save_pair(kind: str, width: int, folder: str) -> None:
+    """The pair of one B4 row saved as folder/a.safetensors and folder/b.safetensors (run in a child process)."""
+    from safetensors.torch import save_file
+
+    for name, model in zip("ab", pair(kind, width)[:2]):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"{name}.safetensors"))
+
+
+def pair_made_elsewhere(kind: str, width: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """`pair(kind, width)`, the models trained and initialised in a child process and read back into memory here:
+    this process's peak memory then holds the matching and the models, no residue of their training."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        child = multiprocessing.get_context("spawn").Process(target=_save_pair, args=(kind, width, folder))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"making the {kind} pair of width {width} failed in its child process ({child.exitcode})")
+        models = []
+        for name in "ab":
+            with torch.device("meta"):
+                model = vgg(width) if kind == "vgg" else mlp_net(width)
+            model.load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")), assign=True)
+            models.append(model.eval())
+    return models[0], models[1], torch.randn(2, 1, 8, 8) if kind == "vgg" else torch.randn(2, 64)
 
 
 def gemm_rate(n: int = 2048) -> float:
@@ -166,8 +207,8 @@ def _fastest(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, dict[str,
 
 def reset_peak_rss() -> bool:
     """Reset this process's peak resident memory to its current one (Linux: writing 5 to /proc/self/clear_refs
-    resets VmHWM), so that a later `peak_rss_gb` covers what ran since (not the models' training); False where
-    the system does not allow it. Freed memory the allocator still holds (the training's) is returned first."""
+    resets VmHWM), so that a later `peak_rss_gb` covers what ran since (not earlier rows); False where the
+    system does not allow it. Freed memory the allocator still holds (earlier rows') is returned first."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -192,8 +233,8 @@ def peak_rss_gb() -> float:
 
 
 def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp") -> dict[str, Any]:
-    model_a, model_b, example = pair(kind, width)
-    since_models = reset_peak_rss()  # the peak then covers the matching (the models resident), not their training
+    model_a, model_b, example = pair_made_elsewhere(kind, width)
+    since_models = reset_peak_rss()  # the peak then covers the matching with the models resident (not earlier rows)
     spec = permutation_spec(model_a, example)
     params = {name for name, _ in model_a.named_parameters()}
     state_a = {k: v for k, v in model_a.state_dict().items() if k in params}  # the objective holds no buffers

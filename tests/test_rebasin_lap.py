@@ -25,17 +25,18 @@ def optimum(cost: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: read as given, no float64 copy
 @pytest.mark.parametrize(("n", "rank", "seed"), [(300, 8, 0), (300, 300, 1), (257, 2, 2)])
-def test_matches_the_dense_solver_cold_and_warm(n: int, rank: int, seed: int) -> None:
+def test_matches_the_dense_solver_cold_and_warm(n: int, rank: int, seed: int, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(seed)
     a, b = torch.randn(n, rank, generator=generator), torch.randn(n, rank, generator=generator)
-    cost = (a @ b.T).double()
+    cost = (a @ b.T).to(dtype)
     sigma, warm = solve_lap(cost)
     assert torch.equal(sigma, optimum(cost))
     for step in range(3):  # a sequence of nearby matrices, as the sweeps of weight matching produce
         moved = torch.randperm(rank, generator=generator)[: max(1, rank // 8)]
         b[:, moved] += 0.3 * torch.randn(n, len(moved), generator=generator)
-        cost = (a @ b.T).double()
+        cost = (a @ b.T).to(dtype)
         sigma, warm = solve_lap(cost, warm)
         assert warm is not None, "fell back to the dense solver"
         assert torch.equal(sigma, optimum(cost)), step
@@ -91,13 +92,13 @@ def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
     """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
     leaves numba's cache complete)."""
     lap.warm_up()
-    compiled = (lap._row_best, lap._auction, lap._augment)  # called from Python (_shortest_path from _augment)
-    assert all(len(f.signatures) == 1 for f in compiled)
+    compiled = (lap._row_best, lap._top_columns, lap._auction, lap._augment)  # called from Python
+    assert all(len(f.signatures) == 2 for f in compiled)  # float64 and float32 costs
     lap_loading.wait()
     torch.manual_seed(0)
     model_a, model_b = mlp((64, 128, 128, 10)), mlp((64, 128, 128, 10))
     weight_matching(model_a, model_b, example_input=torch.randn(2, 64))
-    assert all(len(f.signatures) == 1 for f in compiled)
+    assert all(len(f.signatures) == 2 for f in compiled)
 
 
 def test_a_fresh_process_first_call_loads_neither_sympy_nor_waits() -> None:
@@ -116,3 +117,17 @@ def test_a_process_ending_during_the_load_exits_cleanly() -> None:
     for code in ("from modeconn_fast.rebasin import lap_loading; lap_loading.start()",
                  "from modeconn_fast.engine import compiled_cpu; compiled_cpu.load()"):
         assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(7)
+    cost = torch.randn(90, 77, generator=generator).to(dtype)
+    prices = torch.randn(77, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([5, 0, 89, 40])
+    picked = lap._best_columns(cost, rows, prices)
+    reduced = cost[rows].double() - prices
+    assert picked.shape == (4, lap.CANDIDATES)
+    chosen = torch.gather(reduced, 1, picked).sort(dim=1).values
+    assert torch.equal(chosen, reduced.topk(lap.CANDIDATES, dim=1).values.sort(dim=1).values)
+    assert all(len(set(row.tolist())) == lap.CANDIDATES for row in picked)

@@ -39,7 +39,6 @@ AUCTION_ABOVE = 0.5  # fraction of rows failing the first check above which an a
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-CHUNK = 512  # rows of C − p formed at a time to pick candidates
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
@@ -56,13 +55,13 @@ class WarmStart:
 def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = False) -> tuple[Tensor, WarmStart | None]:
     """(σ, warm start): an optimal assignment of `cost` ([n, n], maximised), and what it leaves for the next
     solve (None when the dense solver answered). `warm` only makes it faster. `force`: the certified path also
-    under DENSE_BELOW units."""
+    under DENSE_BELOW units. A float32 `cost` is read as it is (no float64 copy); duals are float64 either way."""
     n = cost.shape[0]
-    c = cost.double()
+    c = cost if cost.dtype == torch.float32 else cost.double()
     if n < DENSE_BELOW and not force:
         return _dense(c), None
     if warm is None:
-        prices = c.amax(dim=0)
+        prices = c.amax(dim=0).double()
         candidates = _best_columns(c, torch.arange(n), prices)
         sigma = torch.full((n,), -1, dtype=torch.long)
     else:
@@ -106,21 +105,58 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every compiled function of this module for the argument types that
-    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix. `make` runs it at install, so
-    that the cache is filled before the first use."""
+    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix, in float64 and float32. `make`
+    runs it at install, so that the cache is filled before the first use."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 4, generator=generator, dtype=torch.float64), torch.randn(4, 64, generator=generator)
     cost = torch.cat([a @ b.double(), a @ b.double().roll(1, 1)], dim=1).repeat(4, 2)
     cost = cost + 1e-3 * torch.rand(cost.shape, generator=generator, dtype=torch.float64)
-    sigma, warm = solve_lap(cost, force=True)
-    solve_lap(cost + 0.1 * cost.roll(1, 0), warm, force=True)
+    for dtype in (torch.float64, torch.float32):
+        sigma, warm = solve_lap(cost.to(dtype), force=True)
+        solve_lap((cost + 0.1 * cost.roll(1, 0)).to(dtype), warm, force=True)
 
 
 def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
-    """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), CHUNK rows at a time:
-    no temporary of n rows (1 GB in float64 at 8192 units)."""
-    k = min(CANDIDATES, c.shape[1])
-    return torch.cat([torch.topk(c[part] - prices, k, dim=1, sorted=False).indices for part in rows.split(CHUNK)])
+    """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), in any order."""
+    return torch.from_numpy(_top_columns(c.numpy(), prices.numpy(), rows.numpy(), min(CANDIDATES, c.shape[1])))
+
+
+@numba.njit(cache=True)
+def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
+    """For each i in rows, the k columns of the largest C[i, col] − p_col: one read of the row through a min-heap
+    of the k best so far (a column enters only above the heap's least), no temporary beyond [len(rows), k]."""
+    out = np.empty((rows.shape[0], k), dtype=np.int64)
+    values = np.empty(k)
+    for t in range(rows.shape[0]):
+        i = rows[t]
+        for e in range(k):
+            values[e] = c[i, e] - p[e]
+            out[t, e] = e
+        for start in range(k // 2 - 1, -1, -1):
+            _sift_down(values, out[t], start, k)
+        for col in range(k, c.shape[1]):
+            v = c[i, col] - p[col]
+            if v > values[0]:
+                values[0] = v
+                out[t, 0] = col
+                _sift_down(values, out[t], 0, k)
+    return out
+
+
+@numba.njit(cache=True)
+def _sift_down(values, index, at, size):  # pragma: no cover - compiled
+    """Restore the min-heap order of values[:size] (and the parallel `index`) below position `at`."""
+    while True:
+        least, left = at, 2 * at + 1
+        if left < size and values[left] < values[least]:
+            least = left
+        if left + 1 < size and values[left + 1] < values[least]:
+            least = left + 1
+        if least == at:
+            return
+        values[at], values[least] = values[least], values[at]
+        index[at], index[least] = index[least], index[at]
+        at = least
 
 
 def _dense(c: Tensor) -> Tensor:

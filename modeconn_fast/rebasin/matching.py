@@ -10,17 +10,20 @@ search stops after a sweep without gain. Here the same sweeps run with three sav
 step's result:
   1. a group none of whose neighbours changed since it was last solved is skipped (its LAP would return the
      same permutation);
-  2. C_p is kept across visits (float64) and updated, term by term, only for the units of the neighbouring
-     groups that moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product
-     instead of the full one;
+  2. C_p is kept across visits and updated, term by term, only for the units of the neighbouring groups that
+     moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product instead of
+     the full one. The cache is float64, or float32 from FLOAT32_FROM units (at 8192 units: 256 MB a group
+     instead of 512 MB, each update one float32 product accumulated in place at the GEMM rate; the port's
+     products are float32 too, and the trajectory tests hold with it at small widths);
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
      compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
-The objective history is exact: J before the first sweep and at the end are computed directly (float64);
-in between J moves by the LAP gains, which are exact for a linear step.
+The objective history: J before the first sweep and at the end are computed directly (float64); in between
+J moves by the LAP gains, exact for a linear step up to the cache's rounding (float64: ~1e-12 relative;
+float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
+FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
 
@@ -187,12 +191,14 @@ class _Matcher:
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
     def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
-        """C_group for the current permutations (float64), updated in place where possible."""
+        """C_group for the current permutations, updated in place where possible: float64, or float32 from
+        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are)."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
             const_a, const_b = self.const.pop(group)
-            cache = _products(const_a, const_b).double() if const_a else torch.zeros(n, n, dtype=torch.float64)
+            dtype = torch.float32 if n >= FLOAT32_FROM else torch.float64
+            cache = _products(const_a, const_b).to(dtype) if const_a else torch.zeros(n, n, dtype=dtype)
             self.cache[group] = cache
         for term in self.terms[group]:
             now = perms[term.other]
@@ -208,7 +214,10 @@ class _Matcher:
                 for start in range(0, len(units), CHUNK):  # b −= the old rows a chunk at a time: no third [|K|·r, n]
                     old = term.rows(term.b, term.seen[units[start : start + CHUNK]])
                     b[start * r : start * r + old.shape[0]] -= old
-            if b.shape[0] <= SMALL_UPDATE:
+            if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
+                for start, stop in _parts(n):
+                    cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
+            elif b.shape[0] <= SMALL_UPDATE:
                 cache.addmm_(term.rows(term.a, units).T.double(), b.double())
             else:  # C[R] += A[:, R]ᵀ·B with R ≤ CHUNK rows of C: float32 temporaries [|K|·r, R] and [R, n]
                 for start, stop in _parts(n):
@@ -216,7 +225,7 @@ class _Matcher:
             term.seen = now
         if not self.generic[group]:
             return cache
-        total = cache.clone()
+        total = cache.to(torch.float64, copy=True)
         for axis in self.generic[group]:  # a tensor with three permuted axes, or two of one group
             wb = self.state_b[axis.tensor]
             for other, q in self.spec.axes_of(axis.tensor):
@@ -319,8 +328,8 @@ def weight_matching(
                     if on_visit is not None:
                         on_visit(group, col)
                     if not torch.equal(col, perms[group]):
-                        old = cost.gather(1, perms[group][:, None]).sum().item()
-                        new = cost.gather(1, col[:, None]).sum().item()
+                        old = cost.gather(1, perms[group][:, None]).double().sum().item()
+                        new = cost.gather(1, col[:, None]).double().sum().item()
                         perms[group] = col
                         dirty |= matcher.dependents[group]
                         gain_total += new - old
@@ -333,7 +342,7 @@ def weight_matching(
                 break
     lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
     self_dependent = matcher.self_dependent
-    del matcher  # its cost matrices (n×n float64 per group) are not needed for the objective
+    del matcher  # its cost matrices (n×n per group) are not needed for the objective
     if not self_dependent:  # else the last sweep computed it directly already
         history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
