@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, assert_same_loss_and_error, mlp,
                      plain_loop, seeded, settle_batchnorm)
-from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu
+from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu, ops_torch
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import CPU_MIN_CHUNK, plan_chunks
 from modeconn_fast.engine.memory import KEEP_MMAP
@@ -166,3 +166,34 @@ def test_input_copies_are_reused_within_a_named_batch_only():
         assert view._held_inputs[0].source is other
     for got, rows in zip(outputs, (slice(0, 4), slice(4, 6), slice(4, 6), slice(0, 4))):
         torch.testing.assert_close(got, expected[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_kept_combined_linear_weights_equal_plain_path_and_loop_and_follow_changed_coefficients(monkeypatch):
+    """A narrow Linear on per-point inputs keeps its points' padded combined weights from batch to batch (`kept.py`):
+    made once per chunk of points, the numbers those of the plain path and of a per-point loop over several batches
+    and chunks, and coefficient rows changed in place or basis tensors changed in place are seen."""
+    def narrow() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(13, 21), torch.nn.Tanh(), torch.nn.Linear(21, 5))
+    models = [seeded(narrow, seed) for seed in (1, 2, 3)]
+    data = [(torch.randn(rows, 13), torch.randint(0, 5, (rows,))) for rows in (17, 9, 17)]
+    coeffs = coefficient_rows(7, 3, seed=5)
+    assert_fast_equals_plain_and_loop(models, data, coeffs)
+    made = []
+    combined = ops_torch.combined_linear_weights
+    monkeypatch.setattr(ops_torch, "combined_linear_weights", lambda *args: made.append(len(args[2])) or combined(*args))
+    evaluate(models[0], models, coeffs, data, metrics=METRICS)
+    assert made.count(len(coeffs)) == 1  # one chunk of points, three batches (the first layer's per-basis ones aside)
+    basis = Basis.from_members(models)
+    views = {fast: SubspaceView(models[0], basis) for fast in (True, False)}
+    views[False].state.plain = True
+    rows = coeffs.clone()
+    with torch.no_grad():
+        def agree() -> None:
+            for batch, (x, _) in enumerate(data):
+                outputs = [view(rows, x, batch=batch) for view in views.values()]
+                torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+        agree()
+        rows[2] = torch.tensor([0.1, 0.1, 0.8])  # in place: a new version of the same tensor
+        agree()
+        basis.stacked["2.weight"][1].mul_(0.5)  # in place, seen by both views
+        agree()

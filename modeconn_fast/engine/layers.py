@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import linear_cpu, ops
+from .. import linear_cpu, ops, ops_torch
+from .kept import KEPT_BYTES, KeptPerChunk
 from .state import Lookup, ViewState
 
 
@@ -70,6 +71,7 @@ class SubspaceLinear(SubspaceLayer):
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Linear):
         super().__init__(state, stacked)
         self.in_features, self.out_features = module.in_features, module.out_features
+        self._kept = KeptPerChunk()  # see `_keeps_weights`
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
@@ -83,9 +85,23 @@ class SubspaceLinear(SubspaceLayer):
                 y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(rows, weight, bias, eye))
         if y is None:
             x_points = shared[1] if shared is not None else x.reshape(state.points, -1, self.in_features)
-            with linear_cpu.plain_only(state.plain):
-                y = ops.combined_linear(x_points, weight, bias, state.coeffs)
+            if shared is None and self._keeps_weights(x):
+                w, b = self._kept.get_or_make("combined weights", state, tuple(self.stacked.values()),
+                                              lambda: ops_torch.combined_linear_weights(weight, bias, state.coeffs))
+                y = ops_torch.linear_of_combined(x_points, w, b, self.out_features)
+            else:
+                with linear_cpu.plain_only(state.plain):
+                    y = ops.combined_linear(x_points, weight, bias, state.coeffs)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _keeps_weights(self, x: Tensor) -> bool:
+        """For per-point inputs in evaluation on CPU (not the plain mode), the points' combined (padded) weights are
+        kept per chunk of points from batch to batch (`kept.py`, up to KEPT_BYTES) instead of mixed again for every
+        batch (B3's last layer: the mix and the padding took about as long as its product)."""
+        state, weight = self.state, self.stacked["weight"]
+        padded = max(self.out_features, ops_torch.NARROW_OUTPUT) * self.in_features * weight.element_size()
+        return (not torch.is_grad_enabled() and not state.plain and x.device.type == "cpu"
+                and x.dtype == weight.dtype == state.coeffs.dtype and state.points * padded <= KEPT_BYTES)
 
     def materialised_bytes_per_point(self) -> int:
         return self.stacked["weight"][0].numel() * self.stacked["weight"].element_size()
