@@ -281,13 +281,24 @@ def _per_basis_by_patches(x: Tensor, weight: Tensor, bias: Tensor | None, stride
     """Y_k = conv(x, W_k) + b_k of x [N, C, H, W] (groups 1) as one batched product of its patches [N·H'·W', C·kh·kw]
     with the K kernels: [K, N, H', W', Cout], channels-last without a transpose."""
     bases, out_channels = weight.shape[:2]
-    cols = F.unfold(x, weight.shape[3:], dilation=dilation, padding=padding, stride=stride)  # [N, C·kh·kw, H'·W']
-    patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    height, width = conv_output_size(x.shape[2:], weight.shape[3:], stride, padding, dilation)
+    patches = _patches(x, weight.shape[3:], stride, padding, dilation, height, width)  # [N·H'·W', C·kh·kw]
     kernels = weight.reshape(bases, out_channels, -1).transpose(1, 2)  # [K, C·kh·kw, Cout]
     patches = patches.expand(bases, *patches.shape)
     y = torch.bmm(patches, kernels) if bias is None else torch.baddbmm(bias[:, None, :], patches, kernels)
-    height, width = conv_output_size(x.shape[2:], weight.shape[3:], stride, padding, dilation)
     return y.reshape(bases, x.shape[0], height, width, out_channels)
+
+
+def _patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+             dilation: tuple[int, ...], height: int, width: int) -> Tensor:
+    """The rows of `F.unfold(x, ...)` transposed, [N·H'·W', C·kh·kw] (C major, as unfold orders them), written at
+    once by stacking kh·kw shifted views of the zero-padded channels-last x (B3's [128, 1, 8, 8] with 3×3 kernels on
+    one core: 0.16 ms against 0.35 ms for unfold and the copy of its transpose)."""
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).permute(0, 2, 3, 1)  # [N, H+2p, W+2p, C]
+    shifted = [padded[:, i * dilation[0]: i * dilation[0] + stride[0] * (height - 1) + 1: stride[0],
+                      j * dilation[1]: j * dilation[1] + stride[1] * (width - 1) + 1: stride[1]]
+               for i in range(kernel[0]) for j in range(kernel[1])]  # each [N, H', W', C]
+    return torch.stack(shifted, dim=-1).reshape(-1, x.shape[1] * kernel[0] * kernel[1])
 
 
 def _affine_map(y: Tensor, scale: Tensor, shift: Tensor, points: int, points_first: bool) -> Tensor:
