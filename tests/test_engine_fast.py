@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, assert_same_loss_and_error, mlp,
                      plain_loop, seeded, settle_batchnorm)
 from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu, ops_torch
+from modeconn_fast.engine import conv_block
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import CPU_MIN_CHUNK, plan_chunks
 from modeconn_fast.engine.memory import KEEP_MMAP
@@ -197,3 +198,28 @@ def test_kept_combined_linear_weights_equal_plain_path_and_loop_and_follow_chang
         agree()
         basis.stacked["2.weight"][1].mul_(0.5)  # in place, seen by both views
         agree()
+
+
+def test_evaluation_batches_aligned_with_bn_batches_reuse_first_layer_outputs(monkeypatch):
+    """BatchNorm recomputed on consecutive row slices of the evaluated inputs: the evaluation takes the same
+    batches (`Batches.align_with`), the first block's per-basis outputs are computed once per batch for both passes,
+    and the results equal the plain path and a per-point loop. Copies of those rows, or slices that do not cover
+    them, leave the batches as they were."""
+    images = torch.randn(40, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (4, 5)]
+    data = (images, torch.randint(0, 4, (40,)))
+    computed = []
+    per_basis = conv_block._per_basis_by_patches
+    monkeypatch.setattr(conv_block, "_per_basis_by_patches", lambda *args: computed.append(1) or per_basis(*args))
+    assert_fast_equals_plain_and_loop(models, data, convex_rows(5, 2, seed=3), bn="recompute",
+                                      bn_batches=[images[:23], images[23:]])
+    computed.clear()
+    bn_data = [(images[:23], data[1][:23]), (images[23:], data[1][23:])]
+    evaluate(models[0], models, convex_rows(5, 2, seed=3), data, metrics=METRICS, bn_data=bn_data)
+    assert len(computed) == 2  # once per batch of rows, BatchNorm's pass and the evaluation's
+    for other, aligned in ((bn_data, True), ([(images[:23].clone(), data[1][:23]), bn_data[1]], False),
+                           (bn_data[:1], False), ([bn_data[1], bn_data[0]], False)):
+        batches = Batches(data)
+        batches.align_with(Batches(other, targets_optional=True))
+        assert (batches.bounds == [0, 23, 40]) if aligned else batches.bounds is None
+        assert [len(x) for x, _ in batches] == ([23, 17] if aligned else [40])

@@ -16,6 +16,9 @@ from .. import linear_cpu, ops, ops_torch
 from .kept import KEPT_BYTES, KeptPerChunk
 from .state import Lookup, ViewState
 
+# Per-basis outputs of a layer kept for several batches on CPU up to this size (`SubspaceLayer.per_basis_outputs`).
+PER_BASIS_KEPT_BYTES = 1 << 25
+
 
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether forward (pre-)hooks are registered on `module` itself: fused paths must then run it on its own."""
@@ -29,7 +32,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: dict[tuple, tuple[Tensor | None, Tensor]] = {}  # see `per_basis_outputs`
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
@@ -50,20 +53,33 @@ class SubspaceLayer(nn.Module):
     def per_basis_outputs(self, shared: tuple[int, Tensor], per_basis: Callable[[Tensor], Tensor],
                           layout: str = "") -> Tensor | None:
         """The K outputs Y_k = per_basis(identity coefficients) of `mixed_per_basis`, kept per batch (and per
-        `layout`, naming what per_basis arranges them in); None where they are not kept."""
+        `layout`, naming what per_basis arranges them in); None where they are not kept.
+
+        On CPU they are kept per source rows (the caller's input tensor of that batch, held with them), several
+        batches' worth up to PER_BASIS_KEPT_BYTES: BatchNorm's recomputation and the evaluation then share them
+        where their batches are the same rows (`Batches.align_with`)."""
         state = self.state
         if torch.is_grad_enabled() or state.batch is None:
             return None
         index, rows = shared
-        key = (state.batch, index, layout, tuple(rows.shape),
-               *((t.data_ptr(), t._version) for t in self.stacked.values()))
-        entry = self._cache
-        if entry is None or entry[0] != key:
-            self._cache = None  # free the old outputs first
-            entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device)))
-            self._cache = entry
-        return entry[1]
-
+        source = state.sources[index] if index < len(state.sources) and rows.device.type == "cpu" else None
+        named = ((source.data_ptr(), source.shape, source.stride(), source.dtype, source._version)
+                 if source is not None else (state.batch,))
+        key = (*named, index, layout, tuple(rows.shape), *((t.data_ptr(), t._version) for t in self.stacked.values()))
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache[key] = self._cache.pop(key)  # the most recent last
+            return entry[1]
+        if source is None:
+            self._cache.clear()  # free the old outputs first
+        outputs = per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device))
+        kept = outputs.numel() * outputs.element_size()
+        for old in list(self._cache):
+            if kept + sum(o.numel() * o.element_size() for _, o in self._cache.values()) <= PER_BASIS_KEPT_BYTES:
+                break
+            del self._cache[old]
+        self._cache[key] = (source, outputs)  # the source held: its memory cannot be taken while the key names it
+        return outputs
 
 class SubspaceLinear(SubspaceLayer):
     """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
