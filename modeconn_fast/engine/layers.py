@@ -16,7 +16,7 @@ from .. import linear_cpu, ops, ops_torch
 from .kept import KEPT_BYTES, KeptPerChunk
 from .state import Lookup, ViewState
 
-# Per-basis outputs of a layer kept for several batches on CPU up to this size (`SubspaceLayer.per_basis_outputs`).
+# Per-basis outputs of a layer kept for BatchNorm's batches on CPU up to this size (`SubspaceLayer.per_basis_outputs`).
 PER_BASIS_KEPT_BYTES = 1 << 25
 
 
@@ -32,7 +32,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
-        self._cache: dict[tuple, tuple[Tensor | None, Tensor]] = {}  # see `per_basis_outputs`
+        self._cache: dict[tuple, tuple[Tensor | None, Tensor, bool]] = {}  # see `per_basis_outputs`
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
@@ -55,9 +55,9 @@ class SubspaceLayer(nn.Module):
         """The K outputs Y_k = per_basis(identity coefficients) of `mixed_per_basis`, kept per batch (and per
         `layout`, naming what per_basis arranges them in); None where they are not kept.
 
-        On CPU they are kept per source rows (the caller's input tensor of that batch, held with them), several
-        batches' worth up to PER_BASIS_KEPT_BYTES: BatchNorm's recomputation and the evaluation then share them
-        where their batches are the same rows (`Batches.align_with`)."""
+        On CPU they are kept per source rows (the caller's input tensor of that batch, held with them); those of
+        BatchNorm's recomputation for several batches, up to PER_BASIS_KEPT_BYTES, so that the evaluation reuses
+        them where its batches are the same rows (`Batches.align_with`); others for the last batch only."""
         state = self.state
         if torch.is_grad_enabled() or state.batch is None:
             return None
@@ -70,15 +70,17 @@ class SubspaceLayer(nn.Module):
         if entry is not None:
             self._cache[key] = self._cache.pop(key)  # the most recent last
             return entry[1]
-        if source is None:
-            self._cache.clear()  # free the old outputs first
+        collecting = source is not None and state.bn_phase == "collect"
+        for old in [old for old, entry in self._cache.items() if not entry[2]]:
+            del self._cache[old]  # free the old outputs first (those of BatchNorm's batches aside)
         outputs = per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device))
-        kept = outputs.numel() * outputs.element_size()
-        for old in list(self._cache):
-            if kept + sum(o.numel() * o.element_size() for _, o in self._cache.values()) <= PER_BASIS_KEPT_BYTES:
-                break
-            del self._cache[old]
-        self._cache[key] = (source, outputs)  # the source held: its memory cannot be taken while the key names it
+        if collecting:
+            kept = outputs.numel() * outputs.element_size()
+            for old in list(self._cache):
+                if kept + sum(o.numel() * o.element_size() for _, o, _ in self._cache.values()) <= PER_BASIS_KEPT_BYTES:
+                    break
+                del self._cache[old]
+        self._cache[key] = (source, outputs, collecting)  # the source held: its memory is not taken while keyed
         return outputs
 
 class SubspaceLinear(SubspaceLayer):
