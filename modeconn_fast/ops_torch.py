@@ -73,18 +73,30 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tenso
     """y[p] = x[p] @ W(p)ᵀ + b(p): [P, N, Dout]."""
     if linear_uses_per_basis(x, weight, coeffs):
         return mix(coeffs, linear_per_basis(x, weight, bias))
-    if x.dim() == 2:
-        x = x.expand(coeffs.shape[0], *x.shape)
+    w, b = combined_linear_weights(weight, bias, coeffs)
+    return linear_of_combined(x, w, b, weight.shape[1])
+
+
+def combined_linear_weights(weight: Tensor, bias: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The points' combined weights [P, Dout', Din] and biases [P, Dout'] for `linear_of_combined`: on CPU with
+    Dout < NARROW_OUTPUT, padded with zero rows to Dout' = NARROW_OUTPUT (see there)."""
     Dout = weight.shape[1]
-    if x.device.type == "cpu" and Dout < NARROW_OUTPUT:  # padded with zero rows, then sliced: see NARROW_OUTPUT
+    if weight.device.type == "cpu" and Dout < NARROW_OUTPUT:
         weight = F.pad(weight, (0, 0, 0, NARROW_OUTPUT - Dout))
         bias = None if bias is None else F.pad(bias, (0, NARROW_OUTPUT - Dout))
-    w, b = mix(coeffs, weight), None if bias is None else mix(coeffs, bias)  # [P, Dout, Din], [P, Dout]
+    return mix(coeffs, weight), None if bias is None else mix(coeffs, bias)
+
+
+def linear_of_combined(x: Tensor, w: Tensor, b: Tensor | None, out_features: int) -> Tensor:
+    """y[p] = x[p] @ w[p]ᵀ + b[p], the first `out_features` columns: [P, N, out_features], for x [N, Din] (shared)
+    or [P, N, Din] and the combined weights of `combined_linear_weights`."""
+    if x.dim() == 2:
+        x = x.expand(w.shape[0], *x.shape)
     if linear_cpu.per_point_is_faster(x, w, b):
         y = linear_cpu.per_point_linear(x, w, b)
     else:
         y = linear_cpu.batched_linear(x, w, b)
-    return y if y.shape[-1] == Dout else y[..., :Dout].contiguous()
+    return y if y.shape[-1] == out_features else y[..., :out_features].contiguous()
 
 
 def linear_grad_input(grad: Tensor, weight: Tensor, coeffs: Tensor, shared: bool) -> Tensor:

@@ -277,3 +277,14 @@ def test_values_kept_from_batch_to_batch_follow_changed_coefficients_and_basis(p
             for view in views.values():
                 next(t for name, t in view._basis.stacked.items() if name.endswith("4.weight")).mul_(0.5)
         agree(coeffs)
+
+
+@pytest.mark.parametrize("channels, kernel, stride, padding, dilation", [
+    (1, (3, 3), (1, 1), (1, 1), (1, 1)), (2, (2, 3), (2, 1), (0, 2), (1, 2)), (3, (3, 1), (1, 3), (2, 0), (2, 1))])
+def test_patches_equal_unfold_transposed(channels, kernel, stride, padding, dilation):
+    """The shared input's patches (`_patches`) are the rows of F.unfold's output, transposed, on odd shapes."""
+    x = torch.randn(5, channels, 7, 9, generator=torch.Generator().manual_seed(3))
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    height, width = conv_block.conv_output_size(x.shape[2:], kernel, stride, padding, dilation)
+    patches = conv_block._patches(x, kernel, stride, padding, dilation, height, width)
+    torch.testing.assert_close(patches, cols.transpose(1, 2).reshape(-1, cols.shape[1]), rtol=0, atol=0)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from helpers import (SequenceConv, SmallCNN, TokenModel, WithUnknownModules, assert_same_loss_and_error, mlp,
                      plain_loop, seeded, settle_batchnorm)
-from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu
+from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu, ops_torch
+from modeconn_fast.engine import conv_block
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import CPU_MIN_CHUNK, plan_chunks
 from modeconn_fast.engine.memory import KEEP_MMAP
@@ -166,3 +167,59 @@ def test_input_copies_are_reused_within_a_named_batch_only():
         assert view._held_inputs[0].source is other
     for got, rows in zip(outputs, (slice(0, 4), slice(4, 6), slice(4, 6), slice(0, 4))):
         torch.testing.assert_close(got, expected[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_kept_combined_linear_weights_equal_plain_path_and_loop_and_follow_changed_coefficients(monkeypatch):
+    """A narrow Linear on per-point inputs keeps its points' padded combined weights from batch to batch (`kept.py`):
+    made once per chunk of points, the numbers those of the plain path and of a per-point loop over several batches
+    and chunks, and coefficient rows changed in place or basis tensors changed in place are seen."""
+    def narrow() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(13, 21), torch.nn.Tanh(), torch.nn.Linear(21, 5))
+    models = [seeded(narrow, seed) for seed in (1, 2, 3)]
+    data = [(torch.randn(rows, 13), torch.randint(0, 5, (rows,))) for rows in (17, 9, 17)]
+    coeffs = coefficient_rows(7, 3, seed=5)
+    assert_fast_equals_plain_and_loop(models, data, coeffs)
+    made = []
+    combined = ops_torch.combined_linear_weights
+    monkeypatch.setattr(ops_torch, "combined_linear_weights", lambda *args: made.append(len(args[2])) or combined(*args))
+    evaluate(models[0], models, coeffs, data, metrics=METRICS)
+    assert made.count(len(coeffs)) == 1  # one chunk of points, three batches (the first layer's per-basis ones aside)
+    basis = Basis.from_members(models)
+    views = {fast: SubspaceView(models[0], basis) for fast in (True, False)}
+    views[False].state.plain = True
+    rows = coeffs.clone()
+    with torch.no_grad():
+        def agree() -> None:
+            for batch, (x, _) in enumerate(data):
+                outputs = [view(rows, x, batch=batch) for view in views.values()]
+                torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+        agree()
+        rows[2] = torch.tensor([0.1, 0.1, 0.8])  # in place: a new version of the same tensor
+        agree()
+        basis.stacked["2.weight"][1].mul_(0.5)  # in place, seen by both views
+        agree()
+
+
+def test_evaluation_batches_aligned_with_bn_batches_reuse_first_layer_outputs(monkeypatch):
+    """BatchNorm recomputed on consecutive row slices of the evaluated inputs: the evaluation takes the same
+    batches (`Batches.align_with`), the first block's per-basis outputs are computed once per batch for both passes,
+    and the results equal the plain path and a per-point loop. Copies of those rows, or slices that do not cover
+    them, leave the batches as they were."""
+    images = torch.randn(40, 3, 8, 8)
+    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (4, 5)]
+    data = (images, torch.randint(0, 4, (40,)))
+    computed = []
+    per_basis = conv_block._per_basis_by_patches
+    monkeypatch.setattr(conv_block, "_per_basis_by_patches", lambda *args: computed.append(1) or per_basis(*args))
+    assert_fast_equals_plain_and_loop(models, data, convex_rows(5, 2, seed=3), bn="recompute",
+                                      bn_batches=[images[:23], images[23:]])
+    computed.clear()
+    bn_data = [(images[:23], data[1][:23]), (images[23:], data[1][23:])]
+    evaluate(models[0], models, convex_rows(5, 2, seed=3), data, metrics=METRICS, bn_data=bn_data)
+    assert len(computed) == 2  # once per batch of rows, BatchNorm's pass and the evaluation's
+    for other, aligned in ((bn_data, True), ([(images[:23].clone(), data[1][:23]), bn_data[1]], False),
+                           (bn_data[:1], False), ([bn_data[1], bn_data[0]], False)):
+        batches = Batches(data)
+        batches.align_with(Batches(other, targets_optional=True))
+        assert (batches.bounds == [0, 23, 40]) if aligned else batches.bounds is None
+        assert [len(x) for x, _ in batches] == ([23, 17] if aligned else [40])

@@ -25,6 +25,14 @@ def _slice(inputs: Inputs, start: int, stop: int) -> Inputs:
     return inputs[start:stop] if isinstance(inputs, Tensor) else tuple(x[start:stop] for x in inputs)
 
 
+def _rows_at(inputs: Tensor, rows: Tensor, start: int) -> bool:
+    """Whether `rows` is inputs[start:start + len(rows)] (the same memory, dtype and strides)."""
+    return (rows.dtype == inputs.dtype and rows.device == inputs.device and rows.shape[1:] == inputs.shape[1:]
+            and rows.stride() == inputs.stride() and start + rows.shape[0] <= inputs.shape[0]
+            and rows.untyped_storage().data_ptr() == inputs.untyped_storage().data_ptr()
+            and rows.storage_offset() == inputs.storage_offset() + start * inputs.stride(0))
+
+
 def move(inputs: Inputs, device: torch.device) -> Inputs:
     if isinstance(inputs, Tensor):
         return inputs.to(device, non_blocking=True)
@@ -44,6 +52,7 @@ class Batches:
         self.tensors: tuple[Inputs, Tensor] | None = None
         self.iterable: Iterable[Batch] | None = None
         self.batch_size: int | None = None
+        self.bounds: list[int] | None = None  # row bounds of the batches where set by `align_with`
         if targets_optional and isinstance(data, Tensor):  # inputs alone (bn_data)
             data = (data, torch.zeros(data.shape[0], dtype=torch.long, device=data.device))
         batches_of_inputs = targets_optional and isinstance(data, list) and all(isinstance(x, Tensor) for x in data)
@@ -70,6 +79,8 @@ class Batches:
         return None if self.tensors is None else self.tensors[1].shape[0]
 
     def __len__(self) -> int:
+        if self.bounds is not None:
+            return len(self.bounds) - 1
         if self.tensors is not None:
             return -(-self.rows // (self.batch_size or self.rows))
         return len(self.iterable)  # type: ignore[arg-type]
@@ -81,7 +92,7 @@ class Batches:
         if self.tensors is not None:  # len(self) batches of sizes that differ by at most one row
             inputs, targets = self.tensors
             count = len(self)
-            bounds = [i * self.rows // count for i in range(count + 1)]
+            bounds = self.bounds or [i * self.rows // count for i in range(count + 1)]
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 yield _slice(inputs, start, stop), targets[start:stop]
             return
@@ -91,6 +102,21 @@ class Batches:
             if self.targets_optional and isinstance(batch, Tensor):
                 batch = (batch, torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device))
             yield _check_batch(batch, self.what)
+
+    def align_with(self, other: "Batches") -> None:
+        """Split this data as `other`'s batches where those are, in order, consecutive row slices of its inputs
+        tensor that cover it (BatchNorm recomputed on batches of the training split, then that split evaluated):
+        the same rows then make the same batches, and layers reuse what they computed for them
+        (`SubspaceLayer.per_basis_outputs`). Elsewhere nothing changes."""
+        if self.tensors is None or not isinstance(self.tensors[0], Tensor) or not isinstance(other.iterable, Sequence):
+            return
+        inputs, bounds = self.tensors[0], [0]
+        for batch, _ in other:
+            if not (isinstance(batch, Tensor) and _rows_at(inputs, batch, bounds[-1])):
+                return
+            bounds.append(bounds[-1] + batch.shape[0])
+        if bounds[-1] == self.rows:
+            self.bounds = bounds
 
     def _first_batch(self) -> Batch:
         for batch in self:

@@ -89,6 +89,9 @@ def evaluate(
         _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
     chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
+    if bn_batches is not None and fast:  # the same batches of the same rows: their first layers' outputs reused
+        for batches in datasets.values():
+            batches.align_with(bn_batches)
 
     points = coeffs.shape[0]
     sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}

@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import linear_cpu, ops
+from .. import linear_cpu, ops, ops_torch
+from .kept import KEPT_BYTES, KeptPerChunk
 from .state import Lookup, ViewState
+
+# Per-basis outputs of a layer kept for BatchNorm's batches on CPU up to this size (`SubspaceLayer.per_basis_outputs`).
+PER_BASIS_KEPT_BYTES = 1 << 25
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -28,7 +32,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.state = state
         self.stacked = stacked
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: dict[tuple, tuple[Tensor | None, Tensor, bool]] = {}  # see `per_basis_outputs`
 
     def mixed(self, name: str) -> Tensor | None:
         """Σ_k c[p,k] θ_k[name] for the points in flight: [P, *shape], or None if the module has no such entry."""
@@ -49,20 +53,35 @@ class SubspaceLayer(nn.Module):
     def per_basis_outputs(self, shared: tuple[int, Tensor], per_basis: Callable[[Tensor], Tensor],
                           layout: str = "") -> Tensor | None:
         """The K outputs Y_k = per_basis(identity coefficients) of `mixed_per_basis`, kept per batch (and per
-        `layout`, naming what per_basis arranges them in); None where they are not kept."""
+        `layout`, naming what per_basis arranges them in); None where they are not kept.
+
+        On CPU they are kept per source rows (the caller's input tensor of that batch, held with them); those of
+        BatchNorm's recomputation for several batches, up to PER_BASIS_KEPT_BYTES, so that the evaluation reuses
+        them where its batches are the same rows (`Batches.align_with`); others for the last batch only."""
         state = self.state
         if torch.is_grad_enabled() or state.batch is None:
             return None
         index, rows = shared
-        key = (state.batch, index, layout, tuple(rows.shape),
-               *((t.data_ptr(), t._version) for t in self.stacked.values()))
-        entry = self._cache
-        if entry is None or entry[0] != key:
-            self._cache = None  # free the old outputs first
-            entry = (key, per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device)))
-            self._cache = entry
-        return entry[1]
-
+        source = state.sources[index] if index < len(state.sources) and rows.device.type == "cpu" else None
+        named = ((source.data_ptr(), source.shape, source.stride(), source.dtype, source._version)
+                 if source is not None else (state.batch,))
+        key = (*named, index, layout, tuple(rows.shape), *((t.data_ptr(), t._version) for t in self.stacked.values()))
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache[key] = self._cache.pop(key)  # the most recent last
+            return entry[1]
+        collecting = source is not None and state.bn_phase == "collect"
+        for old in [old for old, entry in self._cache.items() if not entry[2]]:
+            del self._cache[old]  # free the old outputs first (those of BatchNorm's batches aside)
+        outputs = per_basis(torch.eye(state.coeffs.shape[1], dtype=rows.dtype, device=rows.device))
+        if collecting:
+            kept = outputs.numel() * outputs.element_size()
+            for old in list(self._cache):
+                if kept + sum(o.numel() * o.element_size() for _, o, _ in self._cache.values()) <= PER_BASIS_KEPT_BYTES:
+                    break
+                del self._cache[old]
+        self._cache[key] = (source, outputs, collecting)  # the source held: its memory is not taken while keyed
+        return outputs
 
 class SubspaceLinear(SubspaceLayer):
     """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
@@ -70,6 +89,7 @@ class SubspaceLinear(SubspaceLayer):
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Linear):
         super().__init__(state, stacked)
         self.in_features, self.out_features = module.in_features, module.out_features
+        self._kept = KeptPerChunk()  # see `_keeps_weights`
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
@@ -83,9 +103,23 @@ class SubspaceLinear(SubspaceLayer):
                 y = self.mixed_per_basis(shared, lambda eye: ops.combined_linear(rows, weight, bias, eye))
         if y is None:
             x_points = shared[1] if shared is not None else x.reshape(state.points, -1, self.in_features)
-            with linear_cpu.plain_only(state.plain):
-                y = ops.combined_linear(x_points, weight, bias, state.coeffs)
+            if shared is None and self._keeps_weights(x):
+                w, b = self._kept.get_or_make("combined weights", state, tuple(self.stacked.values()),
+                                              lambda: ops_torch.combined_linear_weights(weight, bias, state.coeffs))
+                y = ops_torch.linear_of_combined(x_points, w, b, self.out_features)
+            else:
+                with linear_cpu.plain_only(state.plain):
+                    y = ops.combined_linear(x_points, weight, bias, state.coeffs)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _keeps_weights(self, x: Tensor) -> bool:
+        """For per-point inputs in evaluation on CPU (not the plain mode), the points' combined (padded) weights are
+        kept per chunk of points from batch to batch (`kept.py`, up to KEPT_BYTES) instead of mixed again for every
+        batch (B3's last layer: the mix and the padding took about as long as its product)."""
+        state, weight = self.state, self.stacked["weight"]
+        padded = max(self.out_features, ops_torch.NARROW_OUTPUT) * self.in_features * weight.element_size()
+        return (not torch.is_grad_enabled() and not state.plain and x.device.type == "cpu"
+                and x.dtype == weight.dtype == state.coeffs.dtype and state.points * padded <= KEPT_BYTES)
 
     def materialised_bytes_per_point(self) -> int:
         return self.stacked["weight"][0].numel() * self.stacked["weight"].element_size()

@@ -39,6 +39,7 @@ class ViewState:
     lookups: list[Lookup] = field(default_factory=list)  # the Embeddings' outputs of this forward (evaluation only)
     records_lookups: bool = False  # set by a layer that reads `lookups` (recurrent, encoder layers); else none are kept
     batch: Hashable | None = None  # names the batch of this forward; layers may keep results per batch
+    sources: tuple[Tensor, ...] = ()  # the caller's inputs of this forward (before they are repeated for the points)
     bn_phase: BatchNormPhase = "stored"
     plain: bool = False  # run every layer's plain path (the reference of the fast ones, e.g. `conv_block.py`)
     collected: int = 0  # BatchNorm statistics accumulated so far in this forward (recomputation)

@@ -99,7 +99,7 @@ class SubspaceView(nn.Module):
         for layer, prefix in self._bindings:
             for name in layer.stacked:
                 layer.stacked[name] = stacked[prefix + name]
-            layer._cache = None  # outputs of the old tensors
+            layer._cache.clear()  # outputs of the old tensors
         self._basis = Basis(stacked, self._basis.constants)
 
     def forward(self, coeffs: Tensor, inputs: Inputs, offset: int = 0, batch: Hashable | None = None) -> Tensor:
@@ -112,7 +112,12 @@ class SubspaceView(nn.Module):
             self.prepare(coeffs, inputs)
         assert self.reads_shared_rows_only is not None
         repeated = self._repeated_inputs(inputs, coeffs.shape[0], batch)
-        return self._run(coeffs, repeated, samples=inputs[0].shape[0], offset=offset, batch=batch, phase=self.bn_phase)
+        self.state.sources = inputs
+        try:
+            return self._run(coeffs, repeated, samples=inputs[0].shape[0], offset=offset, batch=batch,
+                             phase=self.bn_phase)
+        finally:
+            self.state.sources = ()
 
     def _repeated_inputs(self, inputs: tuple[Tensor, ...], points: int, batch: Hashable | None) -> list[Tensor]:
         """Each input repeated for every point (`_repeat`). For a named batch the copies made for an earlier chunk
