@@ -371,6 +371,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
             col_to_row[row_to_col[i]] = i
     free = np.empty(n, dtype=np.int64)
     dist = np.empty(n)
+    price = np.empty(n)
     pred = np.full(n, -1, dtype=np.int64)
     todo = np.empty(n, dtype=np.int64)
     for _ in range(rounds):
@@ -417,33 +418,33 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
             s = free[t]
             first, _, _ = _best_two(c, p, s)
             a[s] = first
-            for k in range(n):
+            for k in range(n):  # the unscanned columns todo[:n_todo], their distances and prices alongside
                 todo[k] = k
                 dist[k] = np.inf
+                price[k] = p[k]
             n_todo, i, d = n, s, 0.0
             while True:
-                best_d, at = np.inf, -1
+                base, best_d, at = d + a[i], np.inf, -1
                 for u in range(n_todo):
-                    k = todo[u]
-                    nd = d + a[i] + p[k] - c[i, k]
-                    if nd < dist[k]:
-                        dist[k] = nd
-                        pred[k] = i
-                    if dist[k] < best_d:
-                        best_d, at = dist[k], u
+                    nd = base + price[u] - c[i, todo[u]]
+                    if nd < dist[u]:
+                        dist[u] = nd
+                        pred[todo[u]] = i
+                    if dist[u] < best_d:
+                        best_d, at = dist[u], u
                 if at < 0:
                     raise ValueError("no augmenting path: the cost matrix holds NaN or infinite entries")
                 j = todo[at]
                 n_todo -= 1
-                todo[at] = todo[n_todo]
-                todo[n_todo] = j
+                todo[at], dist[at], price[at] = todo[n_todo], dist[n_todo], price[n_todo]
+                todo[n_todo], dist[n_todo] = j, best_d
                 d = best_d
                 if col_to_row[j] < 0:
                     break
                 i = col_to_row[j]
             for u in range(n_todo, n):  # p_k += D − d_k on the scanned columns, the matched rows follow
                 k = todo[u]
-                delta = d - dist[k]
+                delta = d - dist[u]
                 p[k] += delta
                 if col_to_row[k] >= 0:
                     a[col_to_row[k]] -= delta
