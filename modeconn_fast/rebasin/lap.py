@@ -264,16 +264,23 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragm
                 changed[col_to_row[k]] = True
         a[s] -= length
         changed[s] = True
-        j = sink
-        while True:  # flip the path
-            i = pred[j]
-            nxt = row_to_col[i]
-            row_to_col[i] = j
-            col_to_row[j] = i
-            if i == s:
-                break
-            j = nxt
+        _flip_path(s, sink, pred, row_to_col, col_to_row)
     return changed
+
+
+@numba.njit(cache=True)
+def _flip_path(s, sink, pred, row_to_col, col_to_row):  # pragma: no cover - compiled
+    """Augment along the shortest path from free row s to free column `sink` (pred[k]: the row before column k):
+    each row on it takes the column after it."""
+    j = sink
+    while True:
+        i = pred[j]
+        nxt = row_to_col[i]
+        row_to_col[i] = j
+        col_to_row[j] = i
+        if i == s:
+            return
+        j = nxt
 
 
 @numba.njit(cache=True)
@@ -449,12 +456,5 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
                 if col_to_row[k] >= 0:
                     a[col_to_row[k]] -= delta
             a[s] -= d
-            while True:  # flip the path
-                i = pred[j]
-                nxt = row_to_col[i]
-                row_to_col[i] = j
-                col_to_row[j] = i
-                if i == s:
-                    break
-                j = nxt
+            _flip_path(s, j, pred, row_to_col, col_to_row)
     return False
