@@ -15,10 +15,12 @@ from modeconn_fast.rebasin import lap, lap_loading, weight_matching
 from modeconn_fast.rebasin.lap import solve_lap
 
 
-@pytest.fixture(autouse=True)
-def sparse_path(monkeypatch):
-    """Small matrices take the sparse path here (in use, sizes under lap.DENSE_BELOW go to scipy directly)."""
+@pytest.fixture(autouse=True, params=["candidates", "whole rows"])
+def sparse_path(monkeypatch, request):
+    """Small matrices take the certified path here (in use, sizes under lap.DENSE_BELOW go to scipy directly):
+    the candidates' and, up to PATHS_UP_TO, the whole rows' (`_dense_rounds`)."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 100)
+    monkeypatch.setattr(lap, "PATHS_UP_TO", 0 if request.param == "candidates" else 10**6)
 
 
 def optimum(cost: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
     """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
     leaves numba's cache complete)."""
     lap.warm_up()
-    compiled = (lap._row_best, lap._top_columns, lap._auction, lap._augment)  # called from Python
+    compiled = (lap._row_best, lap._top_columns, lap._auction, lap._augment, lap._dense_rounds)  # called from Python
     assert all(len(f.signatures) == 2 for f in compiled)  # float64 and float32 costs
     lap_loading.wait()
     torch.manual_seed(0)
@@ -131,3 +133,21 @@ def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype) -> None
     chosen = torch.gather(reduced, 1, picked).sort(dim=1).values
     assert torch.equal(chosen, reduced.topk(lap.CANDIDATES, dim=1).values.sort(dim=1).values)
     assert all(len(set(row.tolist())) == lap.CANDIDATES for row in picked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("levels", [2, 5, 1000])  # few distinct values: ties everywhere
+def test_tie_heavy_matrices_reach_the_optimum_cold_and_warm(levels: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(levels)
+    n = 211
+    cost = torch.randint(0, levels, (n, n), generator=generator).to(dtype)
+    sigma, warm = solve_lap(cost)
+    total = lambda c, s: c.double()[torch.arange(n), s].sum().item()  # noqa: E731
+    assert torch.equal(torch.sort(sigma).values, torch.arange(n))
+    assert total(cost, sigma) == total(cost, optimum(cost))
+    for _ in range(3):
+        rows = torch.randperm(n, generator=generator)[: n // 3]
+        cost[rows] = torch.randint(0, levels, (len(rows), n), generator=generator).to(dtype)
+        sigma, warm = solve_lap(cost, warm)
+        assert torch.equal(torch.sort(sigma).values, torch.arange(n))
+        assert total(cost, sigma) == total(cost, optimum(cost))

@@ -20,6 +20,10 @@ column maxima), and where most rows fail the first check (the matrix moved far),
 whole rows (Bertsekas 1988) first brings the prices close to the final ones; its assignment is only a start,
 the checks decide. If the rounds do not settle, the dense solver (`scipy.optimize.linear_sum_assignment`)
 answers instead: the result is always an exact optimum.
+Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
+no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction, the rest by
+shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
+than they save.
 """
 from __future__ import annotations
 
@@ -33,12 +37,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 DENSE_BELOW = 256  # under this size the dense solver is as fast (read at call time: tests lower it)
+PATHS_UP_TO = 512  # up to this size `_dense_rounds` (whole rows, no candidates, no auction) is faster
 CANDIDATES = 32  # best entries of C − p kept per freed row
 ROUNDS = 16  # check-and-repair rounds before falling back to the dense solver
 AUCTION_ABOVE = 0.5  # fraction of rows failing the first check above which an auction starts afresh
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
+ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
@@ -49,7 +55,7 @@ class WarmStart:
 
     sigma: Tensor
     prices: Tensor
-    candidates: Tensor
+    candidates: Tensor | None  # None from `_solve_by_paths`, which keeps none
 
 
 def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = False) -> tuple[Tensor, WarmStart | None]:
@@ -60,7 +66,9 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
     c = cost if cost.dtype == torch.float32 else cost.double()
     if n < DENSE_BELOW and not force:
         return _dense(c), None
-    if warm is None:
+    if n <= PATHS_UP_TO:
+        return _solve_by_paths(c, warm)
+    if warm is None or warm.candidates is None:
         prices = c.amax(dim=0).double()
         candidates = _best_columns(c, torch.arange(n), prices)
         sigma = torch.full((n,), -1, dtype=torch.long)
@@ -114,6 +122,7 @@ def warm_up() -> None:
     for dtype in (torch.float64, torch.float32):
         sigma, warm = solve_lap(cost.to(dtype), force=True)
         solve_lap((cost + 0.1 * cost.roll(1, 0)).to(dtype), warm, force=True)
+        _solve_by_paths(cost.to(dtype), None)
 
 
 def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
@@ -255,16 +264,23 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragm
                 changed[col_to_row[k]] = True
         a[s] -= length
         changed[s] = True
-        j = sink
-        while True:  # flip the path
-            i = pred[j]
-            nxt = row_to_col[i]
-            row_to_col[i] = j
-            col_to_row[j] = i
-            if i == s:
-                break
-            j = nxt
+        _flip_path(s, sink, pred, row_to_col, col_to_row)
     return changed
+
+
+@numba.njit(cache=True)
+def _flip_path(s, sink, pred, row_to_col, col_to_row):  # pragma: no cover - compiled
+    """Augment along the shortest path from free row s to free column `sink` (pred[k]: the row before column k):
+    each row on it takes the column after it."""
+    j = sink
+    while True:
+        i = pred[j]
+        nxt = row_to_col[i]
+        row_to_col[i] = j
+        col_to_row[j] = i
+        if i == s:
+            return
+        j = nxt
 
 
 @numba.njit(cache=True)
@@ -310,3 +326,135 @@ def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred
         if col_to_row[j] < 0:
             return j, d, n_scanned
         i = col_to_row[j]
+
+
+
+
+def _solve_by_paths(c: Tensor, warm: WarmStart | None) -> tuple[Tensor, WarmStart | None]:
+    """`solve_lap` up to PATHS_UP_TO units: `_dense_rounds` from the last solve's σ and p (cold: p = column maxima,
+    every row free); scipy's dense solver if its rounds do not settle."""
+    n = c.shape[0]
+    if warm is None:
+        sigma, prices = torch.full((n,), -1, dtype=torch.long), c.amax(dim=0).double()
+    else:
+        sigma, prices = warm.sigma.clone(), warm.prices.double().clone()
+    tolerance = 1e-12 * n * max(c.abs().max().item(), 1.0)
+    if _dense_rounds(c.numpy(), sigma.numpy(), prices.numpy(), tolerance, ROUNDS):
+        return sigma, WarmStart(sigma, prices - prices.min(), None)
+    return _dense(c), None
+
+
+@numba.njit(cache=True)
+def _best_two(c, p, i):  # pragma: no cover - compiled
+    """(first, second, column of first): the two largest C[i, k] − p_k of row i (second −inf for one column)."""
+    n = c.shape[1]
+    first, second, best = -np.inf, -np.inf, -1
+    for k in range(n):
+        v = c[i, k] - p[k]
+        if v > first:
+            second = first
+            first, best = v, k
+        elif v > second:
+            second = v
+    return first, second, best
+
+
+@numba.njit(cache=True)
+def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - compiled
+    """Jonker & Volgenant (1987) from a warm start, over whole rows; True once the dual check certifies the
+    assignment row_to_col (updated in place with the prices p) within `tolerance`, False after `rounds` rounds.
+    A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
+    is freed (so a, p stay feasible: C[i, k] ≤ a_i + p_k); none freed: done. (2) Augmenting row reduction: a
+    free row takes its best column, the price of which rises to leave it indifferent to its second best (prices
+    only rise, so every row stays feasible), freeing the owner, who goes next; a row whose best column is owned
+    and tied with its second, or any beyond ARR_STEPS·n steps, waits for (3): a shortest augmenting path
+    (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0, one pass over the unscanned columns per step,
+    then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight)."""
+    n = c.shape[0]
+    a = np.empty(n)
+    col_to_row = np.full(n, -1, dtype=np.int64)
+    for i in range(n):
+        if row_to_col[i] >= 0:
+            col_to_row[row_to_col[i]] = i
+    free = np.empty(n, dtype=np.int64)
+    dist = np.empty(n)
+    price = np.empty(n)
+    pred = np.full(n, -1, dtype=np.int64)
+    todo = np.empty(n, dtype=np.int64)
+    for _ in range(rounds):
+        n_free = 0
+        for i in range(n):
+            j = row_to_col[i]
+            best = -np.inf
+            for k in range(n):
+                best = max(best, c[i, k] - p[k])
+            if j >= 0 and c[i, j] - p[j] >= best - tolerance:
+                a[i] = c[i, j] - p[j]
+                continue
+            a[i] = best
+            if j >= 0:
+                col_to_row[j] = -1
+                row_to_col[i] = -1
+            free[n_free] = i
+            n_free += 1
+        if n_free == 0:
+            return True
+        # augmenting row reduction (Jonker & Volgenant 1987): a free row takes its best column, whose price rises
+        # to leave it indifferent to its second best; the previous owner is freed. Prices only rise: feasible.
+        head, kept, steps = 0, 0, 0
+        while head < n_free:
+            i = free[head]
+            head += 1
+            first, second, j = _best_two(c, p, i)
+            owner = col_to_row[j]
+            steps += 1
+            if steps > ARR_STEPS * n or (owner >= 0 and first - second <= tolerance):
+                a[i] = first
+                free[kept] = i
+                kept += 1
+                continue
+            p[j] += first - second if second > -np.inf else 0.0
+            a[i] = second
+            row_to_col[i] = j
+            col_to_row[j] = i
+            if owner >= 0:
+                row_to_col[owner] = -1
+                head -= 1
+                free[head] = owner
+        for t in range(kept):
+            s = free[t]
+            first, _, _ = _best_two(c, p, s)
+            a[s] = first
+            for k in range(n):  # the unscanned columns todo[:n_todo], their distances and prices alongside
+                todo[k] = k
+                dist[k] = np.inf
+                price[k] = p[k]
+            n_todo, i, d = n, s, 0.0
+            while True:
+                base, best_d, at = d + a[i], np.inf, -1
+                for u in range(n_todo):
+                    nd = base + price[u] - c[i, todo[u]]
+                    if nd < dist[u]:
+                        dist[u] = nd
+                        pred[todo[u]] = i
+                    if dist[u] < best_d:
+                        best_d, at = dist[u], u
+                if at < 0:
+                    raise ValueError("no augmenting path: the cost matrix holds NaN or infinite entries")
+                j = todo[at]
+                n_todo -= 1
+                todo[at], dist[at], price[at] = todo[n_todo], dist[n_todo], price[n_todo]
+                todo[n_todo], dist[n_todo] = j, best_d
+                d = best_d
+                if col_to_row[j] < 0:
+                    break
+                i = col_to_row[j]
+            for u in range(n_todo, n):  # p_k += D − d_k on the scanned columns, the matched rows follow
+                k = todo[u]
+                delta = d - dist[u]
+                p[k] += delta
+                if col_to_row[k] >= 0:
+                    a[col_to_row[k]] -= delta
+            a[s] -= d
+            _flip_path(s, j, pred, row_to_col, col_to_row)
+    return False
