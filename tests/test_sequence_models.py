@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -423,23 +422,6 @@ def test_only_views_with_recurrent_or_encoder_layers_keep_embedding_outputs():
                               (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
         models = [seeded(factory, seed).eval() for seed in (1, 2)]
         assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected
-
-
-@pytest.mark.parametrize("mask", ["none", "padding", "full"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_per_point_attention_equals_scaled_dot_product_attention(mask, dtype):
-    """`attend` on permuted q/k/v views of odd shapes (L ≠ S) equals torch's SDPA, with masks broadcast either way."""
-    torch.manual_seed(0)
-    samples, heads, length, sources, d = 5, 3, 7, 9, 6
-    q = torch.randn(samples, length, heads, d, dtype=dtype).transpose(1, 2)
-    k, v = torch.randn(2, samples, sources, heads, d, dtype=dtype).transpose(2, 3)
-    masks = {"none": None, "full": torch.randn(samples, heads, length, sources, dtype=dtype),
-             "padding": torch.zeros(samples, 1, 1, sources, dtype=dtype).masked_fill_(
-                 torch.rand(samples, 1, 1, sources) < 0.3, float("-inf"))}
-    masks["padding"][..., 0] = 0.0  # no row all hidden
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[mask])
-    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(transformer_per_point.attend(q, k, v, masks[mask]), expected, **tolerance)
 
 
 @pytest.mark.parametrize("case", ["positions", "padding"])
