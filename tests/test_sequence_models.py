@@ -3,6 +3,7 @@ loop gives (copy the model, load the mixed weights, forward), with no module run
 gradients through the view must equal a float64 autograd reference."""
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -421,3 +422,32 @@ def test_only_views_with_recurrent_or_encoder_layers_keep_embedding_outputs():
                               (lambda: EmbeddedRecurrent("gru", 1, False, True, "shared"), True)]:
         models = [seeded(factory, seed).eval() for seed in (1, 2)]
         assert SubspaceView(models[0], Basis.from_members(models)).state.records_lookups is expected
+
+
+@pytest.mark.parametrize("case", ["positions", "padding"])
+def test_points_shared_between_threads(case, monkeypatch):
+    """With several intra-op threads, Python threads take the points in turn (one intra-op thread each): the same
+    losses as on one thread, for an odd number of points and more threads than points, and the thread count restored."""
+    torch.manual_seed(0)
+    tokens = tokens_with_padding(9, 11) % 5
+    tokens[:, 0] = 1
+    targets = torch.randint(0, 3, (9,))
+    models = [seeded(lambda: TokenEncoder(**TOKEN_ENCODERS[case]), seed).eval() for seed in (1, 2, 3)]
+    coeffs = torch.rand(5, 3)
+    calls: list[tuple[int, bool, int]] = []  # (threads set, on the main thread, intra-op threads seen)
+    layer = transformer_per_point._layer
+    monkeypatch.setattr(transformer_per_point, "_layer", lambda *args: calls.append(
+        (threads, threading.current_thread() is threading.main_thread(), torch.get_num_threads())) or layer(*args))
+    before = torch.get_num_threads()
+    losses = {}
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            losses[threads] = evaluate(models[0], models, coeffs, (tokens, targets))["loss"]
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 7):
+        torch.testing.assert_close(losses[threads], losses[1], rtol=1e-6, atol=1e-8)
+    assert all(seen == 1 for _, main, seen in calls if not main)  # workers run their ops on one thread
+    assert {set_to for set_to, main, _ in calls if not main} == {2, 7}

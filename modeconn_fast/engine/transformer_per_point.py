@@ -16,6 +16,11 @@ in one process alternating, load 1.3: 1.42× the layer-by-layer path on one thre
 cores oversubscribed by other jobs, load 8-9, it once ran 0.47× as fast, small operations waiting for descheduled
 threads).
 
+With T > 1 intra-op threads, T Python threads share the points (`each_point`), each running a point's ops on one
+thread: a point's ops are too small to split well between threads, and an op split between threads waits at its end
+for the slowest, which on a loaded machine is often descheduled (B7's Transformer with a learned positional Embedding,
+512 sequences, 36 points, 2 threads, load 3.4-6: 2.4× the points taken in turn on two threads, 1.58× vmap).
+
 The first layer fed straight by the view's Embedding (x = E(p)[indices], recorded in `ViewState.lookups` as for the
 recurrent layers) gathers its q/k/v rows from each point's table products E(p) Win(p)ᵀ + bin(p) [V, 3E] instead of
 multiplying every position (V ≤ M·L rows a point). With fewer tokens than positions and no attention mask, the
@@ -23,6 +28,7 @@ whole stack runs on the distinct tokens' rows instead (`TokenRows`).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
@@ -90,16 +96,19 @@ def run(layers: Sequence[nn.Module], src: Tensor, attn_mask: Tensor | None, key_
         tokens = TokenRows.of(state, lookup, key_padding_mask)
     samples = src.shape[0] // state.points
     if tokens is not None:
-        for p, span in _points(state.points, samples):
+        def token_point(p: int, span: slice) -> None:
             x = tokens.tables[p].expand(samples, *tokens.tables.shape[1:])
             for layer in mixed:
                 x = _layer(layer, p, x, None, tokens.mask(span))
             torch.index_select(x.reshape(-1, x.shape[-1]), 0, tokens.positions(span), out=out[span].flatten(0, 1))
+
+        each_point(state.points, samples, token_point)
         return out
     length = src.shape[1]
     mask = mixed[0].attention._additive_mask(attn_mask, key_padding_mask, src.shape[0], length, length, src.dtype)
     table = _table_products(state, src, mixed[0]) if not mixed[0].norm_first else None
-    for p, span in _points(state.points, samples):
+
+    def point(p: int, span: slice) -> None:
         x = src[span]
         point_mask = None if mask is None or mask.shape[0] == 1 else mask[span]
         for i, layer in enumerate(mixed):
@@ -109,12 +118,34 @@ def run(layers: Sequence[nn.Module], src: Tensor, attn_mask: Tensor | None, key_
                 qkv = F.embedding(indices[0] if indices.shape[0] == 1 else indices[span], products[p])
             x = _layer(layer, p, x, qkv, mask if point_mask is None else point_mask)
         out[span] = x
+
+    each_point(state.points, samples, point)
     return out
 
 
-def _points(points: int, samples: int) -> list[tuple[int, slice]]:
-    """Each point and its rows of the folded batch axis."""
-    return [(p, slice(p * samples, (p + 1) * samples)) for p in range(points)]
+def each_point(points: int, samples: int, fn: Callable[[int, slice], None]) -> None:
+    """fn(p, rows of point p on the folded batch axis) for every point. With T > 1 intra-op threads, T Python
+    threads take the points in turn, each running its ops on one thread: a point's ops are too small to share
+    well between threads (each op ends at a barrier, costly where a thread is descheduled), whole points are not."""
+    intra_op = torch.get_num_threads()
+    threads = min(intra_op, points)
+    if threads < 2:
+        for p in range(points):
+            fn(p, slice(p * samples, (p + 1) * samples))
+        return
+
+    def worker(first: int) -> None:
+        torch.set_num_threads(1)  # a new thread's own OpenMP setting
+        for p in range(first, points, threads):
+            fn(p, slice(p * samples, (p + 1) * samples))
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(worker, first) for first in range(threads)]:
+                done.result()
+    finally:
+        torch.set_num_threads(intra_op)
 
 
 class TokenRows:
