@@ -451,3 +451,23 @@ def test_points_shared_between_threads(case, monkeypatch):
         torch.testing.assert_close(losses[threads], losses[1], rtol=1e-6, atol=1e-8)
     assert all(seen == 1 for _, main, seen in calls if not main)  # workers run their ops on one thread
     assert {set_to for set_to, main, _ in calls if not main} == {2, 7}
+
+
+class ReadsEmbeddingSizes(nn.Module):
+    """Model code that reads the Embedding's sizes in its forward (as Hugging Face style code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 5, padding_idx=0)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        tokens = tokens.clamp(max=self.embed.num_embeddings - 1)
+        scale = self.embed.embedding_dim ** -0.5 if self.embed.padding_idx == 0 else 1.0
+        return self.head(self.embed(tokens).mean(dim=1) * scale)
+
+
+def test_embedding_exposes_its_sizes_to_model_code():
+    tokens = torch.randint(0, 9, (6, 4))
+    assert_native_and_matches_loop(ReadsEmbeddingSizes, tokens, torch.randint(0, 3, (6,)))
+

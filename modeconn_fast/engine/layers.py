@@ -191,7 +191,8 @@ class SubspaceEmbedding(SubspaceLayer):
 
     def __init__(self, state: ViewState, stacked: dict[str, Tensor], module: nn.Embedding):
         super().__init__(state, stacked)
-        self.embedding_dim = module.embedding_dim
+        self.num_embeddings, self.embedding_dim = module.num_embeddings, module.embedding_dim
+        self.padding_idx = module.padding_idx  # read by model code; it shapes only the gradient, not the forward
 
     def forward(self, idx: Tensor) -> Tensor:
         state, weight = self.state, self.stacked["weight"]
