@@ -83,6 +83,7 @@ class SubspaceLayer(nn.Module):
         self._cache[key] = (source, outputs, collecting)  # the source held: its memory is not taken while keyed
         return outputs
 
+
 class SubspaceLinear(SubspaceLayer):
     """y[p] = x[p] @ W(p)ᵀ + b(p) on inputs [P·N, ..., Din]."""
 

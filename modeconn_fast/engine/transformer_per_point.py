@@ -106,7 +106,7 @@ def run(layers: Sequence[nn.Module], src: Tensor, attn_mask: Tensor | None, key_
         return out
     length = src.shape[1]
     mask = mixed[0].attention._additive_mask(attn_mask, key_padding_mask, src.shape[0], length, length, src.dtype)
-    table = _table_products(state, src, mixed[0]) if not mixed[0].norm_first else None
+    table = _table_products(state, src, lookup, mixed[0]) if not mixed[0].norm_first else None
 
     def point(p: int, span: slice) -> None:
         x = src[span]
@@ -189,11 +189,11 @@ class TokenRows:
         return (indices + offsets.unsqueeze(1)).flatten()
 
 
-def _table_products(state: ViewState, src: Tensor, first: _MixedLayer) -> tuple[Tensor, Tensor] | None:
+def _table_products(state: ViewState, src: Tensor, lookup: Any, first: _MixedLayer) -> tuple[Tensor, Tensor] | None:
     """For a first layer fed straight by the view's Embedding: each point's products of its table rows with its
     in-projection, E(p) Win(p)ᵀ + bin(p) [P, V, 3E], and the indices [P·M or 1·M, L] each position reads (one
-    copy where all points read the same tokens). None where src is no such lookup or the table is the larger."""
-    lookup = state.lookup_of(src)
+    copy where all points read the same tokens), from `lookup` (src's, or None). None where there is none or the table
+    is the larger."""
     rows, length = src.shape[:2]
     if lookup is None or lookup.indices.shape != (rows, length) or lookup.table.shape[1] > rows // state.points * length:
         return None
