@@ -81,8 +81,9 @@ def reference_loss(curve: mc.BezierCurve, inputs, targets, t, weight_decay):
     return total / len(rows)
 
 
+@pytest.mark.parametrize("t_values", [[0.2, 0.55, 0.9], [0.55]], ids=["three-t", "one-t"])
 @pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
-def test_control_point_gradients_match_plain_autograd(factory):
+def test_control_point_gradients_match_plain_autograd(factory, t_values):
     from modeconn_fast.curves.train import _data_loss
 
     torch.manual_seed(3)
@@ -93,11 +94,12 @@ def test_control_point_gradients_match_plain_autograd(factory):
         for point in curve.control_points[1:3]:
             for p in point.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-    t = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64)
+    t = torch.tensor(t_values, dtype=torch.float64)
     free = [p for p in curve.parameters() if p.requires_grad]
 
     rows = curve.coefficients(t)
     data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
+    assert (curve._view is None) == (len(t) == 1)  # one t runs the plain model at that point (`one_point.py`)
     data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
     ours = data_loss.item() + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
@@ -105,6 +107,41 @@ def test_control_point_gradients_match_plain_autograd(factory):
     assert ours == pytest.approx(expected.detach().item(), rel=1e-10, abs=1e-12)
     for p, want in zip(free, expected_grads):
         torch.testing.assert_close(p.grad, want, rtol=1e-8, atol=1e-10)
+
+
+class TiedScaled(nn.Module):
+    """Three Linear layers, the first two sharing their weight, or (own_parameter) not, and a parameter of the
+    model's own."""
+
+    def __init__(self, own_parameter: bool) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(19, 19), nn.Linear(19, 5)
+        self.tied = nn.Linear(19, 19, bias=False)
+        if not own_parameter:  # (the view's per-point fallback does not take tied weights)
+            self.tied.weight = self.first.weight
+        self.scale = nn.Parameter(torch.tensor(1.5)) if own_parameter else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.tied(torch.relu(self.first(x))))
+        return self.second(y if self.scale is None else y * self.scale)
+
+
+@pytest.mark.filterwarnings("ignore:the model holds tensors of its own")  # the view runs that one per point
+@pytest.mark.parametrize("own_parameter", [False, True], ids=["tied", "own-parameter"])
+def test_one_t_in_train_mode_gives_the_views_outputs_and_gradients(own_parameter):
+    torch.manual_seed(4)
+    factory = lambda: TiedScaled(own_parameter)
+    curve = mc.BezierCurve(seeded(factory, 0), seeded(factory, 1), fix_end=False).double().train()
+    inputs, rows = torch.randn(7, 19, dtype=torch.float64), curve.coefficients(torch.tensor([0.3]))
+    free = [p for p in curve.parameters() if p.requires_grad]
+    results = []
+    for stacked in (None, curve.stacked()):  # the plain model at the point (where supported), then the view
+        out = curve.outputs(inputs, rows, stacked)
+        results.append((out, torch.autograd.grad(out.sin().sum(), free)))
+    assert (curve._one_point is False) == own_parameter  # a model's own parameter: the view runs it
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for mine, viewed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(mine, viewed, rtol=1e-10, atol=1e-12)
 
 
 def test_weight_decay_gradient_added_directly_matches_autograd():
@@ -226,24 +263,24 @@ class Centred(nn.Module):
 def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypatch):
     from modeconn_fast.engine import SubspaceView
 
-    inputs = torch.randn(6, 19)
+    inputs, t = torch.randn(6, 19), torch.tensor([0.3, 0.6])  # two points: the view (one runs the plain model)
     curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
-    expected = curve(inputs, 0.3)
+    expected = curve(inputs, t)
     checks = curve._view.reads_shared_rows_only
     prepared = []
     original_prepare = SubspaceView.prepare
     monkeypatch.setattr(SubspaceView, "prepare",
                         lambda view, *args: prepared.append(1) or original_prepare(view, *args))
     copied = copy.deepcopy(curve)
-    torch.testing.assert_close(copied(inputs, 0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(copied(inputs, t), expected, rtol=0, atol=0)
     assert prepared == [] and copied._view.reads_shared_rows_only == checks
 
     with pytest.warns(UserWarning, match="whole model per point"):
         centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1))
-        expected = centred(inputs, 0.3)
+        expected = centred(inputs, t)
     prepared.clear()
     with pytest.warns(UserWarning, match="whole model per point"):
-        torch.testing.assert_close(copy.deepcopy(centred)(inputs, 0.3), expected, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(centred)(inputs, t), expected, rtol=0, atol=0)
     assert prepared == [1]  # checked again, and run per point again
 
 
