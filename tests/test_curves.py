@@ -99,7 +99,8 @@ def test_control_point_gradients_match_plain_autograd(factory, t_values):
 
     rows = curve.coefficients(t)
     data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
-    assert (curve._view is None) == (len(t) == 1)  # one t runs the plain model at that point (`one_point.py`)
+    # one t: the plain model at that point (`one_point.py`); several of a Sequential: sample-major; else the view
+    assert (curve._view is None) == (len(t) == 1 or factory is mlp)
     data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
     ours = data_loss.item() + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
@@ -142,6 +143,39 @@ def test_one_t_in_train_mode_gives_the_views_outputs_and_gradients(own_parameter
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     for mine, viewed in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(mine, viewed, rtol=1e-10, atol=1e-12)
+
+
+def sequential_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(5, 6, 3, padding=1, groups=1, bias=False), nn.BatchNorm2d(6, affine=False), nn.Tanh(),
+                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 7), nn.BatchNorm1d(7), nn.ReLU(),
+                         nn.Linear(7, 4))
+
+
+def grouped_first() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(4, 6, 3, groups=2, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4, 3))
+
+
+def batchnorm_first() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm1d(19), nn.Linear(19, 8), nn.GELU(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("factory, shape", [(sequential_cnn, (9, 3, 8, 8)), (grouped_first, (9, 4, 9)),
+                                            (batchnorm_first, (9, 19)), (mlp, (9, 19)), (mlp, (9, 2, 19))],
+                         ids=["cnn", "grouped-conv-first", "batchnorm-first", "mlp", "mlp-on-sequences"])
+def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_gradients(factory, shape):
+    torch.manual_seed(5)
+    curve = mc.BezierCurve(seeded(factory, 0), seeded(factory, 1), bends=2, fix_start=False).double().train()
+    inputs, rows = torch.randn(*shape, dtype=torch.float64), curve.coefficients(torch.tensor([0.1, 0.45, 0.8]))
+    free = [p for p in curve.parameters() if p.requires_grad]
+    results = []
+    for stacked in (None, curve.stacked()):  # sample-major (`sample_major.py`), then the view
+        out = curve.outputs(inputs, rows, stacked)
+        results.append((out, torch.autograd.grad(out.sin().sum(), free)))
+    assert bool(curve._sample_major) == (len(shape) == 2 or factory is not mlp)  # a Linear on 3-d inputs: the view
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    for mine, viewed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(mine, viewed, rtol=1e-9, atol=1e-11)
 
 
 def test_weight_decay_gradient_added_directly_matches_autograd():
@@ -263,8 +297,8 @@ class Centred(nn.Module):
 def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypatch):
     from modeconn_fast.engine import SubspaceView
 
-    inputs, t = torch.randn(6, 19), torch.tensor([0.3, 0.6])  # two points: the view (one runs the plain model)
-    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
+    inputs, t = torch.randn(6, 19), 0.3
+    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1)).eval()  # in eval mode the view runs every model
     expected = curve(inputs, t)
     checks = curve._view.reads_shared_rows_only
     prepared = []
@@ -276,7 +310,7 @@ def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypat
     assert prepared == [] and copied._view.reads_shared_rows_only == checks
 
     with pytest.warns(UserWarning, match="whole model per point"):
-        centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1))
+        centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1)).eval()
         expected = centred(inputs, t)
     prepared.clear()
     with pytest.warns(UserWarning, match="whole model per point"):

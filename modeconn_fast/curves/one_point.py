@@ -59,14 +59,19 @@ class OnePointModel:
         self.model = model
         shapes = dict(architecture.named_parameters())
         self.shapes = [shapes[name].shape for name in parameter_names]
-        self.sizes = [shape.numel() for shape in self.shapes]
 
     def __call__(self, per_point: list[list[Tensor]], row: Tensor, inputs: tuple[Tensor, ...]) -> object:
         """The model's output at Σ_k row[0, k] θ_k, with θ_k the parameters `per_point[k]` (in `parameter_names`
         order); gradients reach those that require them."""
-        basis = torch.cat([p.reshape(-1) for params in per_point for p in params]).view(len(per_point), -1)
-        flat = (row @ basis).view(-1)
-        mixed = [part.view(shape) for part, shape in zip(flat.split(self.sizes), self.shapes)]
+        mixed = mixed_parameters(per_point, row, self.shapes)
         for module, name, i in self.slots:
-            module.__dict__[name] = mixed[i]
+            module.__dict__[name] = mixed[i][0]
         return self.model(*inputs)
+
+
+def mixed_parameters(per_point: list[list[Tensor]], rows: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    """Σ_k rows[p, k] θ_k for every parameter, [P, *shape] each: one product of the rows [P, K] with the flat basis
+    [K, D] (θ_k = `per_point[k]`, the parameters of control point k), then a view per parameter."""
+    basis = torch.cat([p.reshape(-1) for params in per_point for p in params]).view(len(per_point), -1)
+    flat = rows @ basis
+    return [part.view(len(rows), *shape) for part, shape in zip(flat.split([shape.numel() for shape in shapes], dim=1), shapes)]
