@@ -163,19 +163,24 @@ def batchnorm_first() -> nn.Module:
 @pytest.mark.parametrize("factory, shape", [(sequential_cnn, (9, 3, 8, 8)), (grouped_first, (9, 4, 9)),
                                             (batchnorm_first, (9, 19)), (mlp, (9, 19)), (mlp, (9, 2, 19))],
                          ids=["cnn", "grouped-conv-first", "batchnorm-first", "mlp", "mlp-on-sequences"])
-def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_gradients(factory, shape):
+def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_gradients(factory, shape, monkeypatch):
+    from modeconn_fast.curves import sample_major
+
     torch.manual_seed(5)
     curve = mc.BezierCurve(seeded(factory, 0), seeded(factory, 1), bends=2, fix_start=False).double().train()
     inputs, rows = torch.randn(*shape, dtype=torch.float64), curve.coefficients(torch.tensor([0.1, 0.45, 0.8]))
     free = [p for p in curve.parameters() if p.requires_grad]
     results = []
-    for stacked in (None, curve.stacked()):  # sample-major (`sample_major.py`), then the view
-        out = curve.outputs(inputs, rows, stacked)
+    for stacked in (None, "chunks", curve.stacked()):  # sample-major (`sample_major.py`), in chunks, the view
+        if stacked == "chunks" and curve._sample_major:  # two points, then one
+            monkeypatch.setattr(sample_major, "CHUNK_ELEMENTS", 2 * curve._sample_major.largest)
+        out = curve.outputs(inputs, rows, None if stacked == "chunks" else stacked)
         results.append((out, torch.autograd.grad(out.sin().sum(), free)))
     assert bool(curve._sample_major) == (len(shape) == 2 or factory is not mlp)  # a Linear on 3-d inputs: the view
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
-    for mine, viewed in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(mine, viewed, rtol=1e-9, atol=1e-11)
+    for output, grads in results[:2]:
+        torch.testing.assert_close(output, results[2][0], rtol=1e-10, atol=1e-12)
+        for mine, viewed in zip(grads, results[2][1]):
+            torch.testing.assert_close(mine, viewed, rtol=1e-9, atol=1e-11)
 
 
 def test_weight_decay_gradient_added_directly_matches_autograd():
