@@ -147,7 +147,7 @@ def test_one_t_in_train_mode_gives_the_views_outputs_and_gradients(own_parameter
 
 def sequential_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(5, 6, 3, padding=1, groups=1, bias=False), nn.BatchNorm2d(6, affine=False), nn.Tanh(),
+                         nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, affine=False), nn.Tanh(),
                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 7), nn.BatchNorm1d(7), nn.ReLU(),
                          nn.Linear(7, 4))
 

@@ -1,6 +1,6 @@
 """One point of a trainable subspace run as the plain model: training with one coefficient row per step.
 
-    θ(c) = c · B,   B = [θ_0; …; θ_{K−1}] ∈ R^{K×D}   (every parameter of control point k flattened into row k)
+    θ(c) = c · B,   B = [θ_0; …; θ_{K−1}] ∈ R^{K×D}   (every parameter of control point k flattened, row k)
 
 A single point has nothing to fold into the batch axis, so its fastest forward is the model itself at θ(c):
 one product of the row with the flat basis gives every layer's weights (one autograd node, where mixing layer by
@@ -73,5 +73,5 @@ def mixed_parameters(per_point: list[list[Tensor]], rows: Tensor, shapes: list[t
     """Σ_k rows[p, k] θ_k for every parameter, [P, *shape] each: one product of the rows [P, K] with the flat basis
     [K, D] (θ_k = `per_point[k]`, the parameters of control point k), then a view per parameter."""
     basis = torch.cat([p.reshape(-1) for params in per_point for p in params]).view(len(per_point), -1)
-    flat = rows @ basis
-    return [part.view(len(rows), *shape) for part, shape in zip(flat.split([shape.numel() for shape in shapes], dim=1), shapes)]
+    parts = (rows @ basis).split([shape.numel() for shape in shapes], dim=1)
+    return [part.view(len(rows), *shape) for part, shape in zip(parts, shapes)]

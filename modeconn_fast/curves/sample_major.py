@@ -49,7 +49,8 @@ def supports_sample_major(model: nn.Module, float_entries: list[str]) -> bool:
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return False
         if type(module) in _WEIGHTED:
-            if isinstance(module, nn.modules.conv._ConvNd) and (module.padding_mode != "zeros" or module.padding == "same"):
+            conv = isinstance(module, nn.modules.conv._ConvNd)
+            if conv and (module.padding_mode != "zeros" or module.padding == "same"):
                 return False
             allowed |= {f"{name}.{entry}" for entry in ("weight", "bias", "running_mean", "running_var")}
         elif type(module) is nn.Flatten:

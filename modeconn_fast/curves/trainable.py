@@ -169,14 +169,14 @@ class TrainableSubspace(nn.Module):
         if rows.shape[0] == 1:
             if self._one_point is None:
                 supported = supports_one_point(self.architecture, list(self._entry_lists()))
-                self._one_point = OnePointModel(self.architecture, self.parameter_names()) if supported else False
+                self._one_point = supported and OnePointModel(self.architecture, self.parameter_names())
             if not self._one_point:
                 return None
             out = pick_output(self._one_point(per_point, rows, inputs), self.output)
             return out.unsqueeze(0) if out.dim() > 0 and out.shape[0] == samples else None  # else the view says why
         if self._sample_major is None:
             supported = supports_sample_major(self.architecture, list(self._entry_lists())) and self.output is None
-            self._sample_major = SampleMajorSequential(self.architecture, self.parameter_names()) if supported else False
+            self._sample_major = supported and SampleMajorSequential(self.architecture, self.parameter_names())
         if not self._sample_major or len(inputs) != 1:
             return None
         try:
