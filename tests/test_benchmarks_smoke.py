@@ -1,5 +1,6 @@
 """The benchmark harness's equal-results checks at a tiny size: the project and the B1 peers (loss-landscapes,
-vmap + functional_call, the load_state_dict loop) compute the same per-point losses on a 4×4 plane."""
+vmap + functional_call, the load_state_dict loop) compute the same per-point losses on a 4×4 plane; B6's curve
+training and its 2018 reference the same loss at every step."""
 from __future__ import annotations
 
 from benchmarks import b1_grid_tiny
@@ -23,3 +24,14 @@ def test_b7_peers_agree_with_the_project_at_a_tiny_size():
     assert [p.name for p in transformer.peers] == ["load_state_dict loop", "vmap"]
     assert [p.name for p in gru.peers] == ["load_state_dict loop"] and "vmap cannot run" in gru.note
     assert transformer.checks_ok and gru.checks_ok
+
+
+def test_b6_curve_training_agrees_with_the_reference_step_by_step():
+    import torch
+
+    from benchmarks import b6_curve_train as b6
+
+    setup = b6.prepare(b6.Size(repeats=1, epochs=1))
+    ours, reference = torch.tensor(b6.ours(setup, 1)), torch.tensor(b6.reference(setup))
+    assert len(ours) == b6.STEPS
+    torch.testing.assert_close(ours, reference, rtol=0, atol=b6.ATOL)

@@ -81,8 +81,9 @@ def reference_loss(curve: mc.BezierCurve, inputs, targets, t, weight_decay):
     return total / len(rows)
 
 
+@pytest.mark.parametrize("t_values", [[0.2, 0.55, 0.9], [0.55]], ids=["three-t", "one-t"])
 @pytest.mark.parametrize("factory", [mlp, SmallCNN], ids=["mlp", "cnn-batchnorm"])
-def test_control_point_gradients_match_plain_autograd(factory):
+def test_control_point_gradients_match_plain_autograd(factory, t_values):
     from modeconn_fast.curves.train import _data_loss
 
     torch.manual_seed(3)
@@ -93,11 +94,13 @@ def test_control_point_gradients_match_plain_autograd(factory):
         for point in curve.control_points[1:3]:
             for p in point.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-    t = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64)
+    t = torch.tensor(t_values, dtype=torch.float64)
     free = [p for p in curve.parameters() if p.requires_grad]
 
     rows = curve.coefficients(t)
     data_loss = _data_loss(curve, inputs, targets, rows, F.cross_entropy)
+    # one t: the plain model at that point (`one_point.py`); several of a Sequential: sample-major; else the view
+    assert (curve._view is None) == (len(t) == 1 or factory is mlp)
     data_loss.backward()  # the data loss through autograd, then the weight decay term's gradient added directly
     ours = data_loss.item() + curve.add_weight_decay(rows, 0.01)
     expected = reference_loss(curve, inputs, targets, t, weight_decay=0.01)
@@ -105,6 +108,79 @@ def test_control_point_gradients_match_plain_autograd(factory):
     assert ours == pytest.approx(expected.detach().item(), rel=1e-10, abs=1e-12)
     for p, want in zip(free, expected_grads):
         torch.testing.assert_close(p.grad, want, rtol=1e-8, atol=1e-10)
+
+
+class TiedScaled(nn.Module):
+    """Three Linear layers, the first two sharing their weight, or (own_parameter) not, and a parameter of the
+    model's own."""
+
+    def __init__(self, own_parameter: bool) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(19, 19), nn.Linear(19, 5)
+        self.tied = nn.Linear(19, 19, bias=False)
+        if not own_parameter:  # (the view's per-point fallback does not take tied weights)
+            self.tied.weight = self.first.weight
+        self.scale = nn.Parameter(torch.tensor(1.5)) if own_parameter else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.tied(torch.relu(self.first(x))))
+        return self.second(y if self.scale is None else y * self.scale)
+
+
+@pytest.mark.filterwarnings("ignore:the model holds tensors of its own")  # the view runs that one per point
+@pytest.mark.parametrize("own_parameter", [False, True], ids=["tied", "own-parameter"])
+def test_one_t_in_train_mode_gives_the_views_outputs_and_gradients(own_parameter):
+    torch.manual_seed(4)
+    factory = lambda: TiedScaled(own_parameter)
+    curve = mc.BezierCurve(seeded(factory, 0), seeded(factory, 1), fix_end=False).double().train()
+    inputs, rows = torch.randn(7, 19, dtype=torch.float64), curve.coefficients(torch.tensor([0.3]))
+    free = [p for p in curve.parameters() if p.requires_grad]
+    results = []
+    for stacked in (None, curve.stacked()):  # the plain model at the point (where supported), then the view
+        out = curve.outputs(inputs, rows, stacked)
+        results.append((out, torch.autograd.grad(out.sin().sum(), free)))
+    assert (curve._one_point is False) == own_parameter  # a model's own parameter: the view runs it
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for mine, viewed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(mine, viewed, rtol=1e-10, atol=1e-12)
+
+
+def sequential_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, affine=False), nn.Tanh(),
+                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 7), nn.BatchNorm1d(7), nn.ReLU(),
+                         nn.Linear(7, 4))
+
+
+def grouped_first() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(4, 6, 3, groups=2, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4, 3))
+
+
+def batchnorm_first() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm1d(19), nn.Linear(19, 8), nn.GELU(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("factory, shape", [(sequential_cnn, (9, 3, 8, 8)), (grouped_first, (9, 4, 9)),
+                                            (batchnorm_first, (9, 19)), (mlp, (9, 19)), (mlp, (9, 2, 19))],
+                         ids=["cnn", "grouped-conv-first", "batchnorm-first", "mlp", "mlp-on-sequences"])
+def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_gradients(factory, shape, monkeypatch):
+    from modeconn_fast.curves import sample_major
+
+    torch.manual_seed(5)
+    curve = mc.BezierCurve(seeded(factory, 0), seeded(factory, 1), bends=2, fix_start=False).double().train()
+    inputs, rows = torch.randn(*shape, dtype=torch.float64), curve.coefficients(torch.tensor([0.1, 0.45, 0.8]))
+    free = [p for p in curve.parameters() if p.requires_grad]
+    results = []
+    for stacked in (None, "chunks", curve.stacked()):  # sample-major (`sample_major.py`), in chunks, the view
+        if stacked == "chunks" and curve._sample_major:  # two points, then one
+            monkeypatch.setattr(sample_major, "CHUNK_ELEMENTS", 2 * curve._sample_major.largest)
+        out = curve.outputs(inputs, rows, None if stacked == "chunks" else stacked)
+        results.append((out, torch.autograd.grad(out.sin().sum(), free)))
+    assert bool(curve._sample_major) == (len(shape) == 2 or factory is not mlp)  # a Linear on 3-d inputs: the view
+    for output, grads in results[:2]:
+        torch.testing.assert_close(output, results[2][0], rtol=1e-10, atol=1e-12)
+        for mine, viewed in zip(grads, results[2][1]):
+            torch.testing.assert_close(mine, viewed, rtol=1e-9, atol=1e-11)
 
 
 def test_weight_decay_gradient_added_directly_matches_autograd():
@@ -226,24 +302,24 @@ class Centred(nn.Module):
 def test_a_copy_reuses_the_view_checks_unless_the_model_runs_per_point(monkeypatch):
     from modeconn_fast.engine import SubspaceView
 
-    inputs = torch.randn(6, 19)
-    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
-    expected = curve(inputs, 0.3)
+    inputs, t = torch.randn(6, 19), 0.3
+    curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1)).eval()  # in eval mode the view runs every model
+    expected = curve(inputs, t)
     checks = curve._view.reads_shared_rows_only
     prepared = []
     original_prepare = SubspaceView.prepare
     monkeypatch.setattr(SubspaceView, "prepare",
                         lambda view, *args: prepared.append(1) or original_prepare(view, *args))
     copied = copy.deepcopy(curve)
-    torch.testing.assert_close(copied(inputs, 0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(copied(inputs, t), expected, rtol=0, atol=0)
     assert prepared == [] and copied._view.reads_shared_rows_only == checks
 
     with pytest.warns(UserWarning, match="whole model per point"):
-        centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1))
-        expected = centred(inputs, 0.3)
+        centred = mc.BezierCurve(seeded(Centred, 0), seeded(Centred, 1)).eval()
+        expected = centred(inputs, t)
     prepared.clear()
     with pytest.warns(UserWarning, match="whole model per point"):
-        torch.testing.assert_close(copy.deepcopy(centred)(inputs, 0.3), expected, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(centred)(inputs, t), expected, rtol=0, atol=0)
     assert prepared == [1]  # checked again, and run per point again
 
 

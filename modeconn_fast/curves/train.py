@@ -5,7 +5,8 @@
 as the 2018 reference does (weight decay on the sampled point's weights, not SGD's decay of the control
 points). The data loss goes through autograd; the weight decay term's gradient is added to the control points'
 gradients directly (`TrainableSubspace.add_weight_decay`), its value from the control points' Gram matrix.
-Each minibatch draws `t_per_step` values of t, all run in one pass of the subspace view on the same minibatch.
+Each minibatch draws `t_per_step` values of t, all run in one pass on the same minibatch (`TrainableSubspace.outputs`:
+the plain model at one t, an nn.Sequential sample-major at several, else the subspace view).
 BatchNorm trains in train mode with each t's own batch statistics; Dropout is on.
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ def train_curve(curve: Curve, train_data: Any, *, epochs: int, lr: float, moment
 
 def _data_loss(curve: Curve, inputs: Any, targets: Tensor, rows: Tensor,
                loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Mean over the coefficient rows [T, K] (one per t) of the data loss, all rows in one pass of the view."""
+    """Mean over the coefficient rows [T, K] (one per t) of the data loss, all rows in one pass."""
     outputs = curve.outputs(inputs, rows)  # [T, B, ...]
     points = outputs.shape[0]
     return loss_fn(outputs.reshape(-1, *outputs.shape[2:]),

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from ..engine import SubspaceView
 from ..engine.batches import Batches, move
-from ..engine.outputs import OutputSelector
+from ..engine.outputs import OutputSelector, pick_output
 from ..engine.view import WHOLE_MODEL
 from ..subspace import Basis
+from .one_point import OnePointModel, supports_one_point
+from .sample_major import SampleMajorSequential, supports_sample_major
 
 
 class TrainableSubspace(nn.Module):
@@ -37,6 +39,8 @@ class TrainableSubspace(nn.Module):
         self._entries: dict[str, list[Tensor]] | None = None  # per floating entry, its tensor in every point
         self._parameters_per_point: list[list[Tensor]] | None = None
         self._flat_views: list[Tensor] | None = None  # the parameters of every point as 1-d views
+        self._one_point: OnePointModel | None | bool = None  # False where the architecture needs the view
+        self._sample_major: SampleMajorSequential | None | bool = None  # likewise
 
     @property
     def architecture(self) -> nn.Module:
@@ -53,7 +57,8 @@ class TrainableSubspace(nn.Module):
         point = copy.deepcopy(self.architecture)
         point.load_state_dict(state)
         self.control_points.append(point.requires_grad_(trainable))
-        self._view = self._entries = self._parameters_per_point = self._flat_views = None  # one more member
+        self._view = self._entries = self._parameters_per_point = self._flat_views = None
+        self._one_point = self._sample_major = None
         return point
 
     # --- the weights ----------------------------------------------------------------------------------------
@@ -138,16 +143,47 @@ class TrainableSubspace(nn.Module):
     def outputs(self, x: Tensor | tuple[Tensor, ...], rows: Tensor, stacked: dict[str, Tensor] | None = None) -> Tensor:
         """The outputs [P, N, ...] at the points with coefficient rows [P, K] (`stacked`: the control points as
         `stacked()` gives them, when the caller has them already). In train mode Dropout is on and BatchNorm
-        normalises each point's batch with its own statistics; in eval mode BatchNorm mixes the stored ones."""
+        normalises each point's batch with its own statistics; in eval mode BatchNorm mixes the stored ones.
+        In train mode one row runs the plain model at that point (`one_point.py`), several rows of an
+        nn.Sequential run sample-major (`sample_major.py`), where the architecture allows."""
+        inputs = (x,) if isinstance(x, Tensor) else tuple(x)
+        if stacked is None and self.training:
+            out = self._plain_outputs(inputs, rows)
+            if out is not None:
+                return out
         stacked = self.stacked() if stacked is None else stacked
         first = next(iter(stacked.values()))
         rows = rows.to(device=first.device, dtype=first.dtype)
-        inputs = (x,) if isinstance(x, Tensor) else tuple(x)
         view = self._subspace_view(rows, inputs)
         view.rebind(stacked)
         if view.training != self.training:
             view.train(self.training)
         return view(rows, inputs)
+
+    def _plain_outputs(self, inputs: tuple[Tensor, ...], rows: Tensor) -> Tensor | None:
+        """`outputs` in train mode without the view, or None where the view runs the architecture."""
+        per_point = self._parameter_lists()
+        first = per_point[0][0]
+        rows = rows.to(device=first.device, dtype=first.dtype)
+        samples = inputs[0].shape[0]
+        if rows.shape[0] == 1:
+            if self._one_point is None:
+                supported = supports_one_point(self.architecture, list(self._entry_lists()))
+                self._one_point = supported and OnePointModel(self.architecture, self.parameter_names())
+            if not self._one_point:
+                return None
+            out = pick_output(self._one_point(per_point, rows, inputs), self.output)
+            return out.unsqueeze(0) if out.dim() > 0 and out.shape[0] == samples else None  # else the view says why
+        if self._sample_major is None:
+            supported = supports_sample_major(self.architecture, list(self._entry_lists())) and self.output is None
+            self._sample_major = supported and SampleMajorSequential(self.architecture, self.parameter_names())
+        if not self._sample_major or len(inputs) != 1:
+            return None
+        try:
+            return self._sample_major(per_point, rows, inputs[0])
+        except NotImplementedError:  # a layer the sample-major layout cannot take (e.g. a Linear on 3-d inputs)
+            self._sample_major = False
+            return None
 
     def _subspace_view(self, rows: Tensor, inputs: tuple[Tensor, ...]) -> SubspaceView:
         if self._view is None:
@@ -167,10 +203,11 @@ class TrainableSubspace(nn.Module):
         checks = self._view_checks if view is None else (
             view.reads_shared_rows_only if view.fallback_names != [WHOLE_MODEL] else None)
         return {**super().__getstate__(), "_view": None, "_entries": None, "_parameters_per_point": None,
-                "_flat_views": None, "_view_checks": checks}
+                "_flat_views": None, "_one_point": None, "_sample_major": None, "_view_checks": checks}
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): the view is rebuilt for the new tensors
         self._view = self._entries = self._parameters_per_point = self._flat_views = self._view_checks = None
+        self._one_point = self._sample_major = None
         self._architecture = (self._architecture[0]._apply(fn),)
         return super()._apply(fn, recurse)
 
