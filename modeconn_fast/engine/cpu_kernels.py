@@ -263,19 +263,33 @@ def _max(v, m):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", fastmath=FAST)
-def _mixed_row(flat, n, start, weights, row):  # type: ignore[no-untyped-def]
-    """row[e] = Σ_k weights[k] flat[k, n, start + e] for e < len(row). (Loops here index slices by the loop variable
+def _mixed_row_pair_max(flat, n, start, weights, upper, pairs):  # type: ignore[no-untyped-def]
+    """pairs[e] = max(m[start + e], m[start + R + e]) for e < R = len(pairs), m = Σ_k weights[k] flat[k, n]: the
+    max of two consecutive rows of a sample's mixed map (upper: scratch of R values). Three members (a quadratic
+    Bezier curve, a plane) in one pass with the sums in registers. (Loops here index slices by the loop variable
     alone: a computed index gets numba's negative-index check, which stops LLVM from vectorising the loop.)"""
-    count = row.shape[0]
-    weight = weights[0]
-    source = flat[0, n, start:start + count]
-    for e in range(count):
-        row[e] = weight * source[e]
-    for k in range(1, flat.shape[0]):
-        weight = weights[k]
-        source = flat[k, n, start:start + count]
+    count = pairs.shape[0]
+    if flat.shape[0] == 3:
+        w0, w1, w2 = weights[0], weights[1], weights[2]
+        a0, b0 = flat[0, n, start:start + count], flat[0, n, start + count:start + 2 * count]
+        a1, b1 = flat[1, n, start:start + count], flat[1, n, start + count:start + 2 * count]
+        a2, b2 = flat[2, n, start:start + count], flat[2, n, start + count:start + 2 * count]
         for e in range(count):
-            row[e] += weight * source[e]
+            pairs[e] = _max(w0 * b0[e] + w1 * b1[e] + w2 * b2[e], w0 * a0[e] + w1 * a1[e] + w2 * a2[e])
+        return
+    for k in range(flat.shape[0]):
+        w = weights[k]
+        a, b = flat[k, n, start:start + count], flat[k, n, start + count:start + 2 * count]
+        if k == 0:
+            for e in range(count):
+                upper[e] = w * a[e]
+                pairs[e] = w * b[e]
+        else:
+            for e in range(count):
+                upper[e] += w * a[e]
+                pairs[e] += w * b[e]
+    for e in range(count):
+        pairs[e] = _max(pairs[e], upper[e])
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
@@ -298,10 +312,7 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
         for p in range(weights.shape[0]):
             point_scale, point_shift, target = scales[p], shifts[p], out[p, n]
             for i in range(height // 2):
-                _mixed_row(flat, n, 2 * i * row, weights[p], upper)
-                _mixed_row(flat, n, (2 * i + 1) * row, weights[p], pairs)
-                for e in range(row):
-                    pairs[e] = _max(pairs[e], upper[e])
+                _mixed_row_pair_max(flat, n, 2 * i * row, weights[p], upper, pairs)
                 for j in range(width // 2):
                     left = pairs[2 * j * channels:(2 * j + 1) * channels]
                     right = pairs[(2 * j + 1) * channels:(2 * j + 2) * channels]
