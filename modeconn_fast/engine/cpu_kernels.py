@@ -99,7 +99,7 @@ def _class_major_cross_entropy(xt, count, targets, scratch):  # type: ignore[no-
 
 
 @numba.njit(numba.void(numba.float32[:, :, :], numba.int64[:], numba.float64[:], numba.int64[:]),
-            cache=True, fastmath=FAST)
+            cache=True, fastmath=FAST, nogil=True)
 def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped-def]
     """loss[p] = Σ_n cross-entropy of logits[p, n] against targets[n]; wrong[p] = #{n: argmax ≠ target}."""
     points, rows, classes = logits.shape
@@ -263,52 +263,69 @@ def _max(v, m):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", fastmath=FAST)
-def _max_of_rows(source, top, row, pairs):  # type: ignore[no-untyped-def]
-    """pairs[e] = max(source[top + e], source[top + row + e]) for e < row: a 2×2 pooling's row pairs."""
-    for e in range(row):
-        pairs[e] = _max(source[top + row + e], source[top + e])
+def _mixed_row_pair_max(flat, n, start, weights, upper, pairs):  # type: ignore[no-untyped-def]
+    """pairs[e] = max(m[start + e], m[start + R + e]) for e < R = len(pairs), m = Σ_k weights[k] flat[k, n]: the
+    max of two consecutive rows of a sample's mixed map (upper: scratch of R values). Three members (a quadratic
+    Bezier curve, a plane) in one pass with the sums in registers. (Loops here index slices by the loop variable
+    alone: a computed index gets numba's negative-index check, which stops LLVM from vectorising the loop.)"""
+    count = pairs.shape[0]
+    if flat.shape[0] == 3:
+        w0, w1, w2 = weights[0], weights[1], weights[2]
+        a0, b0 = flat[0, n, start:start + count], flat[0, n, start + count:start + 2 * count]
+        a1, b1 = flat[1, n, start:start + count], flat[1, n, start + count:start + 2 * count]
+        a2, b2 = flat[2, n, start:start + count], flat[2, n, start + count:start + 2 * count]
+        for e in range(count):
+            pairs[e] = _max(w0 * b0[e] + w1 * b1[e] + w2 * b2[e], w0 * a0[e] + w1 * a1[e] + w2 * a2[e])
+        return
+    for k in range(flat.shape[0]):
+        w = weights[k]
+        a, b = flat[k, n, start:start + count], flat[k, n, start + count:start + 2 * count]
+        if k == 0:
+            for e in range(count):
+                upper[e] = w * a[e]
+                pairs[e] = w * b[e]
+        else:
+            for e in range(count):
+                upper[e] += w * a[e]
+                pairs[e] += w * b[e]
+    for e in range(count):
+        pairs[e] = _max(pairs[e], upper[e])
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST, nogil=True)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
     ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
     (`conv_block.py`; for scale ≥ 0 the same numbers as pooling after the affine map) into out [P, N, C, H', W']
     of any strides (point-major NCHW, or a view of sample-major channels-last [N, H', W', P, C] memory).
-    NaN propagates through the max, as in torch.maximum, and through the ReLU."""
+    NaN propagates through the max, as in torch.maximum, and through the ReLU. Samples outer, points inner: a
+    sample's K maps stay in cache while every point is mixed from them."""
     bases, samples, height, width, channels = per_basis.shape
-    size, row = height * width * channels, width * channels
-    flat = per_basis.reshape(bases, samples, size)
-    mixed = np.empty(size, np.float32)  # one sample's map at point p
-    pairs = np.empty(row, np.float32)  # the max of two rows of it
+    row = width * channels
+    flat = per_basis.reshape(bases, samples, height * row)
+    weights, scales, shifts = np.ascontiguousarray(coeffs), np.ascontiguousarray(scale), np.ascontiguousarray(shift)
+    upper = np.empty(row, np.float32)  # row 2i of a sample's map at point p
+    pairs = np.empty(row, np.float32)  # the max of its rows 2i and 2i + 1
     pooled = np.empty(channels, np.float32)
-    for p in range(coeffs.shape[0]):
-        point_scale, point_shift = scale[p].copy(), shift[p].copy()
-        for n in range(samples):
-            weight = coeffs[p, 0]
-            source = flat[0, n]
-            for e in range(size):
-                mixed[e] = weight * source[e]
-            for k in range(1, bases):
-                weight = coeffs[p, k]
-                source = flat[k, n]
-                for e in range(size):
-                    mixed[e] += weight * source[e]
-            target = out[p, n]
+    for n in range(samples):
+        for p in range(weights.shape[0]):
+            point_scale, point_shift, target = scales[p], shifts[p], out[p, n]
             for i in range(height // 2):
-                _max_of_rows(mixed, 2 * i * row, row, pairs)
+                _mixed_row_pair_max(flat, n, 2 * i * row, weights[p], upper, pairs)
                 for j in range(width // 2):
+                    left = pairs[2 * j * channels:(2 * j + 1) * channels]
+                    right = pairs[(2 * j + 1) * channels:(2 * j + 2) * channels]
                     for c in range(channels):
-                        v, m = pairs[(2 * j + 1) * channels + c], pairs[2 * j * channels + c]
-                        y = _max(v, m) * point_scale[c] + point_shift[c]
+                        y = _max(right[c], left[c]) * point_scale[c] + point_shift[c]
                         pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
+                    destination = target[:, i, j]
                     for c in range(channels):
-                        target[c, i, j] = pooled[c]
+                        destination[c] = pooled[c]
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
+                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST, nogil=True)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
@@ -318,67 +335,95 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     points, channels = scale.shape
     row = width * point_channels
     flat = maps.reshape(samples, height * row)
+    scales, shifts = np.ascontiguousarray(scale).reshape(-1), np.ascontiguousarray(shift).reshape(-1)
     pairs = np.empty(row, np.float32)  # the max of two rows of a sample's map
-    pooled = np.empty(channels, np.float32)
+    pooled = np.empty(point_channels, np.float32)  # one position's outputs at every point
     for n in range(samples):
-        source = flat[n]
         for i in range(height // 2):
-            _max_of_rows(source, 2 * i * row, row, pairs)
+            upper = flat[n, 2 * i * row:(2 * i + 1) * row]
+            lower = flat[n, (2 * i + 1) * row:(2 * i + 2) * row]
+            for e in range(row):
+                pairs[e] = _max(lower[e], upper[e])
             for j in range(width // 2):
-                left, right = 2 * j * point_channels, (2 * j + 1) * point_channels
+                left = pairs[2 * j * point_channels:(2 * j + 1) * point_channels]
+                right = pairs[(2 * j + 1) * point_channels:(2 * j + 2) * point_channels]
+                for e in range(point_channels):
+                    y = _max(right[e], left[e]) * scales[e] + shifts[e]
+                    pooled[e] = y if not relu or not y < 0 else np.float32(0.0)
                 for p in range(points):
+                    destination = out[p, n, :, i, j]
+                    point = pooled[p * channels:(p + 1) * channels]
                     for c in range(channels):
-                        v, m = pairs[right + p * channels + c], pairs[left + p * channels + c]
-                        y = _max(v, m) * scale[p, c] + shift[p, c]
-                        pooled[c] = y if not relu or not y < 0 else np.float32(0.0)
-                    target = out[p, n]
-                    for c in range(channels):
-                        target[c, i, j] = pooled[c]
+                        destination[c] = point[c]
 
 
 @numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True,
-            fastmath=FAST)
+            fastmath=FAST, nogil=True)
 def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
     """mean[k, c] = E_m values[k, m, c] and covariance[c, k, l] = E_m (values[k,m,c] − mean[k,c])(values[l,m,c] −
     mean[l,c]) of K outputs [K, M, C] (`conv_block._moments`), in float64 without a float64 copy of the values:
-    two passes, the mean first, as the torch path."""
+    two passes, the mean first, as the torch path. Each pass runs over blocks of rows as flat runs of ~256 values,
+    summed into a run of partial sums per (k, l) that are folded per channel at the end (long vectorised loops
+    where a loop over C channels would be short)."""
     bases, count, channels = values.shape
-    mean[:] = 0
+    block = max(1, 256 // channels)  # rows per run
+    width = block * channels
+    flat = values.reshape(bases, count * channels)
+    partial = np.zeros((bases, width), np.float64)
     for k in range(bases):
-        for m in range(count):
-            for c in range(channels):
-                mean[k, c] += values[k, m, c]
-    mean /= count
-    deviation = np.empty((bases, channels), np.float64)
-    products = np.zeros((bases, bases, channels), np.float64)  # [k, l ≤ k, c]
-    for m in range(count):
+        sums = partial[k]
+        for start in range(0, count * channels, width):
+            source = flat[k, start:start + width]
+            for e in range(source.shape[0]):
+                sums[e] += source[e]
+    centres = np.empty((bases, width), np.float64)  # mean[k] repeated for every row of a run
+    for k in range(bases):
+        for c in range(channels):
+            total = 0.0
+            for r in range(block):
+                total += partial[k, r * channels + c]
+            mean[k, c] = total / count
+        for r in range(block):
+            centres[k, r * channels:(r + 1) * channels] = mean[k]
+    deviation = np.empty((bases, width), np.float64)
+    products = np.zeros((bases, bases, width), np.float64)  # [k, l ≤ k, run]
+    for start in range(0, count * channels, width):
+        size = min(width, count * channels - start)
         for k in range(bases):
-            for c in range(channels):
-                deviation[k, c] = values[k, m, c] - mean[k, c]
+            source, centre, d = flat[k, start:start + size], centres[k], deviation[k]
+            for e in range(size):
+                d[e] = source[e] - centre[e]
         for k in range(bases):
             for l in range(k + 1):
-                for c in range(channels):
-                    products[k, l, c] += deviation[k, c] * deviation[l, c]
+                a, b, sums = deviation[k], deviation[l], products[k, l]
+                for e in range(size):
+                    sums[e] += a[e] * b[e]
     for k in range(bases):
         for l in range(k + 1):
             for c in range(channels):
-                covariance[c, k, l] = covariance[c, l, k] = products[k, l, c] / count
+                total = 0.0
+                for r in range(block):
+                    total += products[k, l, r * channels + c]
+                covariance[c, k, l] = covariance[c, l, k] = total / count
 
 
-@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST)
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST,
+            nogil=True)
 def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
     """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
     J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`)."""
     rows, columns = values.shape
     sums = np.zeros(columns, np.float64)
     for m in range(rows):
+        source = values[m]
         for j in range(columns):
-            sums[j] += values[m, j]
+            sums[j] += source[j]
     centre = sums / rows
     squares = np.zeros(columns, np.float64)
     for m in range(rows):
+        source = values[m]
         for j in range(columns):
-            d = values[m, j] - centre[j]
+            d = source[j] - centre[j]
             squares[j] += d * d
     for j in range(columns):
         mean[j] = np.float32(centre[j])
