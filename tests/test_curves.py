@@ -160,9 +160,15 @@ def batchnorm_first() -> nn.Module:
     return nn.Sequential(nn.BatchNorm1d(19), nn.Linear(19, 8), nn.GELU(), nn.Linear(8, 5))
 
 
+def pool_on_features() -> nn.Module:  # MaxPool1d on [N, D] pools along D as if N were channels
+    return nn.Sequential(nn.Linear(19, 9), nn.MaxPool1d(2), nn.Linear(4, 3))
+
+
 @pytest.mark.parametrize("factory, shape", [(sequential_cnn, (9, 3, 8, 8)), (grouped_first, (9, 4, 9)),
-                                            (batchnorm_first, (9, 19)), (mlp, (9, 19)), (mlp, (9, 2, 19))],
-                         ids=["cnn", "grouped-conv-first", "batchnorm-first", "mlp", "mlp-on-sequences"])
+                                            (batchnorm_first, (9, 19)), (mlp, (9, 19)), (mlp, (9, 2, 19)),
+                                            (pool_on_features, (9, 19))],
+                         ids=["cnn", "grouped-conv-first", "batchnorm-first", "mlp", "mlp-on-sequences",
+                              "pool-on-features"])
 def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_gradients(factory, shape, monkeypatch):
     from modeconn_fast.curves import sample_major
 
@@ -176,7 +182,8 @@ def test_several_t_in_train_mode_of_a_sequential_give_the_views_outputs_and_grad
             monkeypatch.setattr(sample_major, "CHUNK_ELEMENTS", 2 * curve._sample_major.largest)
         out = curve.outputs(inputs, rows, None if stacked == "chunks" else stacked)
         results.append((out, torch.autograd.grad(out.sin().sum(), free)))
-    assert bool(curve._sample_major) == (len(shape) == 2 or factory is not mlp)  # a Linear on 3-d inputs: the view
+    # the view runs a Linear on 3-d inputs and pooling over an input without its channel axis
+    assert bool(curve._sample_major) == ((len(shape) == 2 or factory is not mlp) and factory is not pool_on_features)
     for output, grads in results[:2]:
         torch.testing.assert_close(output, results[2][0], rtol=1e-10, atol=1e-12)
         for mine, viewed in zip(grads, results[2][1]):

@@ -35,6 +35,7 @@ PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tan
 # chunk's activations stay in cache; B6 on one thread, 8 t per step, 2 cores loaded: 4 points of [128, 16, 8, 8] at
 # a time 3.0 s, all 8 at once 3.8 s, 2 at a time 3.2 s).
 CHUNK_ELEMENTS = 1 << 19
+_POOLED_DIMS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -67,6 +68,9 @@ class SampleMajorSequential:
     def __init__(self, model: nn.Sequential, parameter_names: list[str]):
         # Dropout on (the layers' own weights are not read); max-pooling as the view runs it (`pooling.py`)
         self.layers = [faster_pooling(layer) or layer for layer in copy.deepcopy(model).train()]
+        # A pooling layer's spatial dims: on an input without the batch and channel axes besides them, torch would
+        # pool across the channel axis, i.e. across points here (the view then runs the model).
+        self.pooled_dims = [_POOLED_DIMS.get(type(layer)) for layer in model]
         named = dict(model.named_parameters())
         self.shapes = [named[name].shape for name in parameter_names]
         self.where = {name: i for i, name in enumerate(parameter_names)}  # "3.weight" -> index
@@ -94,6 +98,8 @@ class SampleMajorSequential:
             else:
                 if shared:
                     x = _repeated(x, points)
+                if (dims := self.pooled_dims[index]) is not None and x.dim() != dims + 2:
+                    raise NotImplementedError("pooling over an input without its channel axis: the view runs this")
                 if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                     x = F.batch_norm(x, None, None, None if weight is None else weight.reshape(-1),
                                      None if bias is None else bias.reshape(-1), True, 0.0, layer.eps)
