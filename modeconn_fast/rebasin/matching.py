@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
-FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
+FLOAT32_FROM = 0  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
 
@@ -73,7 +73,12 @@ class _Term:
 
     @staticmethod
     def rows(w: Tensor, units: Tensor) -> Tensor:
-        """The rows of `w` (self.a or self.b) at the given units of `other`: [len(units)·r, n], contiguous."""
+        """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
+        [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
+        closer together than this group's (a linear or convolution weight's input axis), the transpose of a
+        contiguous [n, len(units)·r] gather."""
+        if w.stride(0) < w.stride(-1):
+            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
         return w.index_select(0, units).reshape(-1, w.shape[-1])
 
 
@@ -245,8 +250,8 @@ def matching_objective(
     for key in sorted(params):
         a = state_a[key].detach().reshape(-1)
         b = permutation.permute_tensor(key, state_b[key].detach()).reshape(-1)
-        for start in range(0, a.numel(), 1 << 22):
-            total += torch.dot(a[start : start + (1 << 22)].double(), b[start : start + (1 << 22)].double()).item()
+        for start in range(0, a.numel(), 1 << 16):
+            total += torch.dot(a[start : start + (1 << 16)].double(), b[start : start + (1 << 16)].double()).item()
     return total
 
 
