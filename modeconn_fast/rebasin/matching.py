@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
-FLOAT32_FROM = 0  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
+FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
 
