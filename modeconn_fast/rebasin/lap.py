@@ -21,8 +21,8 @@ whole rows (Bertsekas 1988) first brings the prices close to the final ones; its
 the checks decide. If the rounds do not settle, the dense solver (`scipy.optimize.linear_sum_assignment`)
 answers instead: the result is always an exact optimum.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
-no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction, the rest by
-shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
+no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction (its reads of
+a row served by that row's cached best columns while they still hold its best two), the rest by shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
 than they save.
 """
 from __future__ import annotations
