@@ -22,8 +22,8 @@ the checks decide. If the rounds do not settle, the dense solver (`scipy.optimiz
 answers instead: the result is always an exact optimum.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
 no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction (its reads of
-a row served by that row's cached best columns while they still hold its best two), the rest by shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
-than they save.
+a row served by that row's cached best columns while they still hold its best two), the rest by shortest paths.
+At 512 units a row costs so little that candidate lists and the auction's restarts cost more than they save.
 """
 from __future__ import annotations
 
