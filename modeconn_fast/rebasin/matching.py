@@ -75,8 +75,8 @@ class _Term:
     def rows(w: Tensor, units: Tensor) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
-        closer together than this group's (a linear or convolution weight's input axis), the transpose of a
-        contiguous [n, len(units)·r] gather."""
+        closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
+        transpose of a contiguous [n, len(units)·r] gather."""
         if w.stride(0) < w.stride(-1):
             return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
         return w.index_select(0, units).reshape(-1, w.shape[-1])
