@@ -21,9 +21,9 @@ whole rows (Bertsekas 1988) first brings the prices close to the final ones; its
 the checks decide. If the rounds do not settle, the dense solver (`scipy.optimize.linear_sum_assignment`)
 answers instead: the result is always an exact optimum.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
-no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction, the rest by
-shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
-than they save.
+no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction (its reads of
+a row served by that row's cached best columns while they still hold its best two), the rest by shortest paths.
+At 512 units a row costs so little that candidate lists and the auction's restarts cost more than they save.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to 
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
 ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths
+TOP = 8  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
@@ -137,19 +138,26 @@ def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
     out = np.empty((rows.shape[0], k), dtype=np.int64)
     values = np.empty(k)
     for t in range(rows.shape[0]):
-        i = rows[t]
-        for e in range(k):
-            values[e] = c[i, e] - p[e]
-            out[t, e] = e
-        for start in range(k // 2 - 1, -1, -1):
-            _sift_down(values, out[t], start, k)
-        for col in range(k, c.shape[1]):
-            v = c[i, col] - p[col]
-            if v > values[0]:
-                values[0] = v
-                out[t, 0] = col
-                _sift_down(values, out[t], 0, k)
+        _row_top(c, p, rows[t], values, out[t])
     return out
+
+
+@numba.njit(cache=True)
+def _row_top(c, p, i, values, index):  # pragma: no cover - compiled
+    """The len(values) largest C[i, col] − p_col of row i into values (a min-heap: values[0] the least of them)
+    and their columns into index."""
+    k = values.shape[0]
+    for e in range(k):
+        values[e] = c[i, e] - p[e]
+        index[e] = e
+    for start in range(k // 2 - 1, -1, -1):
+        _sift_down(values, index, start, k)
+    for col in range(k, c.shape[1]):
+        v = c[i, col] - p[col]
+        if v > values[0]:
+            values[0] = v
+            index[0] = col
+            _sift_down(values, index, 0, k)
 
 
 @numba.njit(cache=True)
@@ -338,20 +346,43 @@ def _solve_by_paths(c: Tensor, warm: WarmStart | None) -> tuple[Tensor, WarmStar
         sigma, prices = torch.full((n,), -1, dtype=torch.long), c.amax(dim=0).double()
     else:
         sigma, prices = warm.sigma.clone(), warm.prices.double().clone()
-    tolerance = 1e-12 * n * max(c.abs().max().item(), 1.0)
+    low, high = torch.aminmax(c)
+    tolerance = 1e-12 * n * max(-low.item(), high.item(), 1.0)
     if _dense_rounds(c.numpy(), sigma.numpy(), prices.numpy(), tolerance, ROUNDS):
         return sigma, WarmStart(sigma, prices - prices.min(), None)
     return _dense(c), None
 
 
 @numba.njit(cache=True)
-def _best_two(c, p, i):  # pragma: no cover - compiled
-    """(first, second, column of first): the two largest C[i, k] − p_k of row i (second −inf for one column)."""
-    n = c.shape[1]
+def _best_two(c, p, i, top, bound, values, index):  # pragma: no cover - compiled
+    """(first, second, column of first): the two largest C[i, k] − p_k of row i, the lowest column among equals.
+
+    Read from row i's cached best columns top[i] (fewer than n) while they hold its best two: within one solve
+    prices only rise, so a column outside the cache stays at or below bound[i], its value when the cache was
+    filled; a second above it is exact. Else the row is read whole and top[i], bound[i] filled anew (values,
+    index: a heap of len(top[i]) + 1 entries). Row reduction meets the same rows again and again (price wars on
+    near-ties): most reads are of the cache."""
     first, second, best = -np.inf, -np.inf, -1
-    for k in range(n):
-        v = c[i, k] - p[k]
-        if v > first:
+    if bound[i] > -np.inf:
+        for e in range(top.shape[1]):
+            k = top[i, e]
+            v = c[i, k] - p[k]
+            if v > first or (v == first and k < best):
+                second = first
+                first, best = v, k
+            elif v > second:
+                second = v
+        if second > bound[i]:
+            return first, second, best
+        first, second, best = -np.inf, -np.inf, -1
+    _row_top(c, p, i, values, index)
+    bound[i] = values[0]
+    for e in range(values.shape[0]):
+        k = index[e]
+        if e > 0:
+            top[i, e - 1] = k
+        v = values[e]
+        if v > first or (v == first and k < best):
             second = first
             first, best = v, k
         elif v > second:
@@ -381,6 +412,9 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
     price = np.empty(n)
     pred = np.full(n, -1, dtype=np.int64)
     todo = np.empty(n, dtype=np.int64)
+    top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
+    bound = np.full(n, -np.inf)  # −inf: no cache yet
+    values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
     for _ in range(rounds):
         n_free = 0
         for i in range(n):
@@ -405,7 +439,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
         while head < n_free:
             i = free[head]
             head += 1
-            first, second, j = _best_two(c, p, i)
+            first, second, j = _best_two(c, p, i, top, bound, values, index)
             owner = col_to_row[j]
             steps += 1
             if steps > ARR_STEPS * n or (owner >= 0 and first - second <= tolerance):
@@ -423,7 +457,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
                 free[head] = owner
         for t in range(kept):
             s = free[t]
-            first, _, _ = _best_two(c, p, s)
+            first, _, _ = _best_two(c, p, s, top, bound, values, index)
             a[s] = first
             for k in range(n):  # the unscanned columns todo[:n_todo], their distances and prices alongside
                 todo[k] = k

@@ -73,7 +73,12 @@ class _Term:
 
     @staticmethod
     def rows(w: Tensor, units: Tensor) -> Tensor:
-        """The rows of `w` (self.a or self.b) at the given units of `other`: [len(units)·r, n], contiguous."""
+        """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
+        [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
+        closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
+        transpose of a contiguous [n, len(units)·r] gather."""
+        if w.stride(0) < w.stride(-1):
+            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
         return w.index_select(0, units).reshape(-1, w.shape[-1])
 
 
@@ -245,8 +250,8 @@ def matching_objective(
     for key in sorted(params):
         a = state_a[key].detach().reshape(-1)
         b = permutation.permute_tensor(key, state_b[key].detach()).reshape(-1)
-        for start in range(0, a.numel(), 1 << 22):
-            total += torch.dot(a[start : start + (1 << 22)].double(), b[start : start + (1 << 22)].double()).item()
+        for start in range(0, a.numel(), 1 << 16):
+            total += torch.dot(a[start : start + (1 << 16)].double(), b[start : start + (1 << 16)].double()).item()
     return total
 
 
