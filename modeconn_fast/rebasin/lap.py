@@ -80,15 +80,17 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
     auctioned = False
     extra: list[Tensor] = []  # the candidates before each round of this solve, kept until it ends
     a = torch.zeros(n, dtype=torch.float64)  # row values; the paths keep them up to date between checks
-    check = torch.arange(n)  # rows to check: all at first, then those whose value the paths changed
+    slack = torch.zeros(n, dtype=torch.float64)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a_i's falls
+    check = torch.arange(n)  # rows to check: all at first, then those the paths may have made infeasible
     for round_ in range(ROUNDS):
-        best = torch.from_numpy(_row_best(c.numpy(), prices.numpy(), check.numpy()))
         current = sigma[check]
+        others = torch.from_numpy(_row_best(c.numpy(), prices.numpy(), check.numpy(), current.numpy()))
         assigned = current >= 0
         matched = current.clamp(min=0)
-        values = torch.where(assigned, c[check, matched] - prices[matched], best)
-        bad = ~assigned | (best > values + tolerance)
-        a[check] = torch.where(bad, best, values)
+        values = torch.where(assigned, c[check, matched] - prices[matched], others)
+        bad = ~assigned | (others > values + tolerance)
+        a[check] = torch.where(bad, torch.maximum(others, values), values)
+        slack[check] = values - others
         if not bad.any():
             return sigma, WarmStart(sigma, prices - prices.min(), candidates)
         if not auctioned and bad.sum() > AUCTION_ABOVE * n:  # cold, or far from the last matrix
@@ -105,7 +107,7 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
         graph = torch.cat([candidates, column, *extra], dim=1)  # repeats are harmless
         changed = _augment(
             graph.numpy(), torch.gather(c, 1, graph).numpy(), c.numpy(), free.numpy(), sigma.numpy(), a.numpy(),
-            prices.numpy(), round_ >= WHOLE_ROWS_FROM,
+            prices.numpy(), slack.numpy(), round_ >= WHOLE_ROWS_FROM,
         )  # fmt: skip
         check = torch.nonzero(torch.from_numpy(changed)).flatten()
     return _dense(c), None
@@ -173,16 +175,17 @@ def _dense(c: Tensor) -> Tensor:
 
 
 @numba.njit(cache=True)
-def _row_best(c, p, rows):  # pragma: no cover - compiled
-    """max_k (C[i, k] − p_k) for each i in rows: one read of those rows, no n×n temporary. Serial: a parallel
-    loop starts numba's own OpenMP threads, which spin against torch's and made every torch call after it
-    several times slower on 2 cores."""
+def _row_best(c, p, rows, skip):  # pragma: no cover - compiled
+    """max_{k ≠ skip[t]} (C[i, k] − p_k) for each i = rows[t] (skip[t] < 0: over every column): one read of
+    those rows, no n×n temporary. Serial: a parallel loop starts numba's own OpenMP threads, which spin against
+    torch's and made every torch call after it several times slower on 2 cores."""
     best = np.empty(rows.shape[0])
     for t in range(rows.shape[0]):
-        i = rows[t]
+        i, j = rows[t], skip[t]
         m = -np.inf
         for k in range(c.shape[1]):
-            m = max(m, c[i, k] - p[k])
+            if k != j:
+                m = max(m, c[i, k] - p[k])
         best[t] = m
     return best
 
@@ -230,11 +233,13 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True)
-def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragma: no cover - compiled
+def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  # pragma: no cover - compiled
     """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
     values[i, e]; where the candidates hold no path, all of row i of c if `whole_rows`, else the row stays
     free); updates the assignment row_to_col (−1: free) and the duals a (rows), p (columns) in place. Returns
-    the rows whose value changed: elsewhere the rise of the prices cannot break C[i, k] ≤ a_i + p_k."""
+    the rows that may now break C[i, k] ≤ a_i + p_k: the free rows and those the paths moved, and those whose
+    value fell by more than their slack (the margin of σ(i) over the row's other columns at its last check):
+    for every other row the price rises (the only other change) cannot break it."""
     n = c.shape[0]
     col_to_row = np.full(n, -1, dtype=np.int64)
     for i in range(n):
@@ -259,11 +264,18 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, whole_rows):  # pragm
             k = scanned[t]
             delta = length - dist[k]
             p[k] += delta
-            if col_to_row[k] >= 0:
-                a[col_to_row[k]] -= delta
-                changed[col_to_row[k]] = True
+            i = col_to_row[k]
+            if i >= 0:
+                a[i] -= delta
+                slack[i] -= delta
+                if slack[i] < 0.0:
+                    changed[i] = True
         a[s] -= length
         changed[s] = True
+        j = sink
+        while pred[j] != s:  # the rows the path moves: their slack is unknown
+            changed[pred[j]] = True
+            j = row_to_col[pred[j]]
         _flip_path(s, sink, pred, row_to_col, col_to_row)
     return changed
 
