@@ -250,14 +250,16 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  
     done = np.zeros(n, dtype=np.bool_)
     pred = np.full(n, -1, dtype=np.int64)  # the row before column k on the shortest path
     scanned = np.empty(n, dtype=np.int64)
+    touched = np.empty(n, dtype=np.int64)  # the columns a search gave a distance: only these are reset after it
     for s in free_rows:
-        search = (cols, values, c, col_to_row, a, p, dist, done, pred, scanned)
-        sink, length, n_scanned = _shortest_path(s, False, *search)
+        search = (cols, values, c, col_to_row, a, p, dist, done, pred, scanned, touched)
+        sink, length, n_scanned, n_touched = _shortest_path(s, False, *search)
         if sink < 0:
             changed[s] = True
+            _reset(dist, done, touched, n_touched)
             if not whole_rows:
                 continue
-            sink, length, n_scanned = _shortest_path(s, True, *search)
+            sink, length, n_scanned, n_touched = _shortest_path(s, True, *search)
             if sink < 0:
                 raise ValueError("no augmenting path over whole rows: the cost matrix holds NaN or infinite entries")
         for t in range(n_scanned):  # p_k += D − d_k on the scanned columns, the matched rows follow
@@ -277,7 +279,16 @@ def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  
             changed[pred[j]] = True
             j = row_to_col[pred[j]]
         _flip_path(s, sink, pred, row_to_col, col_to_row)
+        _reset(dist, done, touched, n_touched)
     return changed
+
+
+@numba.njit(cache=True)
+def _reset(dist, done, touched, n_touched):  # pragma: no cover - compiled
+    """dist = ∞ and done = False again on the touched columns (O(columns touched), not O(n) per search)."""
+    for t in range(n_touched):
+        dist[touched[t]] = np.inf
+        done[touched[t]] = False
 
 
 @numba.njit(cache=True)
@@ -296,13 +307,13 @@ def _flip_path(s, sink, pred, row_to_col, col_to_row):  # pragma: no cover - com
 
 
 @numba.njit(cache=True)
-def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred, scanned):  # pragma: no cover
+def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred, scanned, touched):  # pragma: no cover
     """Dijkstra from free row s over the columns, reduced costs a_i + p_k − C[i, k]: (sink, its distance,
-    number of scanned columns, listed in `scanned`); sink −1 when no free column is reachable. Over candidate
-    entries the next column comes from a heap, over whole rows from a scan of the distances (O(n) memory; the
-    same column: the nearest, the lowest index among equals)."""
-    dist[:] = np.inf
-    done[:] = False
+    number of scanned columns, listed in `scanned`, number of columns given a distance, listed in `touched`);
+    sink −1 when no free column is reachable. Expects dist = ∞ and done = False everywhere (`_reset` after).
+    Over candidate entries the next column comes from a heap, over whole rows from a scan of the distances
+    (O(n) memory; the same column: the nearest, the lowest index among equals)."""
+    n_touched = 0
     heap = [(0.0, np.int64(0))]
     heap.pop()
     n_scanned = 0
@@ -315,6 +326,9 @@ def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred
                 continue
             nd = d + a[i] + p[k] - (c[i, k] if dense else values[i, e])
             if nd < dist[k]:
+                if dist[k] == np.inf:
+                    touched[n_touched] = k
+                    n_touched += 1
                 dist[k] = nd
                 pred[k] = i
                 if not dense:
@@ -331,12 +345,12 @@ def _shortest_path(s, dense, cols, values, c, col_to_row, a, p, dist, done, pred
             if not done[k] and d <= dist[k]:
                 j = k
         if j < 0:
-            return -1, 0.0, n_scanned
+            return -1, 0.0, n_scanned, n_touched
         done[j] = True
         scanned[n_scanned] = j
         n_scanned += 1
         if col_to_row[j] < 0:
-            return j, d, n_scanned
+            return j, d, n_scanned, n_touched
         i = col_to_row[j]
 
 
