@@ -12,16 +12,16 @@ Weight matching solves one such problem per group visit, each a small change of 
      ≥ 0, then a dual update that keeps them ≥ 0 and makes the path tight; the Hungarian method as in
      Jonker & Volgenant 1987) over candidate entries only: per row, its best entries of C − p at the last time
      it was freed, and σ(i);
-  3. the check of step 1 runs again on the rows whose value a_i the paths changed (prices only rise, so no
-     other row can fail); rows that fail are freed with fresh candidates, until none fails: the certificate.
+  3. the check of step 1 runs again on the rows the paths moved and those whose value a_i fell by more than
+     its slack (its margin over the row's other columns at its last check; prices only rise, so no other row
+     can fail); rows that fail are freed with fresh candidates, until none fails: the certificate.
 Only the freed rows cost work beyond one dense pass. A row whose candidates hold no augmenting path stays free
 for fresh candidates in the first rounds, later its search runs over whole rows. Cold (prices start at the
 column maxima), and where nearly all rows fail the first check (the matrix moved far), an ε-scaling auction
 over whole rows (Bertsekas 1988) first brings the prices close to the final ones; its assignment is only a
 start, the checks decide (a warm solve that frees half the rows, typical at 4096 and 8192 units, is faster
-without it: its restarts read every row several times). After the paths, only the rows they moved and those
-whose value fell by more than their slack at the last check are checked again. If the rounds do not settle, the dense solver (`scipy.optimize.linear_sum_assignment`)
-answers instead: the result is always an exact optimum.
+without it: its restarts read every row several times). If the rounds do not settle, the dense solver
+(`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
 no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction, the rest by
 shortest paths. At 512 units a row costs so little that candidate lists and the auction's restarts cost more
@@ -82,7 +82,7 @@ def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = Fals
     auctioned = False
     extra: list[Tensor] = []  # the candidates before each round of this solve, kept until it ends
     a = torch.zeros(n, dtype=torch.float64)  # row values; the paths keep them up to date between checks
-    slack = torch.zeros(n, dtype=torch.float64)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a_i's falls
+    slack = torch.zeros(n, dtype=torch.float64)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a's falls
     check = torch.arange(n)  # rows to check: all at first, then those the paths may have made infeasible
     for round_ in range(ROUNDS):
         current = sigma[check]
@@ -256,11 +256,12 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
 @numba.njit(cache=True)
 def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  # pragma: no cover - compiled
     """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
-    values[i, e]; where the candidates hold no path, all of row i of c if `whole_rows`, else the row stays
-    free); updates the assignment row_to_col (−1: free) and the duals a (rows), p (columns) in place. Returns
-    the rows that may now break C[i, k] ≤ a_i + p_k: the free rows and those the paths moved, and those whose
-    value fell by more than their slack (the margin of σ(i) over the row's other columns at its last check):
-    for every other row the price rises (the only other change) cannot break it."""
+    values[i, e], gathered once: searches read them many times, and reading C in place measured 1.5x slower at
+    4096); where the candidates hold no path, all of row i of c if `whole_rows`, else the row stays free.
+    Updates the assignment row_to_col (−1: free) and the duals a (rows), p (columns) in place. Returns the rows
+    that may now break C[i, k] ≤ a_i + p_k: the free rows and those the paths moved, and those whose value fell
+    by more than their slack (the margin of σ(i) over the row's other columns at its last check): for every
+    other row the price rises (the only other change) cannot break it."""
     n = c.shape[0]
     col_to_row = np.full(n, -1, dtype=np.int64)
     for i in range(n):
