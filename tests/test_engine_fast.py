@@ -2,8 +2,6 @@
 the one-pass cross-entropy and arg-max for few classes, chunks sized for the allocator, reused input copies."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,27 +74,6 @@ def test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop(bn):
     data = [(torch.randn(13, 3, 8, 8), torch.randint(0, 4, (13,))), (torch.randn(9, 3, 8, 8), torch.randint(0, 4, (9,)))]
     bn_batches = [images[:23], images[23:]] if bn == "recompute" else ()
     assert_fast_equals_plain_and_loop(models, data, convex_rows(5, 2, seed=3), bn=bn, bn_batches=bn_batches)
-
-
-@pytest.mark.parametrize("bn", ["recompute", "eval"])
-def test_cnn_points_shared_between_threads_equal_plain_path_and_loop(bn, monkeypatch):
-    """With two intra-op threads, a model of conv blocks shares its points between two Python threads."""
-    engine = importlib.import_module("modeconn_fast.engine.evaluate")
-    shares = []
-    share = engine._evaluate_in_threads
-    monkeypatch.setattr(engine, "_evaluate_in_threads", lambda threads, *args: shares.append(threads) or share(threads, *args))
-    images = torch.randn(40, 3, 8, 8)
-    models = [settle_batchnorm(seeded(SmallCNN, seed), images) for seed in (4, 5)]
-    data = [(torch.randn(13, 3, 8, 8), torch.randint(0, 4, (13,))), (torch.randn(9, 3, 8, 8), torch.randint(0, 4, (9,)))]
-    bn_batches = [images[:23], images[23:]] if bn == "recompute" else ()
-    intra_op = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert_fast_equals_plain_and_loop(models, data, convex_rows(9, 2, seed=6), bn=bn, bn_batches=bn_batches)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(intra_op)
-    assert shares == [2]
 
 
 def test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop():

@@ -99,7 +99,7 @@ def _class_major_cross_entropy(xt, count, targets, scratch):  # type: ignore[no-
 
 
 @numba.njit(numba.void(numba.float32[:, :, :], numba.int64[:], numba.float64[:], numba.int64[:]),
-            cache=True, fastmath=FAST, nogil=True)
+            cache=True, fastmath=FAST)
 def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped-def]
     """loss[p] = Σ_n cross-entropy of logits[p, n] against targets[n]; wrong[p] = #{n: argmax ≠ target}."""
     points, rows, classes = logits.shape
@@ -293,7 +293,7 @@ def _mixed_row_pair_max(flat, n, start, weights, upper, pairs):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST, nogil=True)
+                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
     ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
@@ -325,7 +325,7 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST, nogil=True)
+                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
@@ -358,7 +358,7 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True,
-            fastmath=FAST, nogil=True)
+            fastmath=FAST)
 def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
     """mean[k, c] = E_m values[k, m, c] and covariance[c, k, l] = E_m (values[k,m,c] − mean[k,c])(values[l,m,c] −
     mean[l,c]) of K outputs [K, M, C] (`conv_block._moments`), in float64 without a float64 copy of the values:
@@ -407,8 +407,7 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
                 covariance[c, k, l] = covariance[c, l, k] = total / count
 
 
-@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST,
-            nogil=True)
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST)
 def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
     """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
     J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`)."""

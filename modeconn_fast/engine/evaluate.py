@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Literal, Mapping, Sequence
 
@@ -23,7 +22,7 @@ from . import compiled_cpu
 from .batches import Batches, move
 from .chunks import plan_chunks
 from .memory import keep_freed_memory
-from .metrics import LossFn, MetricFn, MetricSpec, MetricSums, check_metrics
+from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
 from .mlp_metrics import FusedMlpMetrics
 from .outputs import OutputSelector
 from .view import SubspaceView
@@ -76,16 +75,6 @@ def evaluate(
     for fewer than 16 classes); False runs every layer's and metric's plain torch path (the reference the fast
     paths are tested against; for debugging: the results agree to float rounding).
     """
-    return _evaluate(model, basis, coeffs, data, loss_fn=loss_fn, metrics=metrics, bn=bn, bn_data=bn_data,
-                     memory_budget=memory_budget, progress=progress, output=output, fast=fast, share=True)
-
-
-def _evaluate(model: nn.Module, basis: Basis | Sequence[StateLike], coeffs: Tensor, data: Any, *,
-              loss_fn: LossFn | None, metrics: Sequence[MetricSpec], bn: BatchNormMode, bn_data: Any,
-              memory_budget: int | None, progress: bool | None, output: OutputSelector, fast: bool,
-              share: bool) -> Evaluation:
-    """`evaluate`; with `share`, the points may be shared between threads (`_point_threads`), else this is one
-    thread's share (the caller has warned of what there was to warn of)."""
     basis = as_basis(basis, model)
     device = _device_of(basis)
     coeffs = _check_coeffs(coeffs, basis, device)
@@ -96,14 +85,8 @@ def _evaluate(model: nn.Module, basis: Basis | Sequence[StateLike], coeffs: Tens
     view.state.plain = not fast
     view.prepare(coeffs, move(_first_rows(datasets), device))
     bn_mode = batchnorm_mode(bn, view, bn_data)
-    if bn_mode == "eval" and share:
+    if bn_mode == "eval":
         _warn_of_negative_variances(view, coeffs)
-    threads = _point_threads(view, coeffs, datasets, bn_data, loss_fn, metrics, fast) if share else 1
-    if threads > 1:
-        options = dict(loss_fn=loss_fn, metrics=tuple(metrics), bn="eval" if bn_mode == "eval" else bn, bn_data=bn_data,
-                       memory_budget=None if memory_budget is None else memory_budget // threads, output=output,
-                       fast=fast, share=False)
-        return _evaluate_in_threads(threads, model, basis, coeffs, data, progress, options, bn_mode)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
     chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
     if bn_batches is not None and fast:  # the same batches of the same rows: their first layers' outputs reused
@@ -142,50 +125,6 @@ def _evaluate(model: nn.Module, basis: Basis | Sequence[StateLike], coeffs: Tens
         uses_broken = (coeffs[:, broken] != 0).any(dim=1)
         values = {name: torch.where(uses_broken, torch.full_like(v, float("nan")), v) for name, v in values.items()}
     return Evaluation(values, bn_mode)
-
-
-# Points per Python thread at least where `_point_threads` shares them out.
-POINTS_PER_THREAD = 4
-
-
-def _point_threads(view: SubspaceView, coeffs: Tensor, datasets: dict[str, Batches], bn_data: Any,
-                   loss_fn: LossFn | None, metrics: dict[str, MetricFn | None], fast: bool) -> int:
-    """Python threads to share the points between (1: all in this one). With T > 1 intra-op threads on CPU, a
-    model run by conv blocks (`conv_block.py`: small convolutions, compiled kernels without the GIL) runs T
-    evaluations of a share of the points each, every one on one intra-op thread: its operations are too small to
-    split well between threads (each ends at a barrier, costly on a loaded machine), and its work outside the
-    convolutions (kernels, small operations) ran on one thread anyway. Only for in-memory data (tensors, lists or
-    tuples of batches), the default loss and named metrics (nothing of the caller's runs in two threads at once)."""
-    threads = min(torch.get_num_threads(), coeffs.shape[0] // POINTS_PER_THREAD)
-    in_memory = all(batches.tensors is not None or isinstance(batches.iterable, (list, tuple))
-                    for batches in datasets.values())
-    if (threads < 2 or not fast or coeffs.device.type != "cpu" or loss_fn is not None
-            or any(fn is not None for fn in metrics.values()) or not in_memory
-            or not (bn_data is None or isinstance(bn_data, (Tensor, list, tuple)))):
-        return 1
-    return threads if view.has_conv_blocks() else 1
-
-
-def _evaluate_in_threads(threads: int, model: nn.Module, basis: Basis, coeffs: Tensor, data: Any,
-                         progress: bool | None, options: dict[str, Any], bn_mode: str) -> Evaluation:
-    """`evaluate` of `threads` consecutive shares of the points, each in its own thread on one intra-op thread
-    (the first shows the progress), the metrics joined in order."""
-    bounds = [i * coeffs.shape[0] // threads for i in range(threads + 1)]
-    intra_op = torch.get_num_threads()
-
-    def share(i: int) -> Evaluation:
-        torch.set_num_threads(1)  # a new thread's own OpenMP setting
-        with torch.no_grad():
-            return _evaluate(model, basis, coeffs[bounds[i]:bounds[i + 1]], data,
-                             progress=progress if i == 0 else False, **options)
-
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(share, range(threads)))
-    finally:
-        torch.set_num_threads(intra_op)
-    return Evaluation({name: torch.cat([part[name] for part in parts]) for name in parts[0]}, bn_mode)
 
 
 def _first_rows(datasets: dict[str, Batches]) -> Any:

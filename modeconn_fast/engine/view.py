@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from ..subspace import Basis
 from .attention import SubspaceMultiheadAttention, supports_attention
 from .batchnorm import CollectionDone, SubspaceBatchNorm
-from .conv_block import ConvBlock, FusedSequential, fuse_blocks
+from .conv_block import FusedSequential, fuse_blocks
 from .fallback import FallbackModule, contains_batchnorm
 from .outputs import ModelOutputError, OutputSelectionError, OutputSelector, pick_output
 from .layers import (SubspaceConv, SubspaceEmbedding, SubspaceLayer, SubspaceLayerNorm, SubspaceLinear,
@@ -229,11 +229,6 @@ class SubspaceView(nn.Module):
         return tuple(answers)
 
     # --- BatchNorm -------------------------------------------------------------------------------------------
-    def has_conv_blocks(self) -> bool:
-        """Whether the model runs some conv → [norm] → [relu] → pool as one ConvBlock (`conv_block.py`)."""
-        return any(isinstance(step, ConvBlock) for module in self.net.modules() if isinstance(module, FusedSequential)
-                   for step in module.steps)
-
     def batchnorm_layers(self) -> list[SubspaceBatchNorm]:
         return [m for m in self.net.modules() if isinstance(m, SubspaceBatchNorm)]
 
