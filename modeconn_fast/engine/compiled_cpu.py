@@ -49,7 +49,8 @@ def kernels() -> ModuleType | None:
     module = _loading.module()
     if module is not None:
         return module
-    if _seconds[0] + (time.perf_counter() - _since[0] if _since else 0.0) >= TORCH_SECONDS:
+    since = _since[:1]  # one copy: another thread's evaluation may end meanwhile
+    if _seconds[0] + (time.perf_counter() - since[0] if since else 0.0) >= TORCH_SECONDS:
         load()
     return None
 
