@@ -124,6 +124,29 @@ def test_whole_model_fallback_when_the_root_holds_a_parameter():
     assert_same_loss_and_error(result, plain_loop(models[0], models, coeffs, [(inputs, targets)]))
 
 
+def test_unknown_module_with_tied_weights_falls_back_and_matches_plain_loop():
+    class TiedScale(torch.nn.Module):  # a parameter of its own, and a Linear whose weight is another's
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.rand(16) + 0.5)
+            self.inner, self.outer = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.outer.weight = self.inner.weight
+
+        def forward(self, x):
+            return self.outer(torch.relu(self.inner(x * self.scale)))
+
+    def factory() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(19, 16), TiedScale(), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+    models = [seeded(factory, seed) for seed in (3, 4)]
+    inputs, targets = torch.randn(23, 19), torch.randint(0, 5, (23,))
+    coeffs = random_coeffs(4, 2, seed=9)
+    expected = plain_loop(models[0], models, coeffs, [(inputs, targets)])
+    for fast in (True, False):
+        assert_same_loss_and_error(evaluate(models[0], models, coeffs, (inputs, targets), fast=fast), expected)
+    assert SubspaceView(models[0], Basis.from_members(models)).fallback_names == ["1"]
+
+
 def test_plane_through_differences_equals_mixing_the_models():
     models = [seeded(mlp, seed) for seed in range(3)]
     data = (torch.randn(40, 19), torch.randint(0, 5, (40,)))

@@ -29,11 +29,16 @@ class FallbackModule(SubspaceLayer):
         self.module = module
         self.constants = constants
         self.pick = pick  # applied to each point's output (the whole model's: `output=` of evaluate)
+        # Tied parameters: functional_call takes one name per tied group (it ties the others to it), so a later
+        # name of a group whose first name is stacked is left out (both hold the same mixed values)
+        first_name: dict[int, str] = {}
+        self.tied_copies = {name for name, p in module.named_parameters(remove_duplicate=False)
+                            if first_name.setdefault(id(p), name) != name and first_name[id(p)] in stacked}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         names = list(kwargs)
         values, in_dims = zip(*(self._per_point(v) for v in (*args, *kwargs.values()))) if args or kwargs else ((), ())
-        weights = {name: self.mixed(name) for name in self.stacked}
+        weights = {name: self.mixed(name) for name in self.stacked if name not in self.tied_copies}
 
         def one_point(point_weights: dict[str, Tensor], *point_values: Any) -> Any:
             point_args, point_kwargs = point_values[:len(args)], dict(zip(names, point_values[len(args):]))
