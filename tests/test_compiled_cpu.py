@@ -31,7 +31,8 @@ def kernels():
 def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
-    for name in ("cross_entropy_sums", "mix_pool_block", "pool_block", "column_statistics", "mlp_cross_entropy_sums"):
+    for name in ("cross_entropy_sums", "mix_pool_block", "mix_of_three_pool_block", "pool_block", "column_statistics",
+                 "mlp_cross_entropy_sums"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
@@ -275,6 +276,26 @@ def test_mix_pool_block_equals_float64_reference_on_odd_shapes(kernels, bases, s
         assert out[::samples, 0, 0, 0].isnan().all()
 
 
+@pytest.mark.parametrize("samples,height,width,channels,points,relu",
+                         [(5, 8, 8, 16, 4, True), (3, 7, 5, 3, 3, False), (2, 4, 9, 17, 1, True), (1, 2, 2, 1, 2, True)])
+def test_mix_of_three_pool_block_equals_float64_reference_on_odd_shapes(kernels, samples, height, width, channels,
+                                                                        points, relu):
+    generator = torch.Generator().manual_seed(channels + 100)
+    per_basis = torch.randn(3, samples, height, width, channels, generator=generator)
+    per_basis[1, 0, 1, 1, 0] = float("nan")  # the window (0, 0) of channel 0, sample 0, at every point
+    coeffs = torch.rand(points, 3, generator=generator) * 1.6 - 0.3
+    scale = torch.rand(points, channels, generator=generator)
+    scale[0, 0] = 0.0
+    shift = torch.randn(points, channels, generator=generator)
+    expected = pooled_reference(per_basis, coeffs, scale, shift, relu)
+    memory = torch.full((samples, height // 2, width // 2, points, channels), 7.0)  # sample-major [N, H', W', P, C]
+    kernels.mix_of_three_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), relu,
+                                    memory.numpy())
+    out = memory.permute(3, 0, 4, 1, 2).reshape(points * samples, channels, height // 2, width // 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert out[::samples, 0, 0, 0].isnan().all()
+
+
 def outputs(points: int, samples: int, channels: int, height: int, width: int) -> list[torch.Tensor]:
     """Poisoned outputs [P, N, C, H, W] for a kernel: point-major NCHW memory, and sample-major channels-last
     memory [N, H, W, P, C] (strided)."""
@@ -317,7 +338,7 @@ def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls
     bn_batches = [x for x, _ in batches]
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
-    assert {"mix_pool_block", "pool_block"} <= set(kernel_calls) and handed and all(handed)
+    assert {"mix_of_three_pool_block", "pool_block"} <= set(kernel_calls) and handed and all(handed)
     assert ("column_statistics" in kernel_calls) == (bn == "recompute")
     kernel_calls.clear()
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)

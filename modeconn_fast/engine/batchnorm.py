@@ -114,9 +114,8 @@ class SubspaceBatchNorm(SubspaceLayer):
             raise ValueError("recomputing BatchNorm statistics needs more than one value per channel in each "
                              "bn_data batch: use larger batches")
         state = self.state
-        unbiased = var * (per_channel / (per_channel - 1))
-        self._sums[0][state.where] += mean * state.samples
-        self._sums[1][state.where] += unbiased * state.samples
+        self._sums[0][state.where].add_(mean, alpha=state.samples)
+        self._sums[1][state.where].add_(var, alpha=state.samples * per_channel / (per_channel - 1))  # unbiased
         self._samples[state.where] += state.samples
         state.collected += 1
         if state.collected == state.collections_per_forward:

@@ -119,8 +119,9 @@ class ConvBlock(nn.Module):
     def _compiled_mix_pool(self, per_basis: Tensor, coeffs: Tensor, scale: Tensor | None, shift: Tensor | None
                            ) -> Tensor | SampleMajorMaps | None:
         """The mix, pooling, BatchNorm and ReLU of the shared input's K outputs in one compiled pass
-        (`cpu_kernels.mix_pool_block`, loaded by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0.
-        None elsewhere, or before the kernels are loaded."""
+        (`cpu_kernels.mix_pool_block`, or `mix_of_three_pool_block` for three members into sample-major maps; loaded
+        by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0. None elsewhere, or before the kernels
+        are loaded."""
         if not (self.pool_2x2 and per_basis.dtype == torch.float32 and coeffs.dtype == torch.float32
                 and (scale is None or self._nonnegative(scale))):
             return None
@@ -130,8 +131,11 @@ class ConvBlock(nn.Module):
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
         out, target = self._output(coeffs.shape[0], samples, channels, height // 2, width // 2, per_basis)
-        kernels.mix_pool_block(per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None,
-                               target.numpy())
+        arguments = (per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None)
+        if bases == 3 and self.feeds_block:  # target views contiguous sample-major memory [N, H', W', P, C]
+            kernels.mix_of_three_pool_block(*arguments, target.permute(1, 3, 4, 0, 2).numpy())
+        else:
+            kernels.mix_pool_block(*arguments, target.numpy())
         return out
 
     def _compiled_pool(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int
@@ -374,7 +378,8 @@ def _mixed_statistics(mean: Tensor, covariance: Tensor, coeffs: Tensor) -> tuple
     """Mean and biased variance [P, C] of y[p] = Σ_k c[p,k] Y_k from the moments of the Y_k: μ = c·m,
     σ² = cᵀ Σ c per channel (exact in exact arithmetic, accumulated in float64; no pass over the P mixed outputs)."""
     c = coeffs.double()
-    var = torch.einsum("pk,ckl,pl->pc", c, covariance, c).clamp_min_(0)
+    pairs = (c[:, :, None] * c[:, None, :]).reshape(c.shape[0], -1)  # c[p,k] c[p,l]: [P, K·K]
+    var = (pairs @ covariance.reshape(covariance.shape[0], -1).T).clamp_min_(0)  # one product (an einsum: 1.6× longer)
     return (c @ mean).to(coeffs.dtype), var.to(coeffs.dtype)
 
 

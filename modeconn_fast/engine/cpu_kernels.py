@@ -324,6 +324,47 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
                         destination[c] = pooled[c]
 
 
+@numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
+                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, fastmath=FAST)
+def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
+    """`mix_pool_block` for K = 3 members (a quadratic Bezier curve, a plane) into contiguous sample-major memory
+    out [N, H', W', P, C]: per sample, output position and point, the four window positions' mixes, their max,
+    the affine map and ReLU in one vectorised run over the C channels (B3's [3, 128, 8, 8, 16] to 11 points on one
+    core: 0.23 ms against 0.42 ms for `mix_pool_block`). Indices are unsigned and flat: numba checks signed ones
+    for negative values, which costs as much as the arithmetic on runs this short."""
+    bases, samples, height, width, channels = per_basis.shape
+    points = coeffs.shape[0]
+    values = per_basis.reshape(-1)
+    weights = np.ascontiguousarray(coeffs).reshape(-1)
+    scales, shifts = np.ascontiguousarray(scale).reshape(-1), np.ascontiguousarray(shift).reshape(-1)
+    target = out.reshape(-1)
+    c_count, three = np.uint64(channels), np.uint64(3)
+    row = np.uint64(width) * c_count
+    plane = np.uint64(height) * row
+    member = np.uint64(samples) * plane  # from one member's outputs to the next's
+    zero = np.float32(0.0)
+    written = np.uint64(0)  # out is written in its memory order
+    for n in range(np.uint64(samples)):
+        for i in range(np.uint64(height // 2)):
+            for j in range(np.uint64(width // 2)):
+                first = n * plane + np.uint64(2) * i * row + np.uint64(2) * j * c_count  # the window's top left
+                second, third = first + member, first + member + member
+                for p in range(np.uint64(points)):
+                    w0, w1, w2 = weights[p * three], weights[p * three + np.uint64(1)], weights[p * three + np.uint64(2)]
+                    affine = p * c_count
+                    for c in range(c_count):
+                        top_left = w0 * values[first + c] + w1 * values[second + c] + w2 * values[third + c]
+                        top_right = (w0 * values[first + c_count + c] + w1 * values[second + c_count + c]
+                                     + w2 * values[third + c_count + c])
+                        bottom_left = w0 * values[first + row + c] + w1 * values[second + row + c] + w2 * values[third + row + c]
+                        bottom_right = (w0 * values[first + row + c_count + c] + w1 * values[second + row + c_count + c]
+                                        + w2 * values[third + row + c_count + c])
+                        y = (_max(_max(bottom_right, bottom_left), _max(top_right, top_left)) * scales[affine + c]
+                             + shifts[affine + c])
+                        target[written + c] = y if not relu or not y < 0 else zero
+                    written += c_count
+
+
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
                        numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]

@@ -98,14 +98,14 @@ class MetricSums:
                 weight = targets.numel()
             else:
                 loss, weight = self._loss_sums(outputs, targets, *_flat(outputs, targets))
-            self.sums["loss"][where] += loss
-            self.finite[where] &= torch.isfinite(loss)  # NaN or +inf in the outputs make the loss NaN
+            self.sums["loss"][where].add_(loss)
+            self.finite[where].logical_and_(torch.isfinite(loss))  # NaN or +inf in the outputs make the loss NaN
             if start == 0:
                 self.loss_weight += weight
         else:
             self.finite[where] &= torch.isfinite(outputs.reshape(points, -1)).all(dim=1)
         if "error" in self.metrics and wrong is not None:
-            self.sums["error"][where] += wrong
+            self.sums["error"][where].add_(wrong)
         if wrong is not None and self.takes_one_pass_only():
             return  # the one-pass path gave all (its targets are classes in range)
         flat_outputs, flat_targets = _flat(outputs, targets)
@@ -153,7 +153,8 @@ class MetricSums:
             return False
         checked = self._checked_targets  # every chunk of points sees the same batch: check it once
         if checked is None or checked[0] is not targets or checked[1:3] != (targets._version, classes):
-            in_range = bool((targets >= 0).all()) and bool((targets < classes).all())
+            lowest, highest = torch.aminmax(targets)
+            in_range = 0 <= int(lowest) and int(highest) < classes
             checked = self._checked_targets = (targets, targets._version, classes, in_range)
         return checked[3]
 
