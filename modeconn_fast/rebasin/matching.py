@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
 FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
-# at 8192 units 2048 rows measured 1-7% faster than 1024 (fewer packings of B by the GEMM), the same numbers
+# at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
 
 
