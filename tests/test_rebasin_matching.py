@@ -91,13 +91,37 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
     runs = []
-    for chunk in (1 << 30, 16):
+    for chunk, lines in ((1 << 30, 1 << 30), (16, 3)):
         monkeypatch.setattr(matching_module, "CHUNK", chunk)
+        monkeypatch.setattr(matching_module, "LINES", lines)
         runs.append(weight_matching(model_a, model_b, example_input=inputs(model_a)))
     whole, chunked = runs
     assert whole.iterations > 1 and chunked.objective_history == whole.objective_history
     for group in whole.perms:
         assert torch.equal(chunked.perms[group], whole.perms[group]), group
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> None:
+    """`_Term.moved` (B read once at the moved units' places in increasing order, a few lines at a time, where
+    rows are gathered as columns) gives bit for bit B's rows at the new places minus those at the old ones."""
+    monkeypatch.setattr(matching_module, "LINES", 3)
+    model_a, model_b = build(name, seed=0), build(name, seed=1)
+    params = {n for n, _ in model_a.named_parameters()}
+    matcher = matching_module._Matcher(permutation_spec(model_a, inputs(model_a)), model_a.state_dict(), model_b.state_dict(), params)
+    generator = torch.Generator().manual_seed(0)
+    layouts = set()
+    for term in (term for terms in matcher.terms.values() for term in terms):
+        size = term.b.shape[0]
+        term.seen = torch.randperm(size, generator=generator)
+        now = term.seen.clone()
+        picked = torch.randperm(size, generator=generator)[: size // 3 + 2]
+        now[picked] = term.seen[picked[torch.randperm(len(picked), generator=generator)]]
+        units = torch.nonzero(now != term.seen).flatten()
+        expected = term.rows(term.b, now[units]) - term.rows(term.b, term.seen[units])
+        assert torch.equal(term.moved(units, now), expected)
+        layouts.add(term.b.stride(0) < term.b.stride(-1))
+    assert layouts == {True, False}  # both gathers: as columns and as rows
 
 
 def test_init_is_a_fixed_point_when_already_optimal() -> None:
