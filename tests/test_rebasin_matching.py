@@ -100,6 +100,43 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
         assert torch.equal(chunked.perms[group], whole.perms[group]), group
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> None:
+    """Where the sweep solves the next group's LAP on a second thread at the same time, every solve returns the
+    permutation of the serial order: the same visits, permutations and objective history."""
+    monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP (numba, released GIL)
+    lap_loading.wait()
+    model_a, model_b = build(name, seed=7), build(name, seed=8)
+    if name == "mlp":  # four hidden groups: non-neighbours meet in most sweep orders
+        torch.manual_seed(7)
+        model_a, model_b = mlp((64, 40, 40, 40, 40, 10)), mlp((64, 40, 40, 40, 40, 10))
+    alongside = matching_module._solvable_alongside
+    paired: list[int] = []
+
+    def recorded(*args):
+        later = alongside(*args)
+        paired.extend([] if later is None else [later])
+        return later
+
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # pairs only where torch may use more than one thread
+    try:
+        for pick in (lambda *args: None, recorded):  # serial, then pairs
+            monkeypatch.setattr(matching_module, "_solvable_alongside", pick)
+            visits: list[tuple[str, torch.Tensor]] = []
+            result = weight_matching(model_a, model_b, example_input=inputs(model_a), on_visit=lambda g, p: visits.append((g, p)))
+            runs.append((visits, result.objective_history))
+    finally:
+        torch.set_num_threads(threads)
+    (serial, serial_history), (pairs, pairs_history) = runs
+    assert [g for g, _ in pairs] == [g for g, _ in serial]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(pairs, serial))
+    assert pairs_history == serial_history
+    if name in ("mlp", "vgg"):
+        assert paired, "no two LAPs were solved at once"
+
+
 def test_init_is_a_fixed_point_when_already_optimal() -> None:
     model_a = build("mlp", seed=0)
     spec = permutation_spec(model_a, inputs(model_a))

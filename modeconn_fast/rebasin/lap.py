@@ -135,7 +135,7 @@ def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
     return torch.from_numpy(_top_columns(c.numpy(), prices.numpy(), rows.numpy(), min(CANDIDATES, c.shape[1])))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
     """For each i in rows, the k columns of the largest C[i, col] − p_col: one read of the row through a min-heap
     of the k best so far (a column enters only above the heap's least), no temporary beyond [len(rows), k]."""
@@ -184,7 +184,7 @@ def _dense(c: Tensor) -> Tensor:
     return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _row_best(c, p, rows, skip):  # pragma: no cover - compiled
     """max_{k ≠ skip[t]} (C[i, k] − p_k) for each i = rows[t] (skip[t] < 0: over every column): one read of
     those rows, no n×n temporary. Serial: a parallel loop starts numba's own OpenMP threads, which spin against
@@ -219,7 +219,7 @@ def _range_max(row, p, start, stop):  # pragma: no cover - compiled
     return max(max(m0, m1), max(m2, m3))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - compiled
     """An assignment and prices near the optimum's: the auction algorithm with ε-scaling (Bertsekas 1988) over
     whole rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it
@@ -261,7 +261,7 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
         eps = max(eps / SCALING, eps_end)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  # pragma: no cover - compiled
     """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
     values[i, e], gathered once: searches read them many times, and reading C in place measured 1.5x slower at
@@ -438,7 +438,7 @@ def _best_two(c, p, i, top, bound, values, index):  # pragma: no cover - compile
     return first, second, best
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - compiled
     """Jonker & Volgenant (1987) from a warm start, over whole rows; True once the dual check certifies the
     assignment row_to_col (updated in place with the prices p) within `tolerance`, False after `rounds` rounds.

@@ -27,6 +27,7 @@ float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -241,6 +242,23 @@ class _Matcher:
         return total
 
 
+def _solvable_alongside(
+    order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
+) -> int | None:
+    """The position of the unit that the sweep solves next after order[at] where its LAP may be solved now, at
+    the same time, with the same result: a single group, due (dirty), whose cost the solve of order[at] leaves
+    as it is (not among its dependents), with nothing solved in between (the units between are not due, and
+    not among the dependents, so they stay skipped). None otherwise."""
+    changed = set().union(*(dependents[group] for group in order[at]))
+    for later in range(at + 1, len(order)):
+        unit = order[later]
+        if not changed.isdisjoint(unit):
+            return None
+        if not dirty.isdisjoint(unit):
+            return None if unit[0] in tie_of else later
+    return None
+
+
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
@@ -313,20 +331,35 @@ def weight_matching(
             units.append(tie_of[group].groups)
     dirty = set(spec.groups)
     warm: dict[str, WarmStart | None] = {}  # per group, what its last LAP leaves for the next
+    early: dict[int, tuple[Tensor, Tensor]] = {}  # sweep position -> (cost, permutation) of a LAP solved ahead
+    pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
-    with torch.no_grad():
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool:
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
-            for index in sweep_order(len(units), seed, sweep):
-                unit = units[index]
+            order = [units[index] for index in sweep_order(len(units), seed, sweep)]
+            for at, unit in enumerate(order):
                 if dirty.isdisjoint(unit):
                     continue
-                costs = [matcher.cost(group, perms) for group in unit]
-                if unit[0] in tie_of:
+                if at in early:
+                    cost, col = early.pop(at)
+                    costs, cols = [cost], [col]
+                elif unit[0] in tie_of:
+                    costs = [matcher.cost(group, perms) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                    costs = [matcher.cost(unit[0], perms)]
+                    later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
+                    if later is None:
+                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                    else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
+                        ahead = order[later][0]
+                        ahead_cost = matcher.cost(ahead, perms)
+                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                        ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
+                        early[later] = (ahead_cost, ahead_col)
+                        col, warm[unit[0]] = future.result()
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)
