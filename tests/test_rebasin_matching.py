@@ -154,13 +154,14 @@ def test_different_architectures_are_refused() -> None:
         weight_matching(build("mlp"), build("vgg"), example_input=torch.randn(2, 64))
 
 
-def test_non_finite_weights_are_refused() -> None:
-    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
-    name, weight = next(iter(model_b.named_parameters()))
+@pytest.mark.parametrize(("label", "value"), [("model_b", float("nan")), ("model_a", float("inf")), ("model_a", -float("inf"))])
+def test_non_finite_weights_are_refused(label: str, value: float) -> None:
+    models = {"model_a": build("mlp", seed=0), "model_b": build("mlp", seed=1)}
+    name, weight = list(models[label].named_parameters())[-1]  # the last bias: in no permuted group's cost
     with torch.no_grad():
-        weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=f"model_b's {name} holds NaN"):
-        weight_matching(model_a, model_b, example_input=inputs(model_a))
+        weight[0] = value
+    with pytest.raises(ValueError, match=f"{label}'s {name} holds NaN"):
+        weight_matching(models["model_a"], models["model_b"], example_input=inputs(models["model_a"]))
 
 
 def test_spec_or_example_input_required() -> None:

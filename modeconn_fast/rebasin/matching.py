@@ -6,7 +6,7 @@ fixed, J is linear in π_p: J = Σ_i C_p[i, π_p(i)] + const with the cost matri
     C_p = Σ_{(W, a) ∈ p} mat_a(W_A) · mat_a(π_{−a}(W_B))ᵀ,
 
 so the best π_p is one linear assignment problem (LAP). Groups are visited in a random order each sweep; the
-search stops after a sweep without gain. Here the same sweeps run with three savings, none of which changes a
+search stops after a sweep without gain. Here the same sweeps run with four savings, none of which changes a
 step's result:
   1. a group none of whose neighbours changed since it was last solved is skipped (its LAP would return the
      same permutation);
@@ -18,7 +18,10 @@ step's result:
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
-     compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends.
+     compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
+  4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
+     current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
+     `_solvable_alongside`); the results are taken in the serial order.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -27,6 +30,7 @@ float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping
@@ -273,6 +277,14 @@ def matching_objective(
     return total
 
 
+def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], params: set[str]) -> None:
+    """A ValueError naming the first parameter holding NaN or infinite values, if any."""
+    for label, state in (("model_a", state_a), ("model_b", state_b)):
+        bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
+        if bad is not None:
+            raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
+
+
 def weight_matching(
     model_a: ModelSource,
     model_b: ModelSource,
@@ -309,10 +321,6 @@ def weight_matching(
     spec.sizes(state_a)
     spec.sizes(state_b)
     params = objective_tensors(model_a, state_a)
-    for label, state in (("model_a", state_a), ("model_b", state_b)):
-        bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
-        if bad is not None:
-            raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
     start = Permutation.identity(spec, state_a)
     if init is not None:
         perms = init.perms if isinstance(init, Permutation) else init
@@ -321,6 +329,8 @@ def weight_matching(
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
     history = [matching_objective(state_a, state_b, start, params)]
+    if not math.isfinite(history[0]):  # a NaN or infinite weight makes J so (float32 weights cannot overflow it)
+        _refuse_non_finite(state_a, state_b, params)
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
     units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
