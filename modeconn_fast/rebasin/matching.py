@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .lap import WarmStart
 
 
-SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
+SMALL_UPDATE = 0  # rank up to which float64 products into the cache beat float32 ones plus an n×n add (none at 512)
 FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 1024  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products)
 
