@@ -80,13 +80,12 @@ def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_fr
         assert torch.equal(ours.perms[group], reference[group]), group
 
 
-@pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64 caches (float32 products above rank 4), float32
+@pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64 caches, float32 caches
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkeypatch) -> None:
     """Updates gathered, subtracted and multiplied a few rows at a time give the very same permutations and
     objective history as whole-matrix temporaries."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
-    monkeypatch.setattr(matching_module, "SMALL_UPDATE", 4)  # the float32 path of larger updates, whose rows are chunked
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
@@ -124,6 +123,43 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
     assert layouts == {True, False}  # both gathers: as columns and as rows
 
 
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> None:
+    """Where the sweep solves the next group's LAP on a second thread at the same time, every solve returns the
+    permutation of the serial order: the same visits, permutations and objective history."""
+    monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP (numba, released GIL)
+    lap_loading.wait()
+    model_a, model_b = build(name, seed=7), build(name, seed=8)
+    if name == "mlp":  # four hidden groups: non-neighbours meet in most sweep orders
+        torch.manual_seed(7)
+        model_a, model_b = mlp((64, 40, 40, 40, 40, 10)), mlp((64, 40, 40, 40, 40, 10))
+    alongside = matching_module._solvable_alongside
+    paired: list[int] = []
+
+    def recorded(*args):
+        later = alongside(*args)
+        paired.extend([] if later is None else [later])
+        return later
+
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # pairs only where torch may use more than one thread
+    try:
+        for pick in (lambda *args: None, recorded):  # serial, then pairs
+            monkeypatch.setattr(matching_module, "_solvable_alongside", pick)
+            visits: list[tuple[str, torch.Tensor]] = []
+            result = weight_matching(model_a, model_b, example_input=inputs(model_a), on_visit=lambda g, p: visits.append((g, p)))
+            runs.append((visits, result.objective_history))
+    finally:
+        torch.set_num_threads(threads)
+    (serial, serial_history), (pairs, pairs_history) = runs
+    assert [g for g, _ in pairs] == [g for g, _ in serial]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(pairs, serial))
+    assert pairs_history == serial_history
+    if name in ("mlp", "vgg"):
+        assert paired, "no two LAPs were solved at once"
+
+
 def test_init_is_a_fixed_point_when_already_optimal() -> None:
     model_a = build("mlp", seed=0)
     spec = permutation_spec(model_a, inputs(model_a))
@@ -141,13 +177,14 @@ def test_different_architectures_are_refused() -> None:
         weight_matching(build("mlp"), build("vgg"), example_input=torch.randn(2, 64))
 
 
-def test_non_finite_weights_are_refused() -> None:
-    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
-    name, weight = next(iter(model_b.named_parameters()))
+@pytest.mark.parametrize(("label", "value"), [("model_b", float("nan")), ("model_a", float("inf")), ("model_a", -float("inf"))])
+def test_non_finite_weights_are_refused(label: str, value: float) -> None:
+    models = {"model_a": build("mlp", seed=0), "model_b": build("mlp", seed=1)}
+    name, weight = list(models[label].named_parameters())[-1]  # the last bias: in no permuted group's cost
     with torch.no_grad():
-        weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=f"model_b's {name} holds NaN"):
-        weight_matching(model_a, model_b, example_input=inputs(model_a))
+        weight[0] = value
+    with pytest.raises(ValueError, match=f"{label}'s {name} holds NaN"):
+        weight_matching(models["model_a"], models["model_b"], example_input=inputs(models["model_a"]))
 
 
 def test_spec_or_example_input_required() -> None:

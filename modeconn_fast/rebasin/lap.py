@@ -47,7 +47,7 @@ EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to 
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
 ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths
-TOP = 8  # best columns per row cached for the row reduction's reads (`_best_two`)
+TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 
 
@@ -135,7 +135,7 @@ def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
     return torch.from_numpy(_top_columns(c.numpy(), prices.numpy(), rows.numpy(), min(CANDIDATES, c.shape[1])))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
     """For each i in rows, the k columns of the largest C[i, col] − p_col: one read of the row through a min-heap
     of the k best so far (a column enters only above the heap's least), no temporary beyond [len(rows), k]."""
@@ -184,7 +184,7 @@ def _dense(c: Tensor) -> Tensor:
     return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _row_best(c, p, rows, skip):  # pragma: no cover - compiled
     """max_{k ≠ skip[t]} (C[i, k] − p_k) for each i = rows[t] (skip[t] < 0: over every column): one read of
     those rows, no n×n temporary. Serial: a parallel loop starts numba's own OpenMP threads, which spin against
@@ -219,7 +219,7 @@ def _range_max(row, p, start, stop):  # pragma: no cover - compiled
     return max(max(m0, m1), max(m2, m3))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - compiled
     """An assignment and prices near the optimum's: the auction algorithm with ε-scaling (Bertsekas 1988) over
     whole rows. A free row bids for the column of its best value C[i, k] − p_k, raising the price to leave it
@@ -261,7 +261,7 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
         eps = max(eps / SCALING, eps_end)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _augment(cols, values, c, free_rows, row_to_col, a, p, slack, whole_rows):  # pragma: no cover - compiled
     """Assign every free row by a shortest augmenting path over the candidate entries (cols[i, e], value
     values[i, e], gathered once: searches read them many times, and reading C in place measured 1.5x slower at
@@ -438,17 +438,20 @@ def _best_two(c, p, i, top, bound, values, index):  # pragma: no cover - compile
     return first, second, best
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - compiled
     """Jonker & Volgenant (1987) from a warm start, over whole rows; True once the dual check certifies the
     assignment row_to_col (updated in place with the prices p) within `tolerance`, False after `rounds` rounds.
     A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
-    is freed (so a, p stay feasible: C[i, k] ≤ a_i + p_k); none freed: done. (2) Augmenting row reduction: a
-    free row takes its best column, the price of which rises to leave it indifferent to its second best (prices
-    only rise, so every row stays feasible), freeing the owner, who goes next; a row whose best column is owned
-    and tied with its second, or any beyond ARR_STEPS·n steps, waits for (3): a shortest augmenting path
-    (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0, one pass over the unscanned columns per step,
-    then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight)."""
+    is freed (so a, p stay feasible: C[i, k] ≤ a_i + p_k); none freed: done. It reads every row in the first
+    round, later only the rows the last round reassigned or whose column's price it raised: for any other row
+    C[i, σ(i)] − p_σ(i) is the same number and every other C[i, k] − p_k can only have fallen (prices only rise),
+    so it passes again. (2) Augmenting row reduction: a free row takes its best column, the price of which rises
+    to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
+    owner, who goes next; a row whose best column is owned and tied with its second, or any beyond ARR_STEPS·n
+    steps, waits for (3): a shortest augmenting path (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0,
+    one pass over the unscanned columns per step, then p_k += D − d_k on the scanned columns, which keeps them
+    ≥ 0 and makes the path tight)."""
     n = c.shape[0]
     a = np.empty(n)
     col_to_row = np.full(n, -1, dtype=np.int64)
@@ -463,13 +466,15 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
     top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
     bound = np.full(n, -np.inf)  # −inf: no cache yet
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
+    touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
     for _ in range(rounds):
         n_free = 0
         for i in range(n):
+            if not touched[i]:
+                continue
+            touched[i] = False
             j = row_to_col[i]
-            best = -np.inf
-            for k in range(n):
-                best = max(best, c[i, k] - p[k])
+            best = _range_max(c[i], p, 0, n)
             if j >= 0 and c[i, j] - p[j] >= best - tolerance:
                 a[i] = c[i, j] - p[j]
                 continue
@@ -487,6 +492,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
         while head < n_free:
             i = free[head]
             head += 1
+            touched[i] = True
             first, second, j = _best_two(c, p, i, top, bound, values, index)
             owner = col_to_row[j]
             steps += 1
@@ -537,6 +543,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
                 p[k] += delta
                 if col_to_row[k] >= 0:
                     a[col_to_row[k]] -= delta
+                    touched[col_to_row[k]] = True
             a[s] -= d
             _flip_path(s, j, pred, row_to_col, col_to_row)
     return False

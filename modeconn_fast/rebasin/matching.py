@@ -6,7 +6,7 @@ fixed, J is linear in π_p: J = Σ_i C_p[i, π_p(i)] + const with the cost matri
     C_p = Σ_{(W, a) ∈ p} mat_a(W_A) · mat_a(π_{−a}(W_B))ᵀ,
 
 so the best π_p is one linear assignment problem (LAP). Groups are visited in a random order each sweep; the
-search stops after a sweep without gain. Here the same sweeps run with three savings, none of which changes a
+search stops after a sweep without gain. Here the same sweeps run with four savings, none of which changes a
 step's result:
   1. a group none of whose neighbours changed since it was last solved is skipped (its LAP would return the
      same permutation);
@@ -18,7 +18,10 @@ step's result:
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
-     compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends.
+     compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
+  4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
+     current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
+     `_solvable_alongside`); the results are taken in the serial order.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -27,6 +30,8 @@ float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -47,7 +52,6 @@ if TYPE_CHECKING:
     from .lap import WarmStart
 
 
-SMALL_UPDATE = 256  # rank up to which a float64 product into the cache beats a float32 one plus an n×n add
 FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
@@ -248,9 +252,8 @@ class _Matcher:
             if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
                 for start, stop in _parts(n):
                     cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-            elif b.shape[0] <= SMALL_UPDATE:
-                cache.addmm_(term.rows(term.a, units).T.double(), b.double())
-            else:  # C[R] += A[:, R]ᵀ·B with R ≤ CHUNK rows of C: float32 temporaries [|K|·r, R] and [R, n]
+            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R], [R, n]);
+                # float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
                 for start, stop in _parts(n):
                     cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
             term.seen = now
@@ -267,6 +270,23 @@ class _Matcher:
         return total
 
 
+def _solvable_alongside(
+    order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
+) -> int | None:
+    """The position of the unit that the sweep solves next after order[at] where its LAP may be solved now, at
+    the same time, with the same result: a single group, due (dirty), whose cost the solve of order[at] leaves
+    as it is (not among its dependents), with nothing solved in between (the units between are not due, and
+    not among the dependents, so they stay skipped). None otherwise."""
+    changed = set().union(*(dependents[group] for group in order[at]))
+    for later in range(at + 1, len(order)):
+        unit = order[later]
+        if not changed.isdisjoint(unit):
+            return None
+        if not dirty.isdisjoint(unit):
+            return None if unit[0] in tie_of else later
+    return None
+
+
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
@@ -279,6 +299,14 @@ def matching_objective(
         for start in range(0, a.numel(), 1 << 16):
             total += torch.dot(a[start : start + (1 << 16)].double(), b[start : start + (1 << 16)].double()).item()
     return total
+
+
+def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], params: set[str]) -> None:
+    """A ValueError naming the first parameter holding NaN or infinite values, if any."""
+    for label, state in (("model_a", state_a), ("model_b", state_b)):
+        bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
+        if bad is not None:
+            raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
 
 
 def weight_matching(
@@ -317,10 +345,6 @@ def weight_matching(
     spec.sizes(state_a)
     spec.sizes(state_b)
     params = objective_tensors(model_a, state_a)
-    for label, state in (("model_a", state_a), ("model_b", state_b)):
-        bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
-        if bad is not None:
-            raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
     start = Permutation.identity(spec, state_a)
     if init is not None:
         perms = init.perms if isinstance(init, Permutation) else init
@@ -329,6 +353,8 @@ def weight_matching(
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
     history = [matching_objective(state_a, state_b, start, params)]
+    if not math.isfinite(history[0]):  # a NaN or infinite weight makes J so (float32 weights cannot overflow it)
+        _refuse_non_finite(state_a, state_b, params)
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
     units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
@@ -339,20 +365,35 @@ def weight_matching(
             units.append(tie_of[group].groups)
     dirty = set(spec.groups)
     warm: dict[str, WarmStart | None] = {}  # per group, what its last LAP leaves for the next
+    early: dict[int, tuple[Tensor, Tensor]] = {}  # sweep position -> (cost, permutation) of a LAP solved ahead
+    pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
-    with torch.no_grad():
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool:
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
-            for index in sweep_order(len(units), seed, sweep):
-                unit = units[index]
+            order = [units[index] for index in sweep_order(len(units), seed, sweep)]
+            for at, unit in enumerate(order):
                 if dirty.isdisjoint(unit):
                     continue
-                costs = [matcher.cost(group, perms) for group in unit]
-                if unit[0] in tie_of:
+                if at in early:
+                    cost, col = early.pop(at)
+                    costs, cols = [cost], [col]
+                elif unit[0] in tie_of:
+                    costs = [matcher.cost(group, perms) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                    costs = [matcher.cost(unit[0], perms)]
+                    later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
+                    if later is None:
+                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                    else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
+                        ahead = order[later][0]
+                        ahead_cost = matcher.cost(ahead, perms)
+                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                        ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
+                        early[later] = (ahead_cost, ahead_col)
+                        col, warm[unit[0]] = future.result()
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)
