@@ -132,6 +132,7 @@ class ConvBlock(nn.Module):
         scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
         out, target = self._output(coeffs.shape[0], samples, channels, height // 2, width // 2, per_basis)
         arguments = (per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None)
+        kernels.use_threads(torch.get_num_threads())
         if bases == 3 and self.feeds_block:  # target views contiguous sample-major memory [N, H', W', P, C]
             kernels.mix_of_three_pool_block(*arguments, target.permute(1, 3, 4, 0, 2).numpy())
         else:
@@ -153,6 +154,7 @@ class ConvBlock(nn.Module):
             return None
         scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
         out, target = self._output(points, samples, point_channels // points, height // 2, width // 2, y)
+        kernels.use_threads(torch.get_num_threads())
         kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, target.numpy())
         return out
 
@@ -345,6 +347,7 @@ def _statistics(values: Tensor) -> tuple[Tensor, Tensor]:
         kernels = compiled_cpu.kernels() if rows.stride(1) == 1 and rows.stride(0) == rows.shape[1] else None
         if kernels is not None:
             mean, var = rows.new_empty(rows.shape[1]), rows.new_empty(rows.shape[1])
+            kernels.use_threads(torch.get_num_threads())
             kernels.column_statistics(rows.numpy(), mean.numpy(), var.numpy())
             return mean.reshape(values.shape[1], -1), var.reshape(values.shape[1], -1)
     mean = values.mean(dim=(0, 2), keepdim=True)

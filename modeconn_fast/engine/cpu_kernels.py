@@ -325,7 +325,7 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, parallel=True, fastmath=FAST)
 def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """`mix_pool_block` for K = 3 members (a quadratic Bezier curve, a plane) into contiguous sample-major memory
     out [N, H', W', P, C]: per sample, output position and point, the four window positions' mixes, their max,
@@ -343,8 +343,10 @@ def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type
     plane = np.uint64(height) * row
     member = np.uint64(samples) * plane  # from one member's outputs to the next's
     zero = np.float32(0.0)
-    written = np.uint64(0)  # out is written in its memory order
-    for n in range(np.uint64(samples)):
+    per_sample = np.uint64((height // 2) * (width // 2) * points) * c_count
+    for sample in numba.prange(samples):  # samples in parallel over numba threads
+        n = np.uint64(sample)
+        written = n * per_sample  # out is written in its memory order
         for i in range(np.uint64(height // 2)):
             for j in range(np.uint64(width // 2)):
                 first = n * plane + np.uint64(2) * i * row + np.uint64(2) * j * c_count  # the window's top left
@@ -366,7 +368,7 @@ def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
+                       numba.float32[:, :, :, :, :]), cache=True, parallel=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
@@ -377,9 +379,9 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     row = width * point_channels
     flat = maps.reshape(samples, height * row)
     scales, shifts = np.ascontiguousarray(scale).reshape(-1), np.ascontiguousarray(shift).reshape(-1)
-    pairs = np.empty(row, np.float32)  # the max of two rows of a sample's map
-    pooled = np.empty(point_channels, np.float32)  # one position's outputs at every point
-    for n in range(samples):
+    for n in numba.prange(samples):  # samples in parallel over numba threads
+        pairs = np.empty(row, np.float32)  # the max of two rows of a sample's map
+        pooled = np.empty(point_channels, np.float32)  # one position's outputs at every point
         for i in range(height // 2):
             upper = flat[n, 2 * i * row:(2 * i + 1) * row]
             lower = flat[n, (2 * i + 1) * row:(2 * i + 2) * row]
@@ -448,23 +450,28 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
                 covariance[c, k, l] = covariance[c, l, k] = total / count
 
 
-@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, fastmath=FAST)
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, parallel=True,
+            fastmath=FAST)
 def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
     """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
-    J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`)."""
+    J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`); blocks
+    of columns in parallel over numba threads."""
     rows, columns = values.shape
-    sums = np.zeros(columns, np.float64)
-    for m in range(rows):
-        source = values[m]
-        for j in range(columns):
-            sums[j] += source[j]
-    centre = sums / rows
-    squares = np.zeros(columns, np.float64)
-    for m in range(rows):
-        source = values[m]
-        for j in range(columns):
-            d = source[j] - centre[j]
-            squares[j] += d * d
-    for j in range(columns):
-        mean[j] = np.float32(centre[j])
-        var[j] = np.float32(squares[j] / rows)
+    blocks = max(1, min(64, columns // 32))  # runs of at least 32 columns, shared out among the threads
+    for block in numba.prange(blocks):
+        start, stop = block * columns // blocks, (block + 1) * columns // blocks
+        sums = np.zeros(stop - start, np.float64)
+        for m in range(rows):
+            source = values[m, start:stop]
+            for j in range(stop - start):
+                sums[j] += source[j]
+        centre = sums / rows
+        squares = np.zeros(stop - start, np.float64)
+        for m in range(rows):
+            source = values[m, start:stop]
+            for j in range(stop - start):
+                d = source[j] - centre[j]
+                squares[j] += d * d
+        for j in range(stop - start):
+            mean[start + j] = np.float32(centre[j])
+            var[start + j] = np.float32(squares[j] / rows)
