@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
+from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded, settle_batchnorm
 from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu, mlp_metrics
 from modeconn_fast.engine.conv_block import ConvBlock, SampleMajorMaps, _moments
 from test_conv_block import members_and_data
-from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
+from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows, convex_rows,
                               test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
                               test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop,
                               test_fallback_fast_path_equals_plain_path_and_loop)
@@ -420,3 +420,29 @@ def test_pool_linear_cross_entropy_equals_float64_reference_on_odd_shapes(kernel
     assert loss[0].isnan()
     torch.testing.assert_close(loss[1:], expected_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(wrong[1:], expected_wrong)
+
+
+@pytest.mark.parametrize("both_signs", [False, True])
+def test_cnn_tail_equals_plain_path_and_loop_and_is_left_where_pooling_cannot_run_first(kernel_calls, both_signs):
+    """A CNN on odd maps with BatchNorm recomputed, points in the hull: the compiled tail where the last BatchNorm's
+    scales are ≥ 0; with scales of both signs (pooling must wait for the affine map) it declines and the forward
+    runs on to the logits. Either way the numbers equal the plain path's and a per-point loop's."""
+    def cnn() -> torch.nn.Module:
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(5, 7, 3, padding=1), torch.nn.BatchNorm2d(7), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(7 * 2 * 1, 4))
+        with torch.no_grad():
+            model[5].weight.uniform_(-1, 1) if both_signs else model[5].weight.uniform_(0.5, 1)
+        return model
+    inputs, targets = torch.randn(29, 2, 9, 6), torch.randint(0, 4, (29,))
+    members = [settle_batchnorm(seeded(cnn, seed), inputs) for seed in (1, 2, 3)]
+    coeffs = convex_rows(5, 3, seed=8)
+    bn_batches = [inputs[:16], inputs[16:]]
+    options = dict(bn="recompute", bn_data=bn_batches, progress=False)
+    fast = evaluate(members[0], members, coeffs, (inputs, targets), **options)
+    assert ("pool_linear_cross_entropy_sums" in kernel_calls) == (not both_signs)
+    plain = evaluate(members[0], members, coeffs, (inputs, targets), fast=False, **options)
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, plain_loop(members[0], members, coeffs, [(inputs, targets)], bn="recompute",
+                                                bn_batches=bn_batches))

@@ -1,10 +1,11 @@
 """The last conv block of a CNN, its Flatten and Linear logits, and their loss and error in one compiled pass (CPU,
 evaluation).
 
-For a view whose model is an nn.Sequential ending in conv → [BatchNorm] → [ReLU] → 2×2 max-pool (a ConvBlock fed by
-another, i.e. a grouped convolution over points), nn.Flatten() and a Linear with fewer than `metrics.SMALL_CLASSES`
-outputs, evaluated for loss and error only with the default cross-entropy, `cpu_kernels.pool_linear_cross_entropy_sums`
-takes the block's convolution output straight to the metrics:
+For a view whose model is an nn.Sequential ending in conv → [BatchNorm] → [ReLU] → 2×2 max-pool (a ConvBlock),
+nn.Flatten() and a Linear with fewer than `metrics.SMALL_CLASSES` outputs, evaluated for loss and error only with the
+default cross-entropy, where the block's input differs per point (one convolution grouped over points, e.g. after
+another block), `cpu_kernels.pool_linear_cross_entropy_sums` takes the block's convolution output straight to the
+metrics:
 
     h(p) = flatten(relu(pool(y(p)) · scale(p) + shift(p))),   logits(p) = h(p) W(p)ᵀ + b(p),
     loss(p), wrong(p) as `cpu_kernels.cross_entropy_sums` of the logits,
@@ -56,7 +57,7 @@ class ConvMetrics:
                 or any(has_forward_hooks(m) for m in net.modules())):
             return None
         steps = net.steps
-        if len(steps) < 4 or not isinstance(steps[-4], ConvBlock):
+        if len(steps) < 3:
             return None
         block, flatten, linear = steps[-3:]
         if not (isinstance(block, ConvBlock) and block.pool_2x2 and type(flatten) is nn.Flatten
