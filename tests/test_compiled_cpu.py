@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded
+from helpers import assert_same_loss_and_error, mlp, plain_loop, seeded, settle_batchnorm
 from modeconn_fast.background_load import BackgroundLoad
 from modeconn_fast import evaluate
 from modeconn_fast.engine import compiled_cpu, mlp_metrics
 from modeconn_fast.engine.conv_block import ConvBlock, SampleMajorMaps, _moments
 from test_conv_block import members_and_data
-from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows,
+from test_engine_fast import (METRICS, assert_fast_equals_plain_and_loop, coefficient_rows, convex_rows,
                               test_cnn_with_batchnorm_fast_path_equals_plain_path_and_loop,
                               test_conv1d_layernorm_and_embedding_fast_paths_equal_plain_path_and_loop,
                               test_fallback_fast_path_equals_plain_path_and_loop)
@@ -32,7 +32,7 @@ def kernel_calls(kernels, monkeypatch):
     """The kernels taken by the engine wherever they apply (no torch rows needed first): the names called."""
     calls = []
     for name in ("cross_entropy_sums", "mix_pool_block", "mix_of_three_pool_block", "pool_block", "column_statistics",
-                 "mlp_cross_entropy_sums"):
+                 "mlp_cross_entropy_sums", "pool_linear_cross_entropy_sums"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     monkeypatch.setattr(compiled_cpu, "kernels", lambda: kernels)
@@ -324,7 +324,8 @@ def test_pool_block_equals_float64_reference_on_odd_shapes(kernels, samples, hei
 def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls, monkeypatch):
     """The conv-block test model (odd maps, a grouped convolution) with its first BatchNorm's scales made positive
     (the kernel's case), at points of the members' convex hull; the first block hands the second its output
-    sample-major."""
+    sample-major. For loss and error the second block, Flatten and Linear run as one pass to the metrics
+    (`conv_metrics.py`); with other metrics too, the logits come from the pooled maps."""
     handed = []
     grouped = ConvBlock._grouped_convolution
     monkeypatch.setattr(ConvBlock, "_grouped_convolution",
@@ -338,13 +339,21 @@ def test_conv_blocks_with_the_kernels_equal_plain_path_and_loop(bn, kernel_calls
     bn_batches = [x for x, _ in batches]
     options = dict(bn=bn, bn_data=bn_batches if bn == "recompute" else None, progress=False)
     fast = evaluate(members[0], members, coeffs, batches, **options)
-    assert {"mix_of_three_pool_block", "pool_block"} <= set(kernel_calls) and handed and all(handed)
+    assert {"mix_of_three_pool_block", "pool_linear_cross_entropy_sums"} <= set(kernel_calls) and handed and all(handed)
+    # only the recomputation's first forward pools (it runs to the end, to learn where the statistics end)
+    assert kernel_calls.count("pool_block") == (bn == "recompute")
     assert ("column_statistics" in kernel_calls) == (bn == "recompute")
     kernel_calls.clear()
+    more = evaluate(members[0], members, coeffs, batches, metrics=METRICS, **options)
+    assert "pool_block" in kernel_calls and "pool_linear_cross_entropy_sums" not in kernel_calls
+    kernel_calls.clear()
     plain = evaluate(members[0], members, coeffs, batches, fast=False, **options)
+    plain_more = evaluate(members[0], members, coeffs, batches, metrics=METRICS, fast=False, **options)
     assert not kernel_calls
     assert_same_loss_and_error(fast, plain)
     assert_same_loss_and_error(fast, plain_loop(members[0], members, coeffs, batches, bn=bn, bn_batches=bn_batches))
+    for name in METRICS:
+        torch.testing.assert_close(more[name], plain_more[name], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("bn", ["recompute", "eval"])
@@ -380,3 +389,60 @@ def test_column_statistics_equal_float64_reference_on_odd_shapes(kernels, rows, 
     kernels.column_statistics(values.numpy(), mean.numpy(), var.numpy())
     torch.testing.assert_close(mean.double(), values.double().mean(dim=0), rtol=1e-6, atol=0)
     torch.testing.assert_close(var.double(), values.double().var(dim=0, unbiased=False), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("samples,height,width,points,channels,classes,relu",
+                         [(3, 4, 4, 5, 32, 10, True), (300, 5, 7, 3, 3, 4, False), (1, 2, 2, 2, 1, 1, True)])
+def test_pool_linear_cross_entropy_equals_float64_reference_on_odd_shapes(kernels, samples, height, width, points,
+                                                                          channels, classes, relu):
+    """Pooling, affine map, ReLU, per-point Linear (weights in channels-last feature order) and cross-entropy sums of
+    a grouped convolution's sample-major output, against float64 torch with nn.Flatten's order; a NaN reaches its
+    sample's loss at its point only."""
+    generator = torch.Generator().manual_seed(samples + classes)
+    maps = torch.randn(samples, height, width, points * channels, generator=generator)  # [N, H, W, P·C]
+    maps[0, 1, 0, 0] = float("nan")  # the window (0, 0) of point 0, channel 0, sample 0
+    scale = torch.rand(points, channels, generator=generator)
+    shift = torch.randn(points, channels, generator=generator)
+    features = channels * (height // 2) * (width // 2)
+    weights = torch.randn(points, classes, features, generator=generator)
+    biases = torch.randn(points, classes, generator=generator)
+    targets = torch.randint(0, classes, (samples,), generator=generator)
+    per_point = maps.reshape(samples, height, width, points, channels).permute(3, 0, 1, 2, 4)  # [P, N, H, W, C]
+    pooled = torch.cat([pooled_reference(per_point[p:p + 1], torch.ones(1, 1), scale[p:p + 1], shift[p:p + 1], relu)
+                        for p in range(points)]).reshape(points, samples, features)
+    logits = torch.baddbmm(biases.double()[:, None], pooled, weights.double().transpose(1, 2))  # [P, N, classes]
+    loss, wrong = torch.full((points,), 7.0, dtype=torch.float64), torch.full((points,), 7, dtype=torch.int64)
+    channels_last = weights.reshape(points, classes, channels, height // 2, width // 2).permute(0, 1, 3, 4, 2)
+    kernels.pool_linear_cross_entropy_sums(maps.numpy(), scale.numpy(), shift.numpy(), relu,
+                                           channels_last.reshape(points, classes, -1).contiguous().numpy(),
+                                           biases.numpy(), targets.numpy(), loss.numpy(), wrong.numpy())
+    expected_loss, expected_wrong = reference(logits[1:], targets)
+    assert loss[0].isnan()
+    torch.testing.assert_close(loss[1:], expected_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(wrong[1:], expected_wrong)
+
+
+@pytest.mark.parametrize("both_signs", [False, True])
+def test_cnn_tail_equals_plain_path_and_loop_and_is_left_where_pooling_cannot_run_first(kernel_calls, both_signs):
+    """A CNN on odd maps with BatchNorm recomputed, points in the hull: the compiled tail where the last BatchNorm's
+    scales are ≥ 0; with scales of both signs (pooling must wait for the affine map) it declines and the forward
+    runs on to the logits. Either way the numbers equal the plain path's and a per-point loop's."""
+    def cnn() -> torch.nn.Module:
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(5, 7, 3, padding=1), torch.nn.BatchNorm2d(7), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(7 * 2 * 1, 4))
+        with torch.no_grad():
+            model[5].weight.uniform_(-1, 1) if both_signs else model[5].weight.uniform_(0.5, 1)
+        return model
+    inputs, targets = torch.randn(29, 2, 9, 6), torch.randint(0, 4, (29,))
+    members = [settle_batchnorm(seeded(cnn, seed), inputs) for seed in (1, 2, 3)]
+    coeffs = convex_rows(5, 3, seed=8)
+    bn_batches = [inputs[:16], inputs[16:]]
+    options = dict(bn="recompute", bn_data=bn_batches, progress=False)
+    fast = evaluate(members[0], members, coeffs, (inputs, targets), **options)
+    assert ("pool_linear_cross_entropy_sums" in kernel_calls) == (not both_signs)
+    plain = evaluate(members[0], members, coeffs, (inputs, targets), fast=False, **options)
+    assert_same_loss_and_error(fast, plain)
+    assert_same_loss_and_error(fast, plain_loop(members[0], members, coeffs, [(inputs, targets)], bn="recompute",
+                                                bn_batches=bn_batches))

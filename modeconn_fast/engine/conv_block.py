@@ -94,6 +94,8 @@ class ConvBlock(nn.Module):
             y = self._grouped_convolution(x)
             values = _values(y, points, points_first=False)
             scale, shift = self._affine(lambda: _statistics(values), values.shape[0] * values.shape[2])
+            if state.metric_tail is not None:  # may end the forward with the metrics (`conv_metrics.py`)
+                state.metric_tail.run(self, y, scale, shift)
             compiled = self._compiled_pool(y, scale, shift, points)
             if compiled is not None:
                 return compiled

@@ -19,6 +19,8 @@ gives NaN (as F.cross_entropy does).
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -123,8 +125,15 @@ def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped
 
 
 def use_threads(count: int) -> None:
-    """Run the parallel kernels on `count` threads (at most numba's pool; e.g. torch.get_num_threads())."""
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    """Run the parallel kernels on `count` threads (at most numba's pool; e.g. torch.get_num_threads()); numba's
+    setting is per calling thread, and set again only where it changes (setting it costs as much as a small kernel)."""
+    count = max(1, min(count, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_threads_set, "count", None) != count:
+        numba.set_num_threads(count)
+        _threads_set.count = count
+
+
+_threads_set = threading.local()  # the count `use_threads` last set in each thread
 
 
 ROWS = 256  # rows of samples carried through all layers at a time (B1, one thread: 1.3× faster than 64, as 512)
@@ -475,3 +484,70 @@ def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
         for j in range(stop - start):
             mean[start + j] = np.float32(centre[j])
             var[start + j] = np.float32(squares[j] / rows)
+
+
+TAIL_ROWS = 32  # samples per block of `pool_linear_cross_entropy_sums` (blocks run in parallel)
+
+
+@numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, ::1], numba.float32[:, ::1], numba.boolean,
+                       numba.float32[:, :, ::1], numba.float32[:, ::1], numba.int64[::1], numba.float64[::1],
+                       numba.int64[::1]), cache=True, parallel=True, fastmath=FAST)
+def pool_linear_cross_entropy_sums(  # type: ignore[no-untyped-def]
+        maps, scale, shift, relu, weights, biases, targets, loss, wrong):
+    """The tail of a CNN at P points, its logits never written to memory: for a grouped convolution's sample-major
+    channels-last output maps [N, H, W, P·C], per sample h(p) = relu(max over the 2×2 windows of maps[·, ·, ·, p·C +
+    c], times scale[p, c], plus shift[p, c]) in channels-last order (i, j, c), logits(p) = h(p) W(p)ᵀ + b(p) with
+    weights [P, classes, (H/2)·(W/2)·C] in that order and biases [P, classes], then loss[p] and wrong[p] as
+    `cross_entropy_sums` of the logits against targets [N] (`conv_metrics.py`). Samples outer, points inner: each
+    sample's map is read once, in order, while every point pools its channels (runs over C) into cache and dots them
+    with its weights' rows; the logits of a block of TAIL_ROWS samples go class-major to `_class_major_cross_entropy`.
+    Blocks run in parallel (numba threads), their sums added in block order. NaN propagates through the max and ReLU."""
+    samples, height, width, point_channels = maps.shape
+    points, channels = scale.shape
+    pooled_height, pooled_width = height // 2, width // 2
+    features = channels * pooled_height * pooled_width
+    classes = weights.shape[1]
+    row = width * point_channels
+    flat = maps.reshape(samples, height * row)
+    zero = np.float32(0.0)
+    blocks = (samples + TAIL_ROWS - 1) // TAIL_ROWS
+    block_loss = np.zeros((blocks, points), np.float64)
+    block_wrong = np.zeros((blocks, points), np.int64)
+    for block in numba.prange(blocks):
+        start = block * TAIL_ROWS
+        count = min(TAIL_ROWS, samples - start)
+        h = np.empty(features, np.float32)
+        logits = np.empty((points, classes, TAIL_ROWS), np.float32)
+        scratch = np.empty((6, TAIL_ROWS), np.float32)
+        for r in range(count):
+            sample = flat[start + r]
+            for p in range(points):
+                point_scale, point_shift, point_weights = scale[p], shift[p], weights[p]
+                for i in range(pooled_height):
+                    for j in range(pooled_width):
+                        top = (2 * i * width + 2 * j) * point_channels + p * channels  # the window's top left
+                        a = sample[top:top + channels]
+                        b = sample[top + point_channels:top + point_channels + channels]
+                        d = sample[top + row:top + row + channels]
+                        e = sample[top + row + point_channels:top + row + point_channels + channels]
+                        pooled = h[(i * pooled_width + j) * channels:(i * pooled_width + j + 1) * channels]
+                        for c in range(channels):
+                            y = _max(_max(e[c], d[c]), _max(b[c], a[c])) * point_scale[c] + point_shift[c]
+                            pooled[c] = y if not relu or not y < 0 else zero
+                for k in range(classes):
+                    w = point_weights[k]
+                    acc = np.float32(0.0)
+                    for f in range(features):
+                        acc += w[f] * h[f]
+                    logits[p, k, r] = acc + biases[p, k]
+        for p in range(points):
+            block_loss[block, p], block_wrong[block, p] = _class_major_cross_entropy(
+                logits[p], count, targets[start:start + count], scratch)
+    for p in range(points):
+        total = 0.0
+        misses = 0
+        for block in range(blocks):
+            total += block_loss[block, p]
+            misses += block_wrong[block, p]
+        loss[p] = total
+        wrong[p] = misses

@@ -21,6 +21,7 @@ from ..subspace import Basis, StateLike, as_basis
 from . import compiled_cpu
 from .batches import Batches, move
 from .chunks import plan_chunks
+from .conv_metrics import ConvMetrics
 from .memory import keep_freed_memory
 from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
 from .mlp_metrics import FusedMlpMetrics
@@ -96,6 +97,7 @@ def evaluate(
     points = coeffs.shape[0]
     sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}
     fused = {name: FusedMlpMetrics.of(view, metric_sums, device) for name, metric_sums in sums.items()}
+    tails = {name: ConvMetrics.of(view, metric_sums, device) for name, metric_sums in sums.items()}
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
@@ -113,11 +115,14 @@ def evaluate(
             for inputs, targets in batches:
                 inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
                 batch = next(batch_names)
-                mlp = fused[name]
+                mlp, tail = fused[name], tails[name]
                 if mlp is None or not mlp.add(coeffs, inputs, targets, batch, sums[name]):  # else one compiled pass
                     for chunk in chunks:
-                        outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
-                        sums[name].add(outputs, targets, chunk.start)
+                        if tail is not None:  # the last conv block straight to the metrics where it can
+                            tail.add(view, coeffs[chunk], inputs, targets, chunk.start, batch, sums[name])
+                        else:
+                            outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
+                            sums[name].add(outputs, targets, chunk.start)
                 bar.update()
     values = {f"{name}_{metric}" if name else metric: value
               for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}

@@ -8,7 +8,7 @@ moves or mixes the batch axis is detected by the view, which then runs the whole
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Literal
+from typing import Any, Hashable, Literal
 
 from torch import Tensor
 
@@ -44,6 +44,7 @@ class ViewState:
     plain: bool = False  # run every layer's plain path (the reference of the fast ones, e.g. `conv_block.py`)
     collected: int = 0  # BatchNorm statistics accumulated so far in this forward (recomputation)
     collections_per_forward: int | None = None  # how many a whole forward accumulates, once known
+    metric_tail: Any = None  # a `conv_metrics.ConvMetrics` taking this forward's last block to the metrics, or None
 
     @property
     def points(self) -> int:
