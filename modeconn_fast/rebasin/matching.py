@@ -78,14 +78,21 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor) -> Tensor:
+    def rows(w: Tensor, units: Tensor | None) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather."""
+        transpose of a contiguous [n, len(units)·r] gather. `units` None: all of them in order, a view of `w`
+        where it has the gather's layout (no copy; the same product then, bit for bit)."""
         if w.stride(0) < w.stride(-1):
-            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
-        return w.index_select(0, units).reshape(-1, w.shape[-1])
+            lines = w.movedim(-1, 0)
+            if units is None and lines.is_contiguous():
+                return lines.reshape(w.shape[-1], -1).T
+            every = torch.arange(w.shape[0]) if units is None else units
+            return lines.index_select(1, every).reshape(w.shape[-1], -1).T
+        if units is None and w.is_contiguous():
+            return w.reshape(-1, w.shape[-1])
+        return w.index_select(0, torch.arange(w.shape[0]) if units is None else units).reshape(-1, w.shape[-1])
 
     def moved(self, units: Tensor, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
@@ -227,7 +234,16 @@ class _Matcher:
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
+        self.scratch: dict[int, tuple[Tensor, Tensor]] = {}  # per group size below FLOAT32_FROM: see `_scratch`
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
+
+    def _scratch(self, n: int) -> tuple[Tensor, Tensor]:
+        """Rows for the updates of a float64 cache of n units, kept for the matcher's life: a float32 product of
+        up to CHUNK rows ([R, n]) and its float64 copy (at 2048 units 48 MB, beside 32 MB per group's cache)."""
+        if n not in self.scratch:
+            rows = min(n, CHUNK)
+            self.scratch[n] = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.float64))
+        return self.scratch[n]
 
     def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
         """C_group for the current permutations, updated in place where possible: float64, or float32 from
@@ -241,9 +257,10 @@ class _Matcher:
             self.cache[group] = cache
         for term in self.terms[group]:
             now = perms[term.other]
+            units: Tensor | None
             if term.seen is None:
-                units = torch.arange(len(now))
-                b = term.rows(term.b, now)
+                units = None  # every unit, in order
+                b = term.rows(term.b, None if torch.equal(now, torch.arange(len(now))) else now)
             else:
                 units = torch.nonzero(now != term.seen).flatten()
                 if units.numel() == 0:
@@ -252,10 +269,14 @@ class _Matcher:
             if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
                 for start, stop in _parts(n):
                     cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R], [R, n]);
-                # float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
+            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporary [|K|·r, R]),
+                # made in and widened through the group size's scratch rows (fresh temporaries cost page faults, a
+                # mixed-dtype `+=` a hidden float64 copy); float64 products of small ranks measured 2-16 % slower
+                product, wide = self._scratch(n)
                 for start, stop in _parts(n):
-                    cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
+                    rows = stop - start
+                    torch.mm(term.rows(term.a[..., start:stop], units).T, b, out=product[:rows])
+                    cache[start:stop] += wide[:rows].copy_(product[:rows])
             term.seen = now
         if not self.generic[group]:
             return cache
