@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the m
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
+SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -291,6 +293,24 @@ class _Matcher:
         return total
 
 
+@contextmanager
+def _one_torch_thread(serial: bool) -> Iterator[None]:
+    """torch on one thread inside (if `serial`), the caller's count restored after. The sweeps of small groups run
+    hundreds of torch ops of a few hundred microseconds each; on more threads each is a parallel region whose
+    threads must all run to its end, and on a shared machine one descheduled thread stalls it for a time slice
+    (at load ~4 on 2 cores a 512×512 product took 20-30 ms on 2 threads against 7 ms on one, a dot product of the
+    objective's 64k chunks 8 ms against 0.02). The products' blocking does not depend on the thread count (the
+    caches and permutations are the same bit for bit); the objective's sums are then those of one thread."""
+    threads = torch.get_num_threads()
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+
+
 def _solvable_alongside(
     order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
 ) -> int | None:
@@ -373,7 +393,9 @@ def weight_matching(
     perms = start.perms
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
-    history = [matching_objective(state_a, state_b, start, params)]
+    serial = torch.get_num_threads() > 1 and max(spec.sizes(state_a).values(), default=0) <= SERIAL_UP_TO
+    with _one_torch_thread(serial):
+        history = [matching_objective(state_a, state_b, start, params)]
     if not math.isfinite(history[0]):  # a NaN or infinite weight makes J so (float32 weights cannot overflow it)
         _refuse_non_finite(state_a, state_b, params)
     matcher = _Matcher(spec, state_a, state_b, params)
@@ -389,7 +411,7 @@ def weight_matching(
     early: dict[int, tuple[Tensor, Tensor]] = {}  # sweep position -> (cost, permutation) of a LAP solved ahead
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
-    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool:
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -437,5 +459,6 @@ def weight_matching(
     self_dependent = matcher.self_dependent
     del matcher  # its cost matrices (n×n per group) are not needed for the objective
     if not self_dependent:  # else the last sweep computed it directly already
-        history[-1] = matching_objective(state_a, state_b, start, params)
+        with _one_torch_thread(serial):
+            history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
