@@ -31,6 +31,7 @@ float32 caches: ~1e-7).
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,16 +237,18 @@ class _Matcher:
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
-        self.scratch: dict[int, tuple[Tensor, Tensor]] = {}  # per group size below FLOAT32_FROM: see `_scratch`
+        self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: see `_scratch`
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
     def _scratch(self, n: int) -> tuple[Tensor, Tensor]:
-        """Rows for the updates of a float64 cache of n units, kept for the matcher's life: a float32 product of
-        up to CHUNK rows ([R, n]) and its float64 copy (at 2048 units 48 MB, beside 32 MB per group's cache)."""
-        if n not in self.scratch:
+        """Rows for the updates of a float64 cache of n units, kept for the matcher's life, one set per thread: a
+        float32 product of up to CHUNK rows ([R, n]) and its float64 copy (at 2048 units 48 MB, beside 32 MB per
+        group's cache)."""
+        key = (n, threading.get_ident())  # two groups' costs may be formed at once (see `weight_matching`)
+        if key not in self.scratch:
             rows = min(n, CHUNK)
-            self.scratch[n] = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.float64))
-        return self.scratch[n]
+            self.scratch[key] = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.float64))
+        return self.scratch[key]
 
     def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
         """C_group for the current permutations, updated in place where possible: float64, or float32 from
@@ -426,13 +429,15 @@ def weight_matching(
                     costs = [matcher.cost(group, perms) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    costs = [matcher.cost(unit[0], perms)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
+                    ahead = None if later is None else order[later][0]
+                    # torch on one thread (`serial`): the other thread forms the cost of the group solved alongside
+                    made = pool.submit(matcher.cost, ahead, perms) if ahead is not None and serial else None
+                    costs = [matcher.cost(unit[0], perms)]
                     if later is None:
                         col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
-                        ahead = order[later][0]
-                        ahead_cost = matcher.cost(ahead, perms)
+                        ahead_cost = made.result() if made is not None else matcher.cost(ahead, perms)
                         future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
                         ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
                         early[later] = (ahead_cost, ahead_col)
