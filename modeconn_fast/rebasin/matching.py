@@ -21,7 +21,8 @@ step's result:
      compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
   4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
      current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
-     `_solvable_alongside`); the results are taken in the serial order.
+     `_solvable_alongside`); the results are taken in the serial order. Groups up to SERIAL_UP_TO units run torch
+     on one thread (`_one_torch_thread`), the second thread then forming the cost of the group solved alongside.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
