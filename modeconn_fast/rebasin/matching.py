@@ -21,7 +21,8 @@ step's result:
      compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
   4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
      current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
-     `_solvable_alongside`); the results are taken in the serial order.
+     `_solvable_alongside`); the results are taken in the serial order. Groups up to SERIAL_UP_TO units run torch
+     on one thread (`_one_torch_thread`), the second thread then forming the cost of the group solved alongside.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -31,9 +32,11 @@ float32 caches: ~1e-7).
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the m
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
+SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -78,14 +82,21 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor) -> Tensor:
+    def rows(w: Tensor, units: Tensor | None) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather."""
+        transpose of a contiguous [n, len(units)·r] gather. `units` None: all of them in order, a view of `w`
+        where it has the gather's layout (no copy; the same product then, bit for bit)."""
         if w.stride(0) < w.stride(-1):
-            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
-        return w.index_select(0, units).reshape(-1, w.shape[-1])
+            lines = w.movedim(-1, 0)
+            if units is None and lines.is_contiguous():
+                return lines.reshape(w.shape[-1], -1).T
+            every = torch.arange(w.shape[0]) if units is None else units
+            return lines.index_select(1, every).reshape(w.shape[-1], -1).T
+        if units is None and w.is_contiguous():
+            return w.reshape(-1, w.shape[-1])
+        return w.index_select(0, torch.arange(w.shape[0]) if units is None else units).reshape(-1, w.shape[-1])
 
     def moved(self, units: Tensor, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
@@ -227,7 +238,18 @@ class _Matcher:
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
+        self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: see `_scratch`
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
+
+    def _scratch(self, n: int) -> tuple[Tensor, Tensor]:
+        """Rows for the updates of a float64 cache of n units, kept for the matcher's life, one set per thread: a
+        float32 product of up to CHUNK rows ([R, n]) and its float64 copy (at 2048 units 48 MB, beside 32 MB per
+        group's cache)."""
+        key = (n, threading.get_ident())  # two groups' costs may be formed at once (see `weight_matching`)
+        if key not in self.scratch:
+            rows = min(n, CHUNK)
+            self.scratch[key] = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.float64))
+        return self.scratch[key]
 
     def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
         """C_group for the current permutations, updated in place where possible: float64, or float32 from
@@ -241,9 +263,10 @@ class _Matcher:
             self.cache[group] = cache
         for term in self.terms[group]:
             now = perms[term.other]
+            units: Tensor | None
             if term.seen is None:
-                units = torch.arange(len(now))
-                b = term.rows(term.b, now)
+                units = None  # every unit, in order
+                b = term.rows(term.b, None if torch.equal(now, torch.arange(len(now))) else now)
             else:
                 units = torch.nonzero(now != term.seen).flatten()
                 if units.numel() == 0:
@@ -252,10 +275,14 @@ class _Matcher:
             if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
                 for start, stop in _parts(n):
                     cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R], [R, n]);
-                # float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
+            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporary [|K|·r, R]),
+                # made in and widened through the group size's scratch rows (fresh temporaries cost page faults, a
+                # mixed-dtype `+=` a hidden float64 copy); float64 products of small ranks measured 2-16 % slower
+                product, wide = self._scratch(n)
                 for start, stop in _parts(n):
-                    cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
+                    rows = stop - start
+                    torch.mm(term.rows(term.a[..., start:stop], units).T, b, out=product[:rows])
+                    cache[start:stop] += wide[:rows].copy_(product[:rows])
             term.seen = now
         if not self.generic[group]:
             return cache
@@ -268,6 +295,24 @@ class _Matcher:
             a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
             total += _products([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)]).double()
         return total
+
+
+@contextmanager
+def _one_torch_thread(serial: bool) -> Iterator[None]:
+    """torch on one thread inside (if `serial`), the caller's count restored after. The sweeps of small groups run
+    hundreds of torch ops of a few hundred microseconds each; on more threads each is a parallel region whose
+    threads must all run to its end, and on a shared machine one descheduled thread stalls it for a time slice
+    (at load ~4 on 2 cores a 512×512 product took 20-30 ms on 2 threads against 7 ms on one, a dot product of the
+    objective's 64k chunks 8 ms against 0.02). The products' blocking does not depend on the thread count (the
+    caches and permutations are the same bit for bit); the objective's sums are then those of one thread."""
+    threads = torch.get_num_threads()
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
 
 
 def _solvable_alongside(
@@ -352,7 +397,9 @@ def weight_matching(
     perms = start.perms
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
-    history = [matching_objective(state_a, state_b, start, params)]
+    serial = torch.get_num_threads() > 1 and max(spec.sizes(state_a).values(), default=0) <= SERIAL_UP_TO
+    with _one_torch_thread(serial):
+        history = [matching_objective(state_a, state_b, start, params)]
     if not math.isfinite(history[0]):  # a NaN or infinite weight makes J so (float32 weights cannot overflow it)
         _refuse_non_finite(state_a, state_b, params)
     matcher = _Matcher(spec, state_a, state_b, params)
@@ -368,7 +415,7 @@ def weight_matching(
     early: dict[int, tuple[Tensor, Tensor]] = {}  # sweep position -> (cost, permutation) of a LAP solved ahead
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
-    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool:
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -383,13 +430,15 @@ def weight_matching(
                     costs = [matcher.cost(group, perms) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    costs = [matcher.cost(unit[0], perms)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
+                    ahead = None if later is None else order[later][0]
+                    # torch on one thread (`serial`): the other thread forms the cost of the group solved alongside
+                    made = pool.submit(matcher.cost, ahead, perms) if ahead is not None and serial else None
+                    costs = [matcher.cost(unit[0], perms)]
                     if later is None:
                         col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
-                        ahead = order[later][0]
-                        ahead_cost = matcher.cost(ahead, perms)
+                        ahead_cost = made.result() if made is not None else matcher.cost(ahead, perms)
                         future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
                         ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
                         early[later] = (ahead_cost, ahead_col)
@@ -416,5 +465,6 @@ def weight_matching(
     self_dependent = matcher.self_dependent
     del matcher  # its cost matrices (n×n per group) are not needed for the objective
     if not self_dependent:  # else the last sweep computed it directly already
-        history[-1] = matching_objective(state_a, state_b, start, params)
+        with _one_torch_thread(serial):
+            history[-1] = matching_objective(state_a, state_b, start, params)
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
