@@ -124,29 +124,43 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> None:
-    """Where the sweep solves the next group's LAP on a second thread at the same time, every solve returns the
-    permutation of the serial order: the same visits, permutations and objective history."""
+def test_work_beside_a_lap_keeps_the_serial_trajectory(name: str, monkeypatch) -> None:
+    """Where the sweep solves the next group's LAP on a second thread at the same time, or updates the next
+    group's cost beside a LAP, every solve returns the permutation of the serial order: the same visits,
+    permutations and objective history."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP (numba, released GIL)
     lap_loading.wait()
     model_a, model_b = build(name, seed=7), build(name, seed=8)
     if name == "mlp":  # four hidden groups: non-neighbours meet in most sweep orders
         torch.manual_seed(7)
         model_a, model_b = mlp((64, 40, 40, 40, 40, 10)), mlp((64, 40, 40, 40, 40, 10))
-    alongside = matching_module._solvable_alongside
-    paired: list[int] = []
+    found: dict[str, list] = {"_solvable_alongside": [], "_updated_ahead": []}
 
-    def recorded(*args):
-        later = alongside(*args)
-        paired.extend([] if later is None else [later])
-        return later
+    def recorded(name: str):
+        pick = getattr(matching_module, name)
+
+        def record(*args):
+            found[name].extend([pick(*args)])
+            return found[name][-1]
+
+        return record
+
+    updated: list[int] = []
+    update_ahead = matching_module._Matcher.update_ahead
+
+    def counted(self, group, perms, moving, future) -> None:
+        before = [term.seen for term in self.terms[group]]
+        update_ahead(self, group, perms, moving, future)
+        updated.append(sum(seen is not term.seen for seen, term in zip(before, self.terms[group])))
 
     runs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # pairs only where torch may use more than one thread
     try:
-        for pick in (lambda *args: None, recorded):  # serial, then pairs
-            monkeypatch.setattr(matching_module, "_solvable_alongside", pick)
+        for picks in ({name: lambda *args: None for name in found}, {name: recorded(name) for name in found}):
+            for name_, pick in picks.items():
+                monkeypatch.setattr(matching_module, name_, pick)
+            monkeypatch.setattr(matching_module._Matcher, "update_ahead", counted)
             visits: list[tuple[str, torch.Tensor]] = []
             result = weight_matching(model_a, model_b, example_input=inputs(model_a), on_visit=lambda g, p: visits.append((g, p)))
             runs.append((visits, result.objective_history))
@@ -157,7 +171,9 @@ def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> 
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(pairs, serial))
     assert pairs_history == serial_history
     if name in ("mlp", "vgg"):
-        assert paired, "no two LAPs were solved at once"
+        assert any(later is not None for later in found["_solvable_alongside"]), "no two LAPs were solved at once"
+    if name == "mlp":
+        assert sum(updated) > 0, "no cost was updated beside a LAP"
 
 
 def test_init_is_a_fixed_point_when_already_optimal() -> None:

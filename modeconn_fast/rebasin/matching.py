@@ -30,10 +30,11 @@ float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -229,9 +230,9 @@ class _Matcher:
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
-    def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
-        """C_group for the current permutations, updated in place where possible: float64, or float32 from
-        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are)."""
+    def _updates(self, group: str, terms: list[_Term], perms: dict[str, Tensor]) -> Iterator[None]:
+        """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order),
+        yielding after each block of rows."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
@@ -239,7 +240,7 @@ class _Matcher:
             dtype = torch.float32 if n >= FLOAT32_FROM else torch.float64
             cache = _products(const_a, const_b).to(dtype) if const_a else torch.zeros(n, n, dtype=dtype)
             self.cache[group] = cache
-        for term in self.terms[group]:
+        for term in terms:
             now = perms[term.other]
             if term.seen is None:
                 units = torch.arange(len(now))
@@ -249,14 +250,36 @@ class _Matcher:
                 if units.numel() == 0:
                     continue
                 b = term.moved(units, now)
-            if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
-                for start, stop in _parts(n):
+            for start, stop in _parts(n):
+                if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
                     cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R], [R, n]);
-                # float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
-                for start, stop in _parts(n):
+                else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R],
+                    # [R, n]); float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
                     cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
+                yield
             term.seen = now
+
+    def update_ahead(self, group: str, perms: dict[str, Tensor], moving: set[str], lap: Future) -> None:
+        """While `lap` (the solve of the groups `moving`) runs on another thread, on one thread: the updates of
+        C_group's leading terms whose other group is not moving, as its visit (due next) would add them first.
+        Torch's threads are restored as soon as `lap` is done."""
+        leading = list(itertools.takewhile(lambda term: term.other not in moving, self.terms[group]))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in self._updates(group, leading, perms):
+                if torch.get_num_threads() != threads and lap.done():
+                    torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
+        """C_group for the current permutations, updated in place where possible: float64, or float32 from
+        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are)."""
+        n = self.sizes[group]
+        for _ in self._updates(group, self.terms[group], perms):
+            pass
+        cache = self.cache[group]
         if not self.generic[group]:
             return cache
         total = cache.to(torch.float64, copy=True)
@@ -270,6 +293,15 @@ class _Matcher:
         return total
 
 
+def _next_unit(order: list[tuple[str, ...]], at: int, dirty: set[str], changed: set[str]) -> int | None:
+    """The position of the first unit after order[at] that is due (dirty) or among `changed` (the dependents of
+    order[at], due if its solve moves a unit); the units in between stay skipped. None if none in this sweep."""
+    for later in range(at + 1, len(order)):
+        if not (dirty.isdisjoint(order[later]) and changed.isdisjoint(order[later])):
+            return later
+    return None
+
+
 def _solvable_alongside(
     order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
 ) -> int | None:
@@ -278,13 +310,22 @@ def _solvable_alongside(
     as it is (not among its dependents), with nothing solved in between (the units between are not due, and
     not among the dependents, so they stay skipped). None otherwise."""
     changed = set().union(*(dependents[group] for group in order[at]))
-    for later in range(at + 1, len(order)):
-        unit = order[later]
-        if not changed.isdisjoint(unit):
-            return None
-        if not dirty.isdisjoint(unit):
-            return None if unit[0] in tie_of else later
-    return None
+    later = _next_unit(order, at, dirty, changed)
+    if later is None or not changed.isdisjoint(order[later]) or order[later][0] in tie_of:
+        return None
+    return later
+
+
+def _updated_ahead(
+    order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
+) -> str | None:
+    """The group whose cost may be updated while order[at] is solved (`_Matcher.update_ahead`): the single group
+    that the sweep solves next whatever that solve returns (due now, nothing due in between). None otherwise."""
+    changed = set().union(*(dependents[group] for group in order[at]))
+    later = _next_unit(order, at, dirty, changed)
+    if later is None or dirty.isdisjoint(order[later]) or order[later][0] in tie_of:
+        return None
+    return order[later][0]
 
 
 def matching_objective(
@@ -385,7 +426,12 @@ def weight_matching(
                 else:
                     costs = [matcher.cost(unit[0], perms)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
-                    if later is None:
+                    following = _updated_ahead(order, at, dirty, matcher.dependents, tie_of) if pairs and later is None else None
+                    if following is not None:  # the LAP on a second thread, the next group's leading updates beside it
+                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                        matcher.update_ahead(following, perms, set(unit), future)
+                        col, warm[unit[0]] = future.result()
+                    elif later is None:
                         col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
                         ahead = order[later][0]
