@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,31 @@ def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
     typo = PermutationSpec({"g": [(name.replace("weight", "wieght"), 0)]})
     with pytest.raises(SpecError, match=rf"no tensor {typo.groups['g'][0].tensor!r} \(did you mean {name!r}.*state_dict\(\) keys"):
         weight_matching(model_a, model_b, spec=typo)
+
+
+@pytest.mark.parametrize("float32_from", [8, 1 << 30])  # float32 and float64 caches
+def test_two_lanes_give_the_same_bits(float32_from: int, monkeypatch) -> None:
+    """Cost updates whose blocks of rows alternate between two threads (`_in_two_lanes`, one torch thread each)
+    give the cache bit for bit as one thread with two torch threads does: first visits and moved units."""
+    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
+    torch.manual_seed(3)
+    model_a, model_b = mlp((64, 200, 200, 200, 10)), mlp((64, 200, 200, 200, 10))
+    spec = permutation_spec(model_a, inputs(model_a))
+    params = {n for n, _ in model_a.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    steps = [{g: torch.randperm(200, generator=generator) for g in spec.groups} for _ in range(3)]
+    caches = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            for lanes in (None, pool):
+                matcher = matching_module._Matcher(spec, model_a.state_dict(), model_b.state_dict(), params)
+                caches.append([matcher.cost(g, perms, lanes).clone() for perms in steps for g in spec.groups])
+                assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    serial, two_lanes = caches
+    assert all(torch.equal(a, b) for a, b in zip(serial, two_lanes))
+    assert serial[0].dtype == (torch.float32 if float32_from == 8 else torch.float64)

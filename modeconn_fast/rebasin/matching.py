@@ -21,7 +21,10 @@ step's result:
      compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
   4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
      current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
-     `_solvable_alongside`); the results are taken in the serial order.
+     `_solvable_alongside`); the results are taken in the serial order. Where no such pair exists, the next
+     group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
+     (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
+     more than CHUNK units run in two lanes (`_in_two_lanes`), blocks of rows alternating between two threads.
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -95,7 +98,10 @@ class _Term:
         reordered (the permutations agree elsewhere), so each block of B's n lines is read once at those places
         in increasing order and the two orders are picked in cache: 2-3× faster than two gathers in the
         permutations' order, and the same numbers. Else the rows are gathered, and the old ones subtracted
-        CHUNK units at a time (no third [|K|·r, n] temporary)."""
+        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` None): B's rows at
+        `now`."""
+        if self.seen is None:
+            return self.rows(self.b, now)
         new, old = now[units], self.seen[units]
         w = self.b
         if w.stride(0) < w.stride(-1):
@@ -230,9 +236,12 @@ class _Matcher:
         self.cache: dict[str, Tensor] = {}
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
-    def _updates(self, group: str, terms: list[_Term], perms: dict[str, Tensor]) -> Iterator[None]:
-        """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order),
-        yielding after each block of rows."""
+    def _updates(
+        self, group: str, terms: list[_Term], perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None
+    ) -> Iterator[None]:
+        """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order):
+        yielding after each block of rows, or, with `lanes` and more than one block, each term's blocks in two lanes
+        (`_in_two_lanes`)."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
@@ -242,21 +251,17 @@ class _Matcher:
             self.cache[group] = cache
         for term in terms:
             now = perms[term.other]
-            if term.seen is None:
-                units = torch.arange(len(now))
-                b = term.rows(term.b, now)
-            else:
-                units = torch.nonzero(now != term.seen).flatten()
-                if units.numel() == 0:
-                    continue
-                b = term.moved(units, now)
-            for start, stop in _parts(n):
-                if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
-                    cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-                else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporaries [|K|·r, R],
-                    # [R, n]); float64 products of small ranks measured 2-16 % slower at 512 units, the same trajectory
-                    cache[start:stop] += _products([term.rows(term.a[..., start:stop], units).T], [b.T])
+            units = torch.arange(len(now)) if term.seen is None else torch.nonzero(now != term.seen).flatten()
+            if units.numel() == 0:
+                continue
+            if lanes is not None and n > CHUNK:  # two blocks of rows or more
+                _in_two_lanes(cache, term, units, now, lanes)
                 yield
+            else:
+                b = term.moved(units, now)
+                for start, stop in _parts(n):
+                    _add_rows(cache, start, stop, term.rows(term.a[..., start:stop], units).T, b)
+                    yield
             term.seen = now
 
     def update_ahead(self, group: str, perms: dict[str, Tensor], moving: set[str], lap: Future) -> None:
@@ -273,11 +278,12 @@ class _Matcher:
         finally:
             torch.set_num_threads(threads)
 
-    def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
+    def cost(self, group: str, perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None) -> Tensor:
         """C_group for the current permutations, updated in place where possible: float64, or float32 from
-        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are)."""
+        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are).
+        `lanes`: an idle one-thread executor for `_in_two_lanes`."""
         n = self.sizes[group]
-        for _ in self._updates(group, self.terms[group], perms):
+        for _ in self._updates(group, self.terms[group], perms, lanes):
             pass
         cache = self.cache[group]
         if not self.generic[group]:
@@ -291,6 +297,47 @@ class _Matcher:
             a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
             total += _products([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)]).double()
         return total
+
+
+def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor) -> None:
+    """C[R] += A[:, R]ᵀ·B for the rows R = [start, stop) of the cache: `a` A's gather [R, |K|·r] (`_Term.rows`),
+    `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: a float32 product of R
+    rows (temporary [R, n]) added; float64 products of small ranks measured 2-16 % slower at 512 units."""
+    if cache.dtype == torch.float32:
+        cache[start:stop].addmm_(a, b)
+    else:
+        cache[start:stop] += _products([a], [b.T])
+
+
+def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor, now: Tensor, lanes: ThreadPoolExecutor) -> None:
+    """The update of the cache's blocks of rows (`_parts`) by `term`, the blocks alternating between this thread
+    and `lanes`' one, each with half of torch's threads: the gathers (single-threaded copies) run two at a time
+    too, and no block waits for the other lane. Each block's numbers are those of `_add_rows`: MKL's products
+    of blocks of 64 rows or more give the same bits with one thread as with two (measured on blocks of 66 to
+    2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not: `test_two_lanes_give_the_same_bits`)."""
+    threads = torch.get_num_threads()
+    parts = _parts(cache.shape[0])
+    b: Future = Future()
+
+    def lane(which: int, share: int) -> None:
+        torch.set_num_threads(share)
+        for start, stop in parts[which::2]:
+            a = term.rows(term.a[..., start:stop], units).T
+            _add_rows(cache, start, stop, a, b.result())
+
+    other = lanes.submit(lane, 1, threads // 2)
+    try:
+        torch.set_num_threads(threads - threads // 2)
+        try:
+            b.set_result(term.moved(units, now))
+        except BaseException as error:
+            b.set_exception(error)
+            raise
+        lane(0, threads - threads // 2)
+    finally:
+        other.exception()  # wait for the other lane (its error, if any, is b's or raised below)
+        torch.set_num_threads(threads)
+    other.result()
 
 
 def _next_unit(order: list[tuple[str, ...]], at: int, dirty: set[str], changed: set[str]) -> int | None:
@@ -410,6 +457,7 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool:
+        lanes = pool if pairs else None  # idle while the costs are updated: their second lane
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -421,10 +469,10 @@ def weight_matching(
                     cost, col = early.pop(at)
                     costs, cols = [cost], [col]
                 elif unit[0] in tie_of:
-                    costs = [matcher.cost(group, perms) for group in unit]
+                    costs = [matcher.cost(group, perms, lanes) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    costs = [matcher.cost(unit[0], perms)]
+                    costs = [matcher.cost(unit[0], perms, lanes)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
                     following = _updated_ahead(order, at, dirty, matcher.dependents, tie_of) if pairs and later is None else None
                     if following is not None:  # the LAP on a second thread, the next group's leading updates beside it
@@ -435,7 +483,7 @@ def weight_matching(
                         col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
                         ahead = order[later][0]
-                        ahead_cost = matcher.cost(ahead, perms)
+                        ahead_cost = matcher.cost(ahead, perms, lanes)
                         future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
                         ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
                         early[later] = (ahead_cost, ahead_col)
