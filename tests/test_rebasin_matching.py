@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,32 +124,50 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
     assert layouts == {True, False}  # both gathers: as columns and as rows
 
 
+@pytest.mark.parametrize("serial_up_to", [0, matching_module.SERIAL_UP_TO])  # torch on 2 threads, on one
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> None:
-    """Where the sweep solves the next group's LAP on a second thread at the same time, every solve returns the
-    permutation of the serial order: the same visits, permutations and objective history."""
+def test_work_beside_a_lap_keeps_the_serial_trajectory(name: str, serial_up_to: int, monkeypatch) -> None:
+    """Where the sweep solves the next group's LAP on a second thread at the same time, or updates the next
+    group's cost beside a LAP, every solve returns the permutation of the serial order: the same visits,
+    permutations and objective history; with torch on 2 threads, and with the small groups' sweeps on one
+    (`_one_torch_thread`), the caller's count restored after."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP (numba, released GIL)
+    monkeypatch.setattr(matching_module, "SERIAL_UP_TO", serial_up_to)
     lap_loading.wait()
     model_a, model_b = build(name, seed=7), build(name, seed=8)
     if name == "mlp":  # four hidden groups: non-neighbours meet in most sweep orders
         torch.manual_seed(7)
         model_a, model_b = mlp((64, 40, 40, 40, 40, 10)), mlp((64, 40, 40, 40, 40, 10))
-    alongside = matching_module._solvable_alongside
-    paired: list[int] = []
+    found: dict[str, list] = {"_solvable_alongside": [], "_updated_ahead": []}
 
-    def recorded(*args):
-        later = alongside(*args)
-        paired.extend([] if later is None else [later])
-        return later
+    def recorded(name: str):
+        pick = getattr(matching_module, name)
+
+        def record(*args):
+            found[name].extend([pick(*args)])
+            return found[name][-1]
+
+        return record
+
+    updated: list[int] = []
+    update_ahead = matching_module._Matcher.update_ahead
+
+    def counted(self, group, perms, moving, future) -> None:
+        before = [term.seen for term in self.terms[group]]
+        update_ahead(self, group, perms, moving, future)
+        updated.append(sum(seen is not term.seen for seen, term in zip(before, self.terms[group])))
 
     runs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # pairs only where torch may use more than one thread
     try:
-        for pick in (lambda *args: None, recorded):  # serial, then pairs
-            monkeypatch.setattr(matching_module, "_solvable_alongside", pick)
+        for picks in ({name: lambda *args: None for name in found}, {name: recorded(name) for name in found}):
+            for name_, pick in picks.items():
+                monkeypatch.setattr(matching_module, name_, pick)
+            monkeypatch.setattr(matching_module._Matcher, "update_ahead", counted)
             visits: list[tuple[str, torch.Tensor]] = []
             result = weight_matching(model_a, model_b, example_input=inputs(model_a), on_visit=lambda g, p: visits.append((g, p)))
+            assert torch.get_num_threads() == 2
             runs.append((visits, result.objective_history))
     finally:
         torch.set_num_threads(threads)
@@ -157,7 +176,9 @@ def test_two_laps_at_once_keep_the_serial_trajectory(name: str, monkeypatch) -> 
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(pairs, serial))
     assert pairs_history == serial_history
     if name in ("mlp", "vgg"):
-        assert paired, "no two LAPs were solved at once"
+        assert any(later is not None for later in found["_solvable_alongside"]), "no two LAPs were solved at once"
+    if name == "mlp":
+        assert sum(updated) > 0, "no cost was updated beside a LAP"
 
 
 def test_init_is_a_fixed_point_when_already_optimal() -> None:
@@ -254,3 +275,31 @@ def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
     typo = PermutationSpec({"g": [(name.replace("weight", "wieght"), 0)]})
     with pytest.raises(SpecError, match=rf"no tensor {typo.groups['g'][0].tensor!r} \(did you mean {name!r}.*state_dict\(\) keys"):
         weight_matching(model_a, model_b, spec=typo)
+
+
+@pytest.mark.parametrize("float32_from", [8, 1 << 30])  # float32 and float64 caches
+def test_two_lanes_give_the_same_bits(float32_from: int, monkeypatch) -> None:
+    """Cost updates whose blocks of rows alternate between two threads (`_in_two_lanes`, one torch thread each)
+    give the cache bit for bit as one thread with two torch threads does: first visits and moved units."""
+    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
+    torch.manual_seed(3)
+    model_a, model_b = mlp((64, 200, 200, 200, 10)), mlp((64, 200, 200, 200, 10))
+    spec = permutation_spec(model_a, inputs(model_a))
+    params = {n for n, _ in model_a.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    steps = [{g: torch.randperm(200, generator=generator) for g in spec.groups} for _ in range(3)]
+    caches = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            for lanes in (None, pool):
+                matcher = matching_module._Matcher(spec, model_a.state_dict(), model_b.state_dict(), params)
+                caches.append([matcher.cost(g, perms, lanes).clone() for perms in steps for g in spec.groups])
+                assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    serial, two_lanes = caches
+    assert all(torch.equal(a, b) for a, b in zip(serial, two_lanes))
+    assert serial[0].dtype == (torch.float32 if float32_from == 8 else torch.float64)

@@ -21,8 +21,11 @@ step's result:
      compiled solver to load (`lap_loading.py`): scipy's solves its small LAPs, and the load starts as it ends;
   4. with more than one torch thread, the LAP of the next group due is solved on a second thread beside the
      current one where the current solve cannot change its cost (not a neighbour, nothing solved in between;
-     `_solvable_alongside`); the results are taken in the serial order. Groups up to SERIAL_UP_TO units run torch
-     on one thread (`_one_torch_thread`), the second thread then forming the cost of the group solved alongside.
+     `_solvable_alongside`); the results are taken in the serial order. Where no such pair exists, the next
+     group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
+     (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
+     more than CHUNK units run in two lanes (`_in_two_lanes`), blocks of rows alternating between two threads.
+     Groups up to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -31,9 +34,10 @@ float32 caches: ~1e-7).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -58,8 +62,8 @@ if TYPE_CHECKING:
 FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
-LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
+LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
 
 
 def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
@@ -82,21 +86,14 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor | None) -> Tensor:
+    def rows(w: Tensor, units: Tensor) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather. `units` None: all of them in order, a view of `w`
-        where it has the gather's layout (no copy; the same product then, bit for bit)."""
+        transpose of a contiguous [n, len(units)·r] gather."""
         if w.stride(0) < w.stride(-1):
-            lines = w.movedim(-1, 0)
-            if units is None and lines.is_contiguous():
-                return lines.reshape(w.shape[-1], -1).T
-            every = torch.arange(w.shape[0]) if units is None else units
-            return lines.index_select(1, every).reshape(w.shape[-1], -1).T
-        if units is None and w.is_contiguous():
-            return w.reshape(-1, w.shape[-1])
-        return w.index_select(0, torch.arange(w.shape[0]) if units is None else units).reshape(-1, w.shape[-1])
+            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
+        return w.index_select(0, units).reshape(-1, w.shape[-1])
 
     def moved(self, units: Tensor, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
@@ -105,7 +102,10 @@ class _Term:
         reordered (the permutations agree elsewhere), so each block of B's n lines is read once at those places
         in increasing order and the two orders are picked in cache: 2-3× faster than two gathers in the
         permutations' order, and the same numbers. Else the rows are gathered, and the old ones subtracted
-        CHUNK units at a time (no third [|K|·r, n] temporary)."""
+        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` None): B's rows at
+        `now`."""
+        if self.seen is None:
+            return self.rows(self.b, now)
         new, old = now[units], self.seen[units]
         w = self.b
         if w.stride(0) < w.stride(-1):
@@ -238,22 +238,15 @@ class _Matcher:
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
-        self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: see `_scratch`
+        self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: `_add_rows`
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
-    def _scratch(self, n: int) -> tuple[Tensor, Tensor]:
-        """Rows for the updates of a float64 cache of n units, kept for the matcher's life, one set per thread: a
-        float32 product of up to CHUNK rows ([R, n]) and its float64 copy (at 2048 units 48 MB, beside 32 MB per
-        group's cache)."""
-        key = (n, threading.get_ident())  # two groups' costs may be formed at once (see `weight_matching`)
-        if key not in self.scratch:
-            rows = min(n, CHUNK)
-            self.scratch[key] = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.float64))
-        return self.scratch[key]
-
-    def cost(self, group: str, perms: dict[str, Tensor]) -> Tensor:
-        """C_group for the current permutations, updated in place where possible: float64, or float32 from
-        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are)."""
+    def _updates(
+        self, group: str, terms: list[_Term], perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None
+    ) -> Iterator[None]:
+        """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order):
+        yielding after each block of rows, or, with `lanes` and more than one block, each term's blocks in two lanes
+        (`_in_two_lanes`)."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
@@ -261,29 +254,43 @@ class _Matcher:
             dtype = torch.float32 if n >= FLOAT32_FROM else torch.float64
             cache = _products(const_a, const_b).to(dtype) if const_a else torch.zeros(n, n, dtype=dtype)
             self.cache[group] = cache
-        for term in self.terms[group]:
+        for term in terms:
             now = perms[term.other]
-            units: Tensor | None
-            if term.seen is None:
-                units = None  # every unit, in order
-                b = term.rows(term.b, None if torch.equal(now, torch.arange(len(now))) else now)
+            units = torch.arange(len(now)) if term.seen is None else torch.nonzero(now != term.seen).flatten()
+            if units.numel() == 0:
+                continue
+            if lanes is not None and n > CHUNK:  # two blocks of rows or more
+                _in_two_lanes(cache, term, units, now, lanes, self.scratch)
+                yield
             else:
-                units = torch.nonzero(now != term.seen).flatten()
-                if units.numel() == 0:
-                    continue
                 b = term.moved(units, now)
-            if cache.dtype == torch.float32:  # C[R] += A[:, R]ᵀ·B in place, R ≤ CHUNK rows: A's gather [|K|·r, R]
                 for start, stop in _parts(n):
-                    cache[start:stop].addmm_(term.rows(term.a[..., start:stop], units).T, b)
-            else:  # float64 cache: C[R] += A[:, R]ᵀ·B as float32 products of R ≤ CHUNK rows (temporary [|K|·r, R]),
-                # made in and widened through the group size's scratch rows (fresh temporaries cost page faults, a
-                # mixed-dtype `+=` a hidden float64 copy); float64 products of small ranks measured 2-16 % slower
-                product, wide = self._scratch(n)
-                for start, stop in _parts(n):
-                    rows = stop - start
-                    torch.mm(term.rows(term.a[..., start:stop], units).T, b, out=product[:rows])
-                    cache[start:stop] += wide[:rows].copy_(product[:rows])
+                    _add_rows(cache, start, stop, term.rows(term.a[..., start:stop], units).T, b, self.scratch)
+                    yield
             term.seen = now
+
+    def update_ahead(self, group: str, perms: dict[str, Tensor], moving: set[str], lap: Future) -> None:
+        """While `lap` (the solve of the groups `moving`) runs on another thread, on one thread: the updates of
+        C_group's leading terms whose other group is not moving, as its visit (due next) would add them first.
+        Torch's threads are restored as soon as `lap` is done."""
+        leading = list(itertools.takewhile(lambda term: term.other not in moving, self.terms[group]))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in self._updates(group, leading, perms):
+                if torch.get_num_threads() != threads and lap.done():
+                    torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def cost(self, group: str, perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None) -> Tensor:
+        """C_group for the current permutations, updated in place where possible: float64, or float32 from
+        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are).
+        `lanes`: an idle one-thread executor for `_in_two_lanes`."""
+        n = self.sizes[group]
+        for _ in self._updates(group, self.terms[group], perms, lanes):
+            pass
+        cache = self.cache[group]
         if not self.generic[group]:
             return cache
         total = cache.to(torch.float64, copy=True)
@@ -295,6 +302,57 @@ class _Matcher:
             a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
             total += _products([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)]).double()
         return total
+
+
+def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
+              scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
+    """C[R] += A[:, R]ᵀ·B for the rows R = [start, stop) of the cache: `a` A's gather [R, |K|·r] (`_Term.rows`),
+    `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: a float32 product of R
+    rows made in and widened through scratch rows kept per cache size and thread in `scratch` (fresh temporaries
+    cost page faults, a mixed-dtype `+=` a hidden float64 copy; at 2048 units 48 MB a thread); float64 products
+    of small ranks measured 2-16 % slower at 512 units."""
+    if cache.dtype == torch.float32:
+        cache[start:stop].addmm_(a, b)
+        return
+    n, rows = cache.shape[1], stop - start
+    key = (n, threading.get_ident())  # two lanes may update one cache at once (`_in_two_lanes`)
+    if key not in scratch:
+        scratch[key] = (torch.empty(min(n, CHUNK), n), torch.empty(min(n, CHUNK), n, dtype=torch.float64))
+    product, wide = scratch[key]
+    torch.mm(a, b, out=product[:rows])
+    cache[start:stop] += wide[:rows].copy_(product[:rows])
+
+
+def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor, now: Tensor, lanes: ThreadPoolExecutor,
+                  scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
+    """The update of the cache's blocks of rows (`_parts`) by `term`, the blocks alternating between this thread
+    and `lanes`' one, each with half of torch's threads: the gathers (single-threaded copies) run two at a time
+    too, and no block waits for the other lane. Each block's numbers are those of `_add_rows`: MKL's products
+    of blocks of 64 rows or more give the same bits with one thread as with two (measured on blocks of 66 to
+    2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not: `test_two_lanes_give_the_same_bits`)."""
+    threads = torch.get_num_threads()
+    parts = _parts(cache.shape[0])
+    b: Future = Future()
+
+    def lane(which: int, share: int) -> None:
+        torch.set_num_threads(share)
+        for start, stop in parts[which::2]:
+            a = term.rows(term.a[..., start:stop], units).T
+            _add_rows(cache, start, stop, a, b.result(), scratch)
+
+    other = lanes.submit(lane, 1, threads // 2)
+    try:
+        torch.set_num_threads(threads - threads // 2)
+        try:
+            b.set_result(term.moved(units, now))
+        except BaseException as error:
+            b.set_exception(error)
+            raise
+        lane(0, threads - threads // 2)
+    finally:
+        other.exception()  # wait for the other lane (its error, if any, is b's or raised below)
+        torch.set_num_threads(threads)
+    other.result()
 
 
 @contextmanager
@@ -315,6 +373,15 @@ def _one_torch_thread(serial: bool) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def _next_unit(order: list[tuple[str, ...]], at: int, dirty: set[str], changed: set[str]) -> int | None:
+    """The position of the first unit after order[at] that is due (dirty) or among `changed` (the dependents of
+    order[at], due if its solve moves a unit); the units in between stay skipped. None if none in this sweep."""
+    for later in range(at + 1, len(order)):
+        if not (dirty.isdisjoint(order[later]) and changed.isdisjoint(order[later])):
+            return later
+    return None
+
+
 def _solvable_alongside(
     order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
 ) -> int | None:
@@ -323,13 +390,22 @@ def _solvable_alongside(
     as it is (not among its dependents), with nothing solved in between (the units between are not due, and
     not among the dependents, so they stay skipped). None otherwise."""
     changed = set().union(*(dependents[group] for group in order[at]))
-    for later in range(at + 1, len(order)):
-        unit = order[later]
-        if not changed.isdisjoint(unit):
-            return None
-        if not dirty.isdisjoint(unit):
-            return None if unit[0] in tie_of else later
-    return None
+    later = _next_unit(order, at, dirty, changed)
+    if later is None or not changed.isdisjoint(order[later]) or order[later][0] in tie_of:
+        return None
+    return later
+
+
+def _updated_ahead(
+    order: list[tuple[str, ...]], at: int, dirty: set[str], dependents: dict[str, set[str]], tie_of: Mapping[str, object]
+) -> str | None:
+    """The group whose cost may be updated while order[at] is solved (`_Matcher.update_ahead`): the single group
+    that the sweep solves next whatever that solve returns (due now, nothing due in between). None otherwise."""
+    changed = set().union(*(dependents[group] for group in order[at]))
+    later = _next_unit(order, at, dirty, changed)
+    if later is None or dirty.isdisjoint(order[later]) or order[later][0] in tie_of:
+        return None
+    return order[later][0]
 
 
 def matching_objective(
@@ -416,6 +492,7 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
+        lanes = pool if pairs and not serial else None  # idle while the costs are updated: their second lane
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -427,18 +504,21 @@ def weight_matching(
                     cost, col = early.pop(at)
                     costs, cols = [cost], [col]
                 elif unit[0] in tie_of:
-                    costs = [matcher.cost(group, perms) for group in unit]
+                    costs = [matcher.cost(group, perms, lanes) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
+                    costs = [matcher.cost(unit[0], perms, lanes)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
-                    ahead = None if later is None else order[later][0]
-                    # torch on one thread (`serial`): the other thread forms the cost of the group solved alongside
-                    made = pool.submit(matcher.cost, ahead, perms) if ahead is not None and serial else None
-                    costs = [matcher.cost(unit[0], perms)]
-                    if later is None:
+                    following = _updated_ahead(order, at, dirty, matcher.dependents, tie_of) if pairs and later is None else None
+                    if following is not None:  # the LAP on a second thread, the next group's leading updates beside it
+                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                        matcher.update_ahead(following, perms, set(unit), future)
+                        col, warm[unit[0]] = future.result()
+                    elif later is None:
                         col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
-                        ahead_cost = made.result() if made is not None else matcher.cost(ahead, perms)
+                        ahead = order[later][0]
+                        ahead_cost = matcher.cost(ahead, perms, lanes)
                         future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
                         ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
                         early[later] = (ahead_cost, ahead_col)
