@@ -40,6 +40,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
@@ -64,12 +65,15 @@ CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for th
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
+COPY_UP_TO = 1 << 24  # entries: a term's strided rows up to this size are copied contiguous (`_local`)
 
 
-def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
-    """The random group order of one sweep (shared with the B4 reference port so both walk one trajectory)."""
+@lru_cache(maxsize=4096)
+def sweep_order(num_groups: int, seed: int, sweep: int) -> tuple[int, ...]:
+    """The random group order of one sweep (shared with the B4 reference port so both walk one trajectory);
+    remembered, as every call draws the same orders."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sweep)
-    return torch.randperm(num_groups, generator=generator).tolist()
+    return tuple(torch.randperm(num_groups, generator=generator).tolist())
 
 
 @dataclass
@@ -77,8 +81,9 @@ class _Term:
     """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
     `a`, `b` are model A's and B's tensor as [n_q, r, n] (`_other_major`), views of the tensors as given where
-    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache); `rows`
-    gathers units K of `other` from them. `seen` is the permutation of `other` that the cached C_p includes."""
+    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache), but for
+    strided rows of up to COPY_UP_TO entries (`_local`); `rows` gathers units K of `other` from them. `seen` is
+    the permutation of `other` that the cached C_p includes."""
 
     other: str
     a: Tensor
@@ -86,26 +91,30 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor) -> Tensor:
+    def rows(w: Tensor, units: Tensor | None) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather."""
+        transpose of a contiguous [n, len(units)·r] gather. `units` None: every unit in order, in that layout,
+        a view of `w` where its strides allow (no copy)."""
         if w.stride(0) < w.stride(-1):
-            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
+            lines = w.movedim(-1, 0)
+            return (lines if units is None else lines.index_select(1, units)).reshape(w.shape[-1], -1).contiguous().T
+        if units is None:
+            return w.reshape(-1, w.shape[-1]).contiguous()
         return w.index_select(0, units).reshape(-1, w.shape[-1])
 
-    def moved(self, units: Tensor, now: Tensor) -> Tensor:
+    def moved(self, units: Tensor | None, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
 
         Where B's rows are gathered as columns (`rows`), the moved units' new places are their old places
         reordered (the permutations agree elsewhere), so each block of B's n lines is read once at those places
         in increasing order and the two orders are picked in cache: 2-3× faster than two gathers in the
         permutations' order, and the same numbers. Else the rows are gathered, and the old ones subtracted
-        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` None): B's rows at
-        `now`."""
-        if self.seen is None:
-            return self.rows(self.b, now)
+        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` and `units`
+        None): B's rows at `now`."""
+        if self.seen is None or units is None:
+            return self.rows(self.b, None if torch.equal(now, torch.arange(len(now))) else now)
         new, old = now[units], self.seen[units]
         w = self.b
         if w.stride(0) < w.stride(-1):
@@ -125,6 +134,15 @@ class _Term:
             before = self.rows(w, old[start : start + CHUNK])
             b[start * r : start * r + before.shape[0]] -= before
         return b
+
+
+def _local(w: Tensor) -> Tensor:
+    """`w` ([n_q, r, n], `_other_major`) if its units' rows are contiguous or gathered as columns (`_Term.rows`),
+    else (a convolution weight against its input axis: rows of r·n entries, r apart) a contiguous copy where it
+    holds up to COPY_UP_TO entries, so that the gathers of every update copy whole rows (the same numbers)."""
+    if w.stride(0) < w.stride(-1) or w.is_contiguous() or w.numel() > COPY_UP_TO:
+        return w
+    return w.contiguous()
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -234,7 +252,7 @@ class _Matcher:
                         continue
                     oaxis, q = other
                     shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
-                    self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
+                    self.terms[group].append(_Term(q, _local(_other_major(pa, *shape)), _local(_other_major(pb, *shape))))
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
@@ -256,8 +274,8 @@ class _Matcher:
             self.cache[group] = cache
         for term in terms:
             now = perms[term.other]
-            units = torch.arange(len(now)) if term.seen is None else torch.nonzero(now != term.seen).flatten()
-            if units.numel() == 0:
+            units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: all, first visit
+            if units is not None and units.numel() == 0:
                 continue
             if lanes is not None and n > CHUNK:  # two blocks of rows or more
                 _in_two_lanes(cache, term, units, now, lanes, self.scratch)
@@ -323,7 +341,7 @@ def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
     cache[start:stop] += wide[:rows].copy_(product[:rows])
 
 
-def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor, now: Tensor, lanes: ThreadPoolExecutor,
+def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
                   scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
     """The update of the cache's blocks of rows (`_parts`) by `term`, the blocks alternating between this thread
     and `lanes`' one, each with half of torch's threads: the gathers (single-threaded copies) run two at a time
@@ -411,12 +429,17 @@ def _updated_ahead(
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
-    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks, one tensor at a time."""
+    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks, one tensor at a time (those
+    whose groups all keep their order not permuted)."""
     permutation.check(state_b)
+    unmoved = {group for group, perm in permutation.perms.items() if torch.equal(perm, torch.arange(len(perm)))}
     total = 0.0
     for key in sorted(params):
         a = state_a[key].detach().reshape(-1)
-        b = permutation.permute_tensor(key, state_b[key].detach()).reshape(-1)
+        b = state_b[key].detach()
+        if any(group not in unmoved for _, group in permutation.spec.axes_of(key)):
+            b = permutation.permute_tensor(key, b)
+        b = b.reshape(-1)
         for start in range(0, a.numel(), 1 << 16):
             total += torch.dot(a[start : start + (1 << 16)].double(), b[start : start + (1 << 16)].double()).item()
     return total
