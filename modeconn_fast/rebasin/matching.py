@@ -24,8 +24,9 @@ step's result:
      `_solvable_alongside`); the results are taken in the serial order. Where no such pair exists, the next
      group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
      (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
-     more than CHUNK units run in two lanes (`_in_two_lanes`), blocks of rows alternating between two threads.
-     Groups up to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
+     more than CHUNK units, or of at least 2·LANE_ROWS units and rank LANE_RANK, run in two lanes
+     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up to SERIAL_UP_TO units run torch on
+     one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -64,7 +65,10 @@ FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the m
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
-LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
+LANE_ROWS = 256  # groups of 2·LANE_ROWS to SERIAL_UP_TO units: their updates in two lanes of blocks of this many rows
+LANE_RANK = 512  # ... if of rank |K|·r ≥ this: from rank 64, MLP sweeps at 512 units were no faster (3-10 % slower on a busy machine)
+LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache,
+BLOCK_ENTRIES = 1 << 16  # or more lines where they hold up to this many entries at the moved units (fewer ops)
 COPY_UP_TO = 1 << 24  # entries: a term's strided rows up to this size are copied contiguous (`_local`)
 
 
@@ -124,9 +128,10 @@ class _Term:
             at_old = torch.searchsorted(places, old)
             lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
             out = lines.new_empty(lines.shape[0], len(units), lines.shape[2])
-            for start in range(0, lines.shape[0], LINES):
-                block = lines[start : start + LINES].index_select(1, places)
-                torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + LINES])
+            step = max(LINES, BLOCK_ENTRIES // out[0].numel())
+            for start in range(0, lines.shape[0], step):
+                block = lines[start : start + step].index_select(1, places)
+                torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + step])
             return out.reshape(lines.shape[0], -1).T
         b = self.rows(w, new)
         r = b.shape[0] // len(units)
@@ -192,9 +197,10 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     return perms
 
 
-def _parts(n: int) -> list[tuple[int, int]]:
-    """[0, n) as ⌈n / CHUNK⌉ near-equal ranges: no sliver of a few rows, whose product BLAS may round otherwise."""
-    count = -(-n // CHUNK)
+def _parts(n: int, count: int | None = None) -> list[tuple[int, int]]:
+    """[0, n) as ⌈n / CHUNK⌉ (or `count`) near-equal ranges: no sliver of a few rows, whose product BLAS may round
+    otherwise."""
+    count = count or -(-n // CHUNK)
     return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
@@ -277,7 +283,8 @@ class _Matcher:
             units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: all, first visit
             if units is not None and units.numel() == 0:
                 continue
-            if lanes is not None and n > CHUNK:  # two blocks of rows or more
+            rank = term.a.shape[0] if units is None else len(units) * term.a.shape[1]
+            if lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
                 _in_two_lanes(cache, term, units, now, lanes, self.scratch)
                 yield
             else:
@@ -343,30 +350,40 @@ def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
 
 def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
                   scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
-    """The update of the cache's blocks of rows (`_parts`) by `term`, the blocks alternating between this thread
-    and `lanes`' one, each with half of torch's threads: the gathers (single-threaded copies) run two at a time
-    too, and no block waits for the other lane. Each block's numbers are those of `_add_rows`: MKL's products
-    of blocks of 64 rows or more give the same bits with one thread as with two (measured on blocks of 66 to
-    2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not: `test_two_lanes_give_the_same_bits`)."""
+    """The update of the cache's blocks of rows by `term` (`_parts`; of a group of at most CHUNK units, blocks of
+    about LANE_ROWS), each block taken by whichever of this thread and `lanes`' one is free, each with half of
+    torch's threads (at least one): the gathers (single-threaded copies) run two at a time too, and on a busy
+    machine a lane that is not scheduled leaves its blocks to the other. Each block's numbers are those of
+    `_add_rows`: MKL's products of blocks of 64 rows or more give the same bits with one thread as with two
+    (measured on blocks of 66 to 2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not), and the
+    rows of a product do not depend on the rows beside them (blocks of 64 rows and more, ranks 1 to 4608: a
+    small group's blocks give its one product of one thread; `test_two_lanes_give_the_same_bits`)."""
     threads = torch.get_num_threads()
-    parts = _parts(cache.shape[0])
+    n = cache.shape[0]
+    parts = iter(_parts(n) if n > CHUNK else _parts(n, max(2, n // LANE_ROWS)))
+    taking = threading.Lock()
     b: Future = Future()
 
-    def lane(which: int, share: int) -> None:
+    def lane(share: int) -> None:
         torch.set_num_threads(share)
-        for start, stop in parts[which::2]:
+        while True:
+            with taking:
+                part = next(parts, None)
+            if part is None:
+                return
+            start, stop = part
             a = term.rows(term.a[..., start:stop], units).T
             _add_rows(cache, start, stop, a, b.result(), scratch)
 
-    other = lanes.submit(lane, 1, threads // 2)
+    other = lanes.submit(lane, max(1, threads // 2))
     try:
-        torch.set_num_threads(threads - threads // 2)
+        torch.set_num_threads(max(1, threads - threads // 2))
         try:
             b.set_result(term.moved(units, now))
         except BaseException as error:
             b.set_exception(error)
             raise
-        lane(0, threads - threads // 2)
+        lane(max(1, threads - threads // 2))
     finally:
         other.exception()  # wait for the other lane (its error, if any, is b's or raised below)
         torch.set_num_threads(threads)
@@ -515,7 +532,7 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
-        lanes = pool if pairs and not serial else None  # idle while the costs are updated: their second lane
+        lanes = pool if pairs else None  # idle while the costs are updated: their second lane
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
