@@ -106,6 +106,7 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
     """`_Term.moved` (B read once at the moved units' places in increasing order, a few lines at a time, where
     rows are gathered as columns) gives bit for bit B's rows at the new places minus those at the old ones."""
     monkeypatch.setattr(matching_module, "LINES", 3)
+    monkeypatch.setattr(matching_module, "BLOCK_ENTRIES", 0)  # blocks of 3 lines, however few units move
     model_a, model_b = build(name, seed=0), build(name, seed=1)
     params = {n for n, _ in model_a.named_parameters()}
     matcher = matching_module._Matcher(permutation_spec(model_a, inputs(model_a)), model_a.state_dict(), model_b.state_dict(), params)
@@ -277,12 +278,20 @@ def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
         weight_matching(model_a, model_b, spec=typo)
 
 
+@pytest.mark.parametrize("blocks", ["chunks", "small"])
 @pytest.mark.parametrize("float32_from", [8, 1 << 30])  # float32 and float64 caches
-def test_two_lanes_give_the_same_bits(float32_from: int, monkeypatch) -> None:
-    """Cost updates whose blocks of rows alternate between two threads (`_in_two_lanes`, one torch thread each)
-    give the cache bit for bit as one thread with two torch threads does: first visits and moved units."""
+def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatch) -> None:
+    """Cost updates whose blocks of rows are shared between two threads (`_in_two_lanes`, one torch thread each)
+    give the cache bit for bit as one thread with two torch threads does: first visits and moved units. `chunks`:
+    a group of more than CHUNK units, whose blocks one thread makes too; `small`: a group of at most
+    SERIAL_UP_TO units, whose blocks of LANE_ROWS rows must give the one product of one thread (rows of an MKL
+    product do not depend on the rows beside them)."""
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
+    if blocks == "chunks":
+        monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
+    else:
+        monkeypatch.setattr(matching_module, "LANE_ROWS", 100)  # 200 units: two blocks against one product
+        monkeypatch.setattr(matching_module, "LANE_RANK", 1)
     torch.manual_seed(3)
     model_a, model_b = mlp((64, 200, 200, 200, 10)), mlp((64, 200, 200, 200, 10))
     spec = permutation_spec(model_a, inputs(model_a))

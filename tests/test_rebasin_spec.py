@@ -8,6 +8,7 @@ from rebasin_models import build, inputs, mlp
 from torch import nn
 
 from modeconn_fast.rebasin import FunctionChangedError, Permutation, PermutationSpec, SpecError, permutation_spec
+from modeconn_fast.rebasin.derive import trace
 
 ARCHITECTURES = ["mlp", "vgg", "resnet", "transformer", "attention"]
 
@@ -38,6 +39,19 @@ def test_apply_keeps_function_and_inputs(name: str) -> None:
     assert changed, "the permutation moved nothing"
     x = inputs(model, batch=16, seed=2)
     torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tracing_shares_the_parameters_and_leaves_buffers_and_mode_alone() -> None:
+    """The traced copy reads the caller's parameters (no copy of the model's weights) and has buffers and a mode of
+    its own: deriving a spec from a model in training mode changes none of its running statistics."""
+    model = build("resnet").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    traced = trace(model, inputs(model))
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    shared = dict(traced.graph_module.named_parameters())
+    assert shared and all(shared[name] is p for name, p in model.named_parameters() if name in shared)
+    buffers = dict(traced.graph_module.named_buffers())
+    assert buffers and all(buffers[name] is not b for name, b in model.named_buffers() if name in buffers)
 
 
 def test_mlp_spec_structure() -> None:

@@ -24,8 +24,9 @@ step's result:
      `_solvable_alongside`); the results are taken in the serial order. Where no such pair exists, the next
      group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
      (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
-     more than CHUNK units run in two lanes (`_in_two_lanes`), blocks of rows alternating between two threads.
-     Groups up to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
+     more than CHUNK units, or of at least 2·LANE_ROWS units and rank LANE_RANK, run in two lanes
+     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up to SERIAL_UP_TO units run torch on
+     one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -40,6 +41,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
@@ -63,13 +65,19 @@ FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the m
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
-LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache
+LANE_ROWS = 256  # groups of 2·LANE_ROWS to SERIAL_UP_TO units: their updates in two lanes of blocks of this many rows
+LANE_RANK = 512  # ... if of rank |K|·r ≥ this: from rank 64, MLP sweeps at 512 units were no faster (3-10 % slower on a busy machine)
+LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache,
+BLOCK_ENTRIES = 1 << 16  # or more lines where they hold up to this many entries at the moved units (fewer ops)
+COPY_UP_TO = 1 << 24  # entries: a term's strided rows up to this size are copied contiguous (`_local`)
 
 
-def sweep_order(num_groups: int, seed: int, sweep: int) -> list[int]:
-    """The random group order of one sweep (shared with the B4 reference port so both walk one trajectory)."""
+@lru_cache(maxsize=4096)
+def sweep_order(num_groups: int, seed: int, sweep: int) -> tuple[int, ...]:
+    """The random group order of one sweep (shared with the B4 reference port so both walk one trajectory);
+    remembered, as every call draws the same orders."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sweep)
-    return torch.randperm(num_groups, generator=generator).tolist()
+    return tuple(torch.randperm(num_groups, generator=generator).tolist())
 
 
 @dataclass
@@ -77,8 +85,9 @@ class _Term:
     """One (tensor, axis) of group p whose tensor has one other permuted axis, of group `other` (n_q units).
 
     `a`, `b` are model A's and B's tensor as [n_q, r, n] (`_other_major`), views of the tensors as given where
-    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache); `rows`
-    gathers units K of `other` from them. `seen` is the permutation of `other` that the cached C_p includes."""
+    the strides allow (no copy is held: at width 8192 the copies cost more memory than the cache), but for
+    strided rows of up to COPY_UP_TO entries (`_local`); `rows` gathers units K of `other` from them. `seen` is
+    the permutation of `other` that the cached C_p includes."""
 
     other: str
     a: Tensor
@@ -86,26 +95,30 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor) -> Tensor:
+    def rows(w: Tensor, units: Tensor | None) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather."""
+        transpose of a contiguous [n, len(units)·r] gather. `units` None: every unit in order, in that layout,
+        a view of `w` where its strides allow (no copy)."""
         if w.stride(0) < w.stride(-1):
-            return w.movedim(-1, 0).index_select(1, units).reshape(w.shape[-1], -1).T
+            lines = w.movedim(-1, 0)
+            return (lines if units is None else lines.index_select(1, units)).reshape(w.shape[-1], -1).contiguous().T
+        if units is None:
+            return w.reshape(-1, w.shape[-1]).contiguous()
         return w.index_select(0, units).reshape(-1, w.shape[-1])
 
-    def moved(self, units: Tensor, now: Tensor) -> Tensor:
+    def moved(self, units: Tensor | None, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
 
         Where B's rows are gathered as columns (`rows`), the moved units' new places are their old places
         reordered (the permutations agree elsewhere), so each block of B's n lines is read once at those places
         in increasing order and the two orders are picked in cache: 2-3× faster than two gathers in the
         permutations' order, and the same numbers. Else the rows are gathered, and the old ones subtracted
-        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` None): B's rows at
-        `now`."""
-        if self.seen is None:
-            return self.rows(self.b, now)
+        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` and `units`
+        None): B's rows at `now`."""
+        if self.seen is None or units is None:
+            return self.rows(self.b, None if torch.equal(now, torch.arange(len(now))) else now)
         new, old = now[units], self.seen[units]
         w = self.b
         if w.stride(0) < w.stride(-1):
@@ -115,9 +128,10 @@ class _Term:
             at_old = torch.searchsorted(places, old)
             lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
             out = lines.new_empty(lines.shape[0], len(units), lines.shape[2])
-            for start in range(0, lines.shape[0], LINES):
-                block = lines[start : start + LINES].index_select(1, places)
-                torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + LINES])
+            step = max(LINES, BLOCK_ENTRIES // out[0].numel())
+            for start in range(0, lines.shape[0], step):
+                block = lines[start : start + step].index_select(1, places)
+                torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + step])
             return out.reshape(lines.shape[0], -1).T
         b = self.rows(w, new)
         r = b.shape[0] // len(units)
@@ -125,6 +139,15 @@ class _Term:
             before = self.rows(w, old[start : start + CHUNK])
             b[start * r : start * r + before.shape[0]] -= before
         return b
+
+
+def _local(w: Tensor) -> Tensor:
+    """`w` ([n_q, r, n], `_other_major`) if its units' rows are contiguous or gathered as columns (`_Term.rows`),
+    else (a convolution weight against its input axis: rows of r·n entries, r apart) a contiguous copy where it
+    holds up to COPY_UP_TO entries, so that the gathers of every update copy whole rows (the same numbers)."""
+    if w.stride(0) < w.stride(-1) or w.is_contiguous() or w.numel() > COPY_UP_TO:
+        return w
+    return w.contiguous()
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -174,9 +197,10 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     return perms
 
 
-def _parts(n: int) -> list[tuple[int, int]]:
-    """[0, n) as ⌈n / CHUNK⌉ near-equal ranges: no sliver of a few rows, whose product BLAS may round otherwise."""
-    count = -(-n // CHUNK)
+def _parts(n: int, count: int | None = None) -> list[tuple[int, int]]:
+    """[0, n) as ⌈n / CHUNK⌉ (or `count`) near-equal ranges: no sliver of a few rows, whose product BLAS may round
+    otherwise."""
+    count = count or -(-n // CHUNK)
     return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
@@ -234,7 +258,7 @@ class _Matcher:
                         continue
                     oaxis, q = other
                     shape = (axis.dim, axis.inner, n, odim, self.sizes[q], oaxis.inner)
-                    self.terms[group].append(_Term(q, _other_major(pa, *shape), _other_major(pb, *shape)))
+                    self.terms[group].append(_Term(q, _local(_other_major(pa, *shape)), _local(_other_major(pb, *shape))))
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
@@ -256,10 +280,11 @@ class _Matcher:
             self.cache[group] = cache
         for term in terms:
             now = perms[term.other]
-            units = torch.arange(len(now)) if term.seen is None else torch.nonzero(now != term.seen).flatten()
-            if units.numel() == 0:
+            units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: all, first visit
+            if units is not None and units.numel() == 0:
                 continue
-            if lanes is not None and n > CHUNK:  # two blocks of rows or more
+            rank = term.a.shape[0] if units is None else len(units) * term.a.shape[1]
+            if lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
                 _in_two_lanes(cache, term, units, now, lanes, self.scratch)
                 yield
             else:
@@ -323,32 +348,42 @@ def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
     cache[start:stop] += wide[:rows].copy_(product[:rows])
 
 
-def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor, now: Tensor, lanes: ThreadPoolExecutor,
+def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
                   scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
-    """The update of the cache's blocks of rows (`_parts`) by `term`, the blocks alternating between this thread
-    and `lanes`' one, each with half of torch's threads: the gathers (single-threaded copies) run two at a time
-    too, and no block waits for the other lane. Each block's numbers are those of `_add_rows`: MKL's products
-    of blocks of 64 rows or more give the same bits with one thread as with two (measured on blocks of 66 to
-    2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not: `test_two_lanes_give_the_same_bits`)."""
+    """The update of the cache's blocks of rows by `term` (`_parts`; of a group of at most CHUNK units, blocks of
+    about LANE_ROWS), each block taken by whichever of this thread and `lanes`' one is free, each with half of
+    torch's threads (at least one): the gathers (single-threaded copies) run two at a time too, and on a busy
+    machine a lane that is not scheduled leaves its blocks to the other. Each block's numbers are those of
+    `_add_rows`: MKL's products of blocks of 64 rows or more give the same bits with one thread as with two
+    (measured on blocks of 66 to 2048 rows, 200 to 8192 columns, ranks 1 to 1000; tiny ones do not), and the
+    rows of a product do not depend on the rows beside them (blocks of 64 rows and more, ranks 1 to 4608: a
+    small group's blocks give its one product of one thread; `test_two_lanes_give_the_same_bits`)."""
     threads = torch.get_num_threads()
-    parts = _parts(cache.shape[0])
+    n = cache.shape[0]
+    parts = iter(_parts(n) if n > CHUNK else _parts(n, max(2, n // LANE_ROWS)))
+    taking = threading.Lock()
     b: Future = Future()
 
-    def lane(which: int, share: int) -> None:
+    def lane(share: int) -> None:
         torch.set_num_threads(share)
-        for start, stop in parts[which::2]:
+        while True:
+            with taking:
+                part = next(parts, None)
+            if part is None:
+                return
+            start, stop = part
             a = term.rows(term.a[..., start:stop], units).T
             _add_rows(cache, start, stop, a, b.result(), scratch)
 
-    other = lanes.submit(lane, 1, threads // 2)
+    other = lanes.submit(lane, max(1, threads // 2))
     try:
-        torch.set_num_threads(threads - threads // 2)
+        torch.set_num_threads(max(1, threads - threads // 2))
         try:
             b.set_result(term.moved(units, now))
         except BaseException as error:
             b.set_exception(error)
             raise
-        lane(0, threads - threads // 2)
+        lane(max(1, threads - threads // 2))
     finally:
         other.exception()  # wait for the other lane (its error, if any, is b's or raised below)
         torch.set_num_threads(threads)
@@ -411,12 +446,17 @@ def _updated_ahead(
 def matching_objective(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], permutation: Permutation, params: set[str]
 ) -> float:
-    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks, one tensor at a time."""
+    """J(π) = Σ over parameters of ⟨W_A, π(W_B)⟩, accumulated in float64 in chunks, one tensor at a time (those
+    whose groups all keep their order not permuted)."""
     permutation.check(state_b)
+    unmoved = {group for group, perm in permutation.perms.items() if torch.equal(perm, torch.arange(len(perm)))}
     total = 0.0
     for key in sorted(params):
         a = state_a[key].detach().reshape(-1)
-        b = permutation.permute_tensor(key, state_b[key].detach()).reshape(-1)
+        b = state_b[key].detach()
+        if any(group not in unmoved for _, group in permutation.spec.axes_of(key)):
+            b = permutation.permute_tensor(key, b)
+        b = b.reshape(-1)
         for start in range(0, a.numel(), 1 << 16):
             total += torch.dot(a[start : start + (1 << 16)].double(), b[start : start + (1 << 16)].double()).item()
     return total
@@ -492,7 +532,7 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
-        lanes = pool if pairs and not serial else None  # idle while the costs are updated: their second lane
+        lanes = pool if pairs else None  # idle while the costs are updated: their second lane
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
