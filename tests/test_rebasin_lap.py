@@ -175,3 +175,39 @@ def test_a_second_lane_changes_nothing(monkeypatch, n: int, seed: int, dtype: to
                 x, y = getattr(warms[0], field), getattr(warms[1], field)
                 assert (x is None and y is None) or torch.equal(x, y), field
             b += 0.05 * torch.randn(n, 3, generator=generator)
+
+
+def test_matching_with_a_second_lane_keeps_its_trajectory(monkeypatch) -> None:
+    """weight_matching hands its idle pool thread to a LAP solved alone (torch on 2 threads): with every pass
+    over rows split (SPLIT_FROM 1) the visits, permutations and objective history are those without a split."""
+    from modeconn_fast.rebasin import matching as matching_module
+
+    monkeypatch.setattr(lap, "PATHS_UP_TO", 0)  # the candidates' path, whose passes split
+    monkeypatch.setattr(matching_module, "SERIAL_UP_TO", 0)  # torch on 2 threads: the pool is the second lane
+    split_calls: list[int] = []
+    in_halves = lap._in_halves
+
+    def counted(lanes, kernel, c, p, rows, arg):
+        split_calls.append(lanes is not None and len(rows) * c.shape[1] >= lap.SPLIT_FROM)
+        return in_halves(lanes, kernel, c, p, rows, arg)
+
+    monkeypatch.setattr(lap, "_in_halves", counted)
+    lap_loading.wait()
+    torch.manual_seed(11)
+    model_a, model_b = mlp((64, 120, 120, 120, 10)), mlp((64, 120, 120, 120, 10))
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for split_from in (10**12, 1):
+            monkeypatch.setattr(lap, "SPLIT_FROM", split_from)
+            visits: list[tuple[str, torch.Tensor]] = []
+            result = weight_matching(model_a, model_b, example_input=torch.randn(2, 64), on_visit=lambda g, p: visits.append((g, p)))
+            runs.append((visits, result.objective_history))
+    finally:
+        torch.set_num_threads(threads)
+    (plain, plain_history), (split, split_history) = runs
+    assert any(split_calls), "no pass was split"
+    assert [g for g, _ in split] == [g for g, _ in plain]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(split, plain))
+    assert split_history == plain_history
