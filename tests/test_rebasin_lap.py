@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
     """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
     leaves numba's cache complete)."""
     lap.warm_up()
-    compiled = (lap._row_best, lap._top_columns, lap._auction, lap._augment, lap._dense_rounds)  # called from Python
+    compiled = (lap._row_best, lap._top_columns, lap._gather, lap._auction, lap._augment, lap._dense_rounds)  # called from Python
     assert all(len(f.signatures) == 2 for f in compiled)  # float64 and float32 costs
     lap_loading.wait()
     torch.manual_seed(0)
@@ -127,7 +128,7 @@ def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype) -> None
     cost = torch.randn(90, 77, generator=generator).to(dtype)
     prices = torch.randn(77, generator=generator, dtype=torch.float64)
     rows = torch.tensor([5, 0, 89, 40])
-    picked = lap._best_columns(cost, rows, prices)
+    picked = torch.from_numpy(lap._best_columns(cost.numpy(), rows.numpy(), prices.numpy()))
     reduced = cost[rows].double() - prices
     assert picked.shape == (4, lap.CANDIDATES)
     chosen = torch.gather(reduced, 1, picked).sort(dim=1).values
@@ -151,3 +152,62 @@ def test_tie_heavy_matrices_reach_the_optimum_cold_and_warm(levels: int, dtype: 
         sigma, warm = solve_lap(cost, warm)
         assert torch.equal(torch.sort(sigma).values, torch.arange(n))
         assert total(cost, sigma) == total(cost, optimum(cost))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("n", "seed"), [(301, 8), (256, 9)])
+def test_a_second_lane_changes_nothing(monkeypatch, n: int, seed: int, dtype: torch.dtype) -> None:
+    """With `lanes` (half of each pass over rows on a second thread; SPLIT_FROM lowered so that every pass
+    splits) the assignments and warm starts are those of one thread, on near-ties (a low-rank matrix plus noise
+    at the float32 rounding scale) cold and warm: the optimum of the dense solver."""
+    monkeypatch.setattr(lap, "SPLIT_FROM", 1)
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, 3, generator=generator), torch.randn(n, 3, generator=generator)
+    warms: list[lap.WarmStart | None] = [None, None]
+    with ThreadPoolExecutor(1) as lanes:
+        for step in range(4):
+            noise = 1e-6 * torch.randn(n, n, generator=generator)
+            cost = (a @ b.T + noise).to(dtype)
+            (one, warms[0]), (two, warms[1]) = solve_lap(cost, warms[0]), solve_lap(cost, warms[1], lanes=lanes)
+            assert torch.equal(one, two) and torch.equal(one, optimum(cost)), step
+            assert warms[0] is not None and warms[1] is not None, "fell back to the dense solver"
+            for field in ("sigma", "prices", "candidates"):
+                x, y = getattr(warms[0], field), getattr(warms[1], field)
+                assert (x is None and y is None) or torch.equal(x, y), field
+            b += 0.05 * torch.randn(n, 3, generator=generator)
+
+
+def test_matching_with_a_second_lane_keeps_its_trajectory(monkeypatch) -> None:
+    """weight_matching hands its idle pool thread to a LAP solved alone (torch on 2 threads): with every pass
+    over rows split (SPLIT_FROM 1) the visits, permutations and objective history are those without a split."""
+    from modeconn_fast.rebasin import matching as matching_module
+
+    monkeypatch.setattr(lap, "PATHS_UP_TO", 0)  # the candidates' path, whose passes split
+    monkeypatch.setattr(matching_module, "SERIAL_UP_TO", 0)  # torch on 2 threads: the pool is the second lane
+    split_calls: list[int] = []
+    in_halves = lap._in_halves
+
+    def counted(lanes, kernel, c, p, rows, arg):
+        split_calls.append(lanes is not None and len(rows) * c.shape[1] >= lap.SPLIT_FROM)
+        return in_halves(lanes, kernel, c, p, rows, arg)
+
+    monkeypatch.setattr(lap, "_in_halves", counted)
+    lap_loading.wait()
+    torch.manual_seed(11)
+    model_a, model_b = mlp((64, 120, 120, 120, 10)), mlp((64, 120, 120, 120, 10))
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for split_from in (10**12, 1):
+            monkeypatch.setattr(lap, "SPLIT_FROM", split_from)
+            visits: list[tuple[str, torch.Tensor]] = []
+            result = weight_matching(model_a, model_b, example_input=torch.randn(2, 64), on_visit=lambda g, p: visits.append((g, p)))
+            runs.append((visits, result.objective_history))
+    finally:
+        torch.set_num_threads(threads)
+    (plain, plain_history), (split, split_history) = runs
+    assert any(split_calls), "no pass was split"
+    assert [g for g, _ in split] == [g for g, _ in plain]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(split, plain))
+    assert split_history == plain_history

@@ -30,7 +30,9 @@ At 512 units a row costs so little that candidate lists and the auction's restar
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Callable
 
 import numba
 import numpy as np
@@ -49,6 +51,7 @@ BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
 ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
+SPLIT_FROM = 1 << 20  # entries of C read by one pass over rows from which `lanes` takes half of them (`_in_halves`)
 
 
 @dataclass
@@ -61,58 +64,71 @@ class WarmStart:
     candidates: Tensor | None  # None from `_solve_by_paths`, which keeps none
 
 
-def solve_lap(cost: Tensor, warm: WarmStart | None = None, *, force: bool = False) -> tuple[Tensor, WarmStart | None]:
+def solve_lap(
+    cost: Tensor, warm: WarmStart | None = None, *, force: bool = False, lanes: Executor | None = None
+) -> tuple[Tensor, WarmStart | None]:
     """(σ, warm start): an optimal assignment of `cost` ([n, n], maximised), and what it leaves for the next
     solve (None when the dense solver answered). `warm` only makes it faster. `force`: the certified path also
-    under DENSE_BELOW units. A float32 `cost` is read as it is (no float64 copy); duals are float64 either way."""
+    under DENSE_BELOW units. A float32 `cost` is read as it is (no float64 copy); duals are float64 either way.
+    `lanes`: an idle thread (a LAP solved alone on 2 cores) that takes half of each large pass over whole rows
+    (the dual check, the candidates of freed rows; `_in_halves`): the same numbers, in less time."""
     n = cost.shape[0]
     c = cost if cost.dtype == torch.float32 else cost.double()
     if n < DENSE_BELOW and not force:
-        return _dense(c), None
+        return _dense(c.numpy()), None
     if n <= PATHS_UP_TO:
         return _solve_by_paths(c, warm)
+    return _solve_by_candidates(c.numpy(), warm, lanes)
+
+
+def _solve_by_candidates(c: np.ndarray, warm: WarmStart | None, lanes: Executor | None) -> tuple[Tensor, WarmStart | None]:
+    """`solve_lap` above PATHS_UP_TO units: steps 1-3 of the module's docstring. Between the compiled passes it
+    runs numpy, on this thread only: torch's small ops here each opened an OpenMP region, which on 2 busy cores
+    waited milliseconds for the second core (most of the solve's time at 2048 units under load)."""
+    n = c.shape[0]
     if warm is None or warm.candidates is None:
-        prices = c.amax(dim=0).double()
-        candidates = _best_columns(c, torch.arange(n), prices)
-        sigma = torch.full((n,), -1, dtype=torch.long)
+        prices = c.max(axis=0).astype(np.float64)
+        candidates = _best_columns(c, np.arange(n), prices, lanes)
+        sigma = np.full(n, -1, dtype=np.int64)
     else:
-        sigma, prices, candidates = warm.sigma.clone(), warm.prices.double().clone(), warm.candidates.clone()
-    chosen = torch.gather(c, 1, candidates)
-    tolerance = 1e-12 * n * max(chosen.abs().max().item(), 1.0)
-    spread = (chosen.max() - chosen.min()).item()
+        sigma, prices = warm.sigma.numpy().copy(), warm.prices.double().numpy().copy()
+        candidates = warm.candidates.numpy().copy()
+    chosen = _gather(c, candidates)
+    tolerance = 1e-12 * n * max(float(np.abs(chosen).max()), 1.0)
+    spread = float(chosen.max() - chosen.min())
     auctioned = False
-    extra: list[Tensor] = []  # the candidates before each round of this solve, kept until it ends
-    a = torch.zeros(n, dtype=torch.float64)  # row values; the paths keep them up to date between checks
-    slack = torch.zeros(n, dtype=torch.float64)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a's falls
-    check = torch.arange(n)  # rows to check: all at first, then those the paths may have made infeasible
+    extra: list[np.ndarray] = []  # the candidates before each round of this solve, kept until it ends
+    a = np.zeros(n)  # row values; the paths keep them up to date between checks
+    slack = np.zeros(n)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a's falls
+    check = np.arange(n)  # rows to check: all at first, then those the paths may have made infeasible
     for round_ in range(ROUNDS):
         current = sigma[check]
-        others = torch.from_numpy(_row_best(c.numpy(), prices.numpy(), check.numpy(), current.numpy()))
+        others = _in_halves(lanes, _row_best, c, prices, check, current)
         assigned = current >= 0
-        matched = current.clamp(min=0)
-        values = torch.where(assigned, c[check, matched] - prices[matched], others)
+        matched = np.maximum(current, 0)
+        values = np.where(assigned, c[check, matched] - prices[matched], others)
         bad = ~assigned | (others > values + tolerance)
-        a[check] = torch.where(bad, torch.maximum(others, values), values)
+        a[check] = np.where(bad, np.maximum(others, values), values)
         slack[check] = values - others
         if not bad.any():
-            return sigma, WarmStart(sigma, prices - prices.min(), candidates)
+            result = torch.from_numpy(sigma)
+            return result, WarmStart(result, torch.from_numpy(prices - prices.min()), torch.from_numpy(candidates))
         if not auctioned and bad.sum() > AUCTION_ABOVE * n:  # cold, or far from the last matrix
             auctioned = True
-            sigma.fill_(-1)
-            _auction(c.numpy(), sigma.numpy(), prices.numpy(), spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
-            check = torch.arange(n)
+            sigma.fill(-1)
+            _auction(c, sigma, prices, spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
+            check = np.arange(n)
             continue
         free = check[bad]
-        extra.append(candidates.clone())
-        candidates[free] = _best_columns(c, free, prices)
-        column = torch.where(sigma >= 0, sigma, candidates[:, 0])[:, None]
+        extra.append(candidates.copy())
+        candidates[free] = _best_columns(c, free, prices, lanes)
+        column = np.where(sigma >= 0, sigma, candidates[:, 0])[:, None]
         sigma[free] = -1
-        graph = torch.cat([candidates, column, *extra], dim=1)  # repeats are harmless
+        graph = np.concatenate([candidates, column, *extra], axis=1)  # repeats are harmless
         changed = _augment(
-            graph.numpy(), torch.gather(c, 1, graph).numpy(), c.numpy(), free.numpy(), sigma.numpy(), a.numpy(),
-            prices.numpy(), slack.numpy(), round_ >= WHOLE_ROWS_FROM,
-        )  # fmt: skip
-        check = torch.nonzero(torch.from_numpy(changed)).flatten()
+            graph, _gather(c, graph), c, free, sigma, a, prices, slack, round_ >= WHOLE_ROWS_FROM
+        )
+        check = np.flatnonzero(changed)
     return _dense(c), None
 
 
@@ -130,9 +146,37 @@ def warm_up() -> None:
         _solve_by_paths(cost.to(dtype), None)
 
 
-def _best_columns(c: Tensor, rows: Tensor, prices: Tensor) -> Tensor:
+def _best_columns(c: np.ndarray, rows: np.ndarray, prices: np.ndarray, lanes: Executor | None = None) -> np.ndarray:
     """The CANDIDATES best columns of C − p in each of `rows` ([len(rows), CANDIDATES]), in any order."""
-    return torch.from_numpy(_top_columns(c.numpy(), prices.numpy(), rows.numpy(), min(CANDIDATES, c.shape[1])))
+    return _in_halves(lanes, _top_columns, c, prices, rows, min(CANDIDATES, c.shape[1]))
+
+
+def _in_halves(
+    lanes: Executor | None, kernel: Callable[..., np.ndarray], c: np.ndarray, p: np.ndarray, rows: np.ndarray,
+    arg: np.ndarray | int,
+) -> np.ndarray:
+    """kernel(c, p, rows, arg): a compiled pass whose output row t depends on row rows[t] of C only (`arg`: one
+    entry per row, or a number). With `lanes` and at least SPLIT_FROM entries of C to read, the second half of
+    the rows runs on lanes' thread beside the first (the kernels release the GIL), the halves joined: the same
+    array. Two plain threads, not a numba parallel loop: that starts a second OpenMP pool, which spins against
+    torch's."""
+    if lanes is None or len(rows) * c.shape[1] < SPLIT_FROM:
+        return kernel(c, p, rows, arg)
+    half = len(rows) // 2
+    each = isinstance(arg, np.ndarray)
+    second = lanes.submit(kernel, c, p, rows[half:], arg[half:] if each else arg)
+    first = kernel(c, p, rows[:half], arg[:half] if each else arg)
+    return np.concatenate([first, second.result()])
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(c, cols):  # pragma: no cover - compiled
+    """C[i, cols[i, e]] for every (i, e) (numpy's take_along_axis, which took 4 ms for [2048, 100] here)."""
+    out = np.empty(cols.shape, dtype=c.dtype)
+    for i in range(cols.shape[0]):
+        for e in range(cols.shape[1]):
+            out[i, e] = c[i, cols[i, e]]
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -180,8 +224,8 @@ def _sift_down(values, index, at, size):  # pragma: no cover - compiled
         at = least
 
 
-def _dense(c: Tensor) -> Tensor:
-    return torch.as_tensor(linear_sum_assignment(c.numpy(), maximize=True)[1], dtype=torch.long)
+def _dense(c: np.ndarray) -> Tensor:
+    return torch.as_tensor(linear_sum_assignment(c, maximize=True)[1], dtype=torch.long)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -398,7 +442,7 @@ def _solve_by_paths(c: Tensor, warm: WarmStart | None) -> tuple[Tensor, WarmStar
     tolerance = 1e-12 * n * max(-low.item(), high.item(), 1.0)
     if _dense_rounds(c.numpy(), sigma.numpy(), prices.numpy(), tolerance, ROUNDS):
         return sigma, WarmStart(sigma, prices - prices.min(), None)
-    return _dense(c), None
+    return _dense(c.numpy()), None
 
 
 @numba.njit(cache=True)

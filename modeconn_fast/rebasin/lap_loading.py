@@ -11,6 +11,7 @@ load is done. The thread is a `BackgroundLoad`: a process that ends during the l
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -47,13 +48,13 @@ def wait() -> None:
     _loading.wait()
 
 
-def solve(cost: Tensor, warm: WarmStart | None = None) -> tuple[Tensor, WarmStart | None]:
-    """`lap.solve_lap(cost, warm)` once the compiled solver is loaded; before, scipy's exact dense solver for
-    up to SCIPY_WHILE_LOADING units (no warm start is left then), else start the load and wait for it."""
+def solve(cost: Tensor, warm: WarmStart | None = None, lanes: Executor | None = None) -> tuple[Tensor, WarmStart | None]:
+    """`lap.solve_lap(cost, warm, lanes=lanes)` once the compiled solver is loaded; before, scipy's exact dense
+    solver for up to SCIPY_WHILE_LOADING units (no warm start is left then), else start the load and wait for it."""
     if not _loading.ready and cost.shape[0] <= SCIPY_WHILE_LOADING:
         cols = linear_sum_assignment(np.ascontiguousarray(cost.double().numpy()), maximize=True)[1]
         return torch.as_tensor(cols, dtype=torch.long), None
     wait()
     from .lap import solve_lap
 
-    return solve_lap(cost, warm)
+    return solve_lap(cost, warm, lanes=lanes)

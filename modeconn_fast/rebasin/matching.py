@@ -554,8 +554,8 @@ def weight_matching(
                         future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
                         matcher.update_ahead(following, perms, set(unit), future)
                         col, warm[unit[0]] = future.result()
-                    elif later is None:
-                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                    elif later is None:  # alone: the idle second lane takes half of its passes over whole rows
+                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]), lanes)
                     else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
                         ahead = order[later][0]
                         ahead_cost = matcher.cost(ahead, perms, lanes)
