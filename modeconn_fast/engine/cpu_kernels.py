@@ -1,5 +1,6 @@
 """The engine's compiled CPU kernels (numba; importing this module loads them from numba's cache or compiles them;
-`compiled_cpu.py` does so in the background). Each has one signature: float32 values, any strides.
+`compiled_cpu.py` does so in the background). Each has one signature: float32 values, any strides, and releases the
+GIL while it runs (evaluation lanes, `lanes.py`, run other threads' Python meanwhile).
 
 `cross_entropy_sums`: cross-entropy and arg-max errors of narrow logits, per point. For logits x [P, N, C] (C
 small, e.g. 10 digits), class targets y [N], and every point p:
@@ -334,7 +335,8 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, nogil=True, parallel=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, nogil=True, parallel=True,
+            fastmath=FAST)
 def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """`mix_pool_block` for K = 3 members (a quadratic Bezier curve, a plane) into contiguous sample-major memory
     out [N, H', W', P, C]: per sample, output position and point, the four window positions' mixes, their max,
@@ -409,8 +411,8 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
                         destination[c] = point[c]
 
 
-@numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True, nogil=True,
-            fastmath=FAST)
+@numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True,
+            nogil=True, fastmath=FAST)
 def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
     """mean[k, c] = E_m values[k, m, c] and covariance[c, k, l] = E_m (values[k,m,c] − mean[k,c])(values[l,m,c] −
     mean[l,c]) of K outputs [K, M, C] (`conv_block._moments`), in float64 without a float64 copy of the values:
@@ -459,8 +461,8 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
                 covariance[c, k, l] = covariance[c, l, k] = total / count
 
 
-@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, nogil=True, parallel=True,
-            fastmath=FAST)
+@numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, parallel=True,
+            nogil=True, fastmath=FAST)
 def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
     """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
     J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`); blocks

@@ -71,13 +71,15 @@ def evaluate(
     (see `metrics.py`) and custom `(name, fn)` pairs, fn(outputs [N, ...], targets) -> Tensor[N] one value per
     sample (averaged over all samples); each over all batches, in float64. bn: "recompute" (statistics from `bn_data` for
     every point), "eval" (mix the stored statistics) or "auto" (recompute when the model has BatchNorm and
-    `bn_data` is given). memory_budget: bytes for one chunk of points (default 1 GiB on CPU, a quarter of
-    the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
+    `bn_data` is given). memory_budget: bytes for the chunks of points in flight (one, or one per lane: see
+    `lanes.py`; default 1 GiB on CPU, a quarter of the free memory on GPU). progress: show a progress bar (default:
+    when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
     fast: take the fast paths where they apply (fused conv and linear blocks, one-pass cross-entropy and arg-max
-    for fewer than 16 classes); False runs every layer's and metric's plain torch path (the reference the fast
-    paths are tested against; for debugging: the results agree to float rounding).
+    for fewer than 16 classes, a CNN's points in lanes on several threads: `lanes.py`); False runs every layer's and
+    metric's plain torch path, in one lane (the reference the fast paths are tested against; for debugging: the
+    results agree to float rounding).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)

@@ -1,11 +1,12 @@
-"""Lanes: an evaluation's points split into contiguous shares, each run by its own Python thread on one intra-op
-thread (torch's and the compiled kernels'), over the same stream of batches.
+"""Lanes: an evaluation's points split into contiguous shares, each run by its own Python thread on its share of the
+intra-op threads (one each where there are as many lanes as threads; torch's and the compiled kernels'), over the
+same stream of batches.
 
 A chunk of a small CNN's points runs hundreds of small ops (convolutions grouped over points, compiled kernels,
 Python between them). On T intra-op threads each op is split T ways and ends at a barrier: the ops are too small to
 split well, and on a shared machine one descheduled thread stalls every barrier for a time slice. T lanes of one
 thread each run whole chunks side by side instead: one lane's Python, kernels and convolutions overlap with the
-other's, and nothing waits for another lane until the end.
+other's (the kernels release the GIL), and nothing waits for another lane until the end.
 
 Lanes share nothing mutable: each has its own subspace view (`SubspaceView.lane_copy`: the same model and basis
 tensors, its own state, BatchNorm statistics and caches), its own chunks of points and metric sums, so a point's
@@ -39,15 +40,17 @@ def lane_shares(chunks: Sequence[slice], lanes: int) -> list[tuple[slice, list[s
 
 def run_in_lanes(lanes: Sequence[Callable[[Item], None]], items: Iterable[Item]) -> None:
     """lane(item) for every lane and item, items in order within each lane. One lane runs in the calling thread as
-    is; several run each in its own thread (the first in the calling one) on one intra-op thread, the caller's count
-    restored after. An error in any lane stops the items and is raised here, as it was raised in the lane."""
+    is; L lanes run each in its own thread (the first in the calling one) on T // L of the caller's T intra-op
+    threads, the caller's count restored after. An error in any lane stops the items and is raised here, as it was
+    raised in the lane."""
     if len(lanes) == 1:
         for item in items:
             lanes[0](item)
         return
-    others = [_Lane(lane) for lane in lanes[1:]]
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(1)
+    each = max(1, intra_op // len(lanes))
+    others = [_Lane(lane, each) for lane in lanes[1:]]
+    torch.set_num_threads(each)
     try:
         for other in others:
             other.thread.start()
@@ -72,15 +75,15 @@ class _Lane(Generic[Item]):
     """A lane's thread: takes items from its queue until the end; after an error it only drains the queue (the
     caller never blocks on a full one)."""
 
-    def __init__(self, run: Callable[[Item], None]):
-        self.run = run
+    def __init__(self, run: Callable[[Item], None], threads: int):
+        self.run, self.threads = run, threads
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
         self.error: BaseException | None = None
         self.grad = torch.is_grad_enabled()  # the caller's mode (thread-local: a new thread records gradients)
         self.thread = threading.Thread(target=self._work, name="modeconn_fast-evaluation-lane", daemon=True)
 
     def _work(self) -> None:
-        torch.set_num_threads(1)  # a new thread's own setting (torch's OpenMP count and, through it, the kernels')
+        torch.set_num_threads(self.threads)  # a new thread's own setting (torch's OpenMP count; the kernels follow it)
         with torch.set_grad_enabled(self.grad):
             self._take_items()
 
