@@ -113,7 +113,8 @@ def test_lanes_give_the_same_bits_on_every_run(two_threads, lane_runs, kernel_ca
 
 def test_few_points_custom_metrics_and_the_plain_path_run_one_lane(two_threads, lane_runs):
     members, batches = members_and_data("digits_cnn")
-    evaluate(members[0], members, convex_rows(9, 3, seed=1), batches, bn="eval", progress=False)  # fewer than 2 · LANE_POINTS
+    few = 2 * evaluate_module.LANE_POINTS - 1
+    evaluate(members[0], members, convex_rows(few, 3, seed=1), batches, bn="eval", progress=False)
     evaluate(members[0], members, convex_rows(19, 3, seed=1), batches, bn="eval", progress=False,
              metrics=("loss", ("max logit", lambda outputs, targets: outputs.max(dim=1).values)))
     evaluate(members[0], members, convex_rows(19, 3, seed=1), batches, bn="eval", progress=False, fast=False)

@@ -31,7 +31,7 @@ from .outputs import OutputSelector
 from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
-LANE_POINTS = 8  # points per lane at least (`_lane_count`)
+LANE_POINTS = 4  # points per lane at least (`_lane_count`)
 
 
 class Evaluation(dict):
