@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from helpers import SmallCNN, assert_same_loss_and_error, one_thread, plain_loop, seeded, settle_batchnorm  # noqa: F401
-from modeconn_fast import evaluate
+from modeconn_fast import Basis, SubspaceView, evaluate
 from modeconn_fast.engine import lanes
+from modeconn_fast.engine.metrics import check_metrics
 from test_compiled_cpu import kernel_calls, kernels  # noqa: F401
 from test_engine_fast import METRICS, convex_rows
 
@@ -111,7 +112,7 @@ def test_lanes_give_the_same_bits_on_every_run(two_threads, lane_runs, kernel_ca
             assert torch.equal(run[column], runs[0][column])
 
 
-def test_few_points_custom_metrics_and_the_plain_path_run_one_lane(two_threads, lane_runs):
+def test_few_points_custom_metrics_autocast_and_the_plain_path_run_one_lane(two_threads, lane_runs):
     members, batches = members_and_data("digits_cnn")
     few = 2 * evaluate_module.LANE_POINTS - 1
     evaluate(members[0], members, convex_rows(few, 3, seed=1), batches, bn="eval", progress=False)
@@ -119,6 +120,11 @@ def test_few_points_custom_metrics_and_the_plain_path_run_one_lane(two_threads, 
              metrics=("loss", ("max logit", lambda outputs, targets: outputs.max(dim=1).values)))
     evaluate(members[0], members, convex_rows(19, 3, seed=1), batches, bn="eval", progress=False, fast=False)
     assert [count for count, _ in lane_runs] == [1, 1, 1]
+    view = SubspaceView(members[0], Basis.from_members(members))
+    cpu, metrics = torch.device("cpu"), check_metrics(("loss", "error"))
+    assert evaluate_module._lane_count(view, 19, cpu, metrics, None) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # thread-local: the lanes' threads would not see it
+        assert evaluate_module._lane_count(view, 19, cpu, metrics, None) == 1
 
 
 def test_an_error_in_a_lane_is_raised_and_the_thread_count_restored(two_threads, lane_runs):

@@ -32,6 +32,9 @@ from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
 LANE_POINTS = 4  # points per lane at least (`_lane_count`)
+# Lanes at most: the Python between the ops holds the GIL, about a fifth of a lane's time (B3 on one thread), so
+# beyond about four lanes they would queue for it (measured on 2 cores only; more threads are shared among the lanes).
+MAX_LANES = 4
 
 
 class Evaluation(dict):
@@ -178,17 +181,18 @@ def _batches_in_order(datasets: dict[str, Batches], bn_batches: Batches | None, 
 
 def _lane_count(view: SubspaceView, points: int, device: torch.device, metrics: dict[str, MetricFn | None],
                 loss_fn: LossFn | None) -> int:
-    """How many lanes (`lanes.py`) run the points: one per intra-op thread on CPU for a CNN of the view's conv blocks
-    (where lanes measured faster), with its fast paths, the built-in metrics and loss (a user's function may not
-    be safe to call from two threads at once) and at least LANE_POINTS points a lane; else 1."""
+    """How many lanes (`lanes.py`) run the points: one per intra-op thread (at most MAX_LANES) on CPU for a CNN of the
+    view's conv blocks (where lanes measured faster), with its fast paths, the built-in metrics and loss (a user's
+    function may not be safe to call from two threads at once), outside autocast (thread-local: the lanes' threads
+    would not see it) and at least LANE_POINTS points a lane; else 1."""
     threads = torch.get_num_threads()
     if (device.type != "cpu" or threads < 2 or view.state.plain or view.fallback_names or loss_fn is not None
-            or any(fn is not None for fn in metrics.values())):
+            or any(fn is not None for fn in metrics.values()) or torch.is_autocast_enabled("cpu")):
         return 1
     if not any(isinstance(step, ConvBlock) for m in view.net.modules() if isinstance(m, FusedSequential)
                for step in m.steps):
         return 1
-    return max(1, min(threads, points // LANE_POINTS))
+    return max(1, min(threads, MAX_LANES, points // LANE_POINTS))
 
 
 def _first_rows(datasets: dict[str, Batches]) -> Any:
