@@ -14,6 +14,7 @@ from modeconn_fast import Basis, SubspaceView, evaluate
 from modeconn_fast.engine import lanes
 from modeconn_fast.engine.metrics import check_metrics
 from test_compiled_cpu import kernel_calls, kernels  # noqa: F401
+from test_conv_block import MODELS as CONV_BLOCK_MODELS, members_and_data as conv_block_members_and_data
 from test_engine_fast import METRICS, convex_rows
 
 evaluate_module = importlib.import_module("modeconn_fast.engine.evaluate")  # the package exports the function
@@ -52,6 +53,9 @@ def lane_runs(monkeypatch):
 
 
 def members_and_data(name: str, seed: int = 0):
+    if name in CONV_BLOCK_MODELS:  # odd shapes, negative BatchNorm scales, BatchNorm without running statistics
+        members, inputs, targets = conv_block_members_and_data(name, seed)
+        return members, [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 45, 16)]
     factory, shape, classes = MODELS[name]
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(60, *shape, generator=generator)
@@ -83,7 +87,7 @@ def assert_all_equal(two, one, plain, loop) -> None:
     assert_same_loss_and_error(two, loop)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, *CONV_BLOCK_MODELS])
 @pytest.mark.parametrize("bn", ["recompute", "eval"])
 def test_two_lanes_equal_one_lane_plain_path_and_loop(name, bn, two_threads, lane_runs):
     assert_all_equal(*evaluations(name, bn))
