@@ -181,10 +181,11 @@ def _batches_in_order(datasets: dict[str, Batches], bn_batches: Batches | None, 
 
 def _lane_count(view: SubspaceView, points: int, device: torch.device, metrics: dict[str, MetricFn | None],
                 loss_fn: LossFn | None) -> int:
-    """How many lanes (`lanes.py`) run the points: one per intra-op thread (at most MAX_LANES) on CPU for a CNN of the
-    view's conv blocks (where lanes measured faster), with its fast paths, the built-in metrics and loss (a user's
-    function may not be safe to call from two threads at once), outside autocast (thread-local: the lanes' threads
-    would not see it) and at least LANE_POINTS points a lane; else 1."""
+    """How many lanes (`lanes.py`) run the points: one per intra-op thread (at most MAX_LANES) on CPU for a CNN of
+    the view's conv blocks (where lanes measured faster on a busy machine; `lanes.py` has the numbers), with its
+    fast paths, the built-in metrics and loss (a user's function may not be safe to call from two threads at once),
+    outside autocast (thread-local: the lanes' threads would not see it) and at least LANE_POINTS points a lane;
+    else 1."""
     threads = torch.get_num_threads()
     if (device.type != "cpu" or threads < 2 or view.state.plain or view.fallback_names or loss_fn is not None
             or any(fn is not None for fn in metrics.values()) or torch.is_autocast_enabled("cpu")):

@@ -8,6 +8,13 @@ split well, and on a shared machine one descheduled thread stalls every barrier 
 thread each run whole chunks side by side instead: one lane's Python, kernels and convolutions overlap with the
 other's (the kernels release the GIL), and nothing waits for another lane until the end.
 
+Measured (B3, 2 threads, 2 cores shared with other jobs; fresh processes alternating, ours the median of 9 calls):
+in one series at load 2.1-3.7, 11 points, lanes 103-175 ms against 171-1336 ms in one lane (ratio to the reference ≥
+19.6 against ≥ 1.08); 61 points, in one process alternating, at load 4.2-7.6: 0.50-0.79 s against 1.75-4.49 s. On a
+quiet machine they gain nothing at 61 points (181 against 181 ms: four chunks either way) and lose at 11 (about 62
+against 45 ms: two lanes of 5-6 points run twice the forwards, each with its Python, where one lane runs one chunk
+of 11).
+
 Lanes share nothing mutable: each has its own subspace view (`SubspaceView.lane_copy`: the same model and basis
 tensors, its own state, BatchNorm statistics and caches), its own chunks of points and metric sums, so a point's
 numbers are those it gets in one lane with the same chunks, and the shares' results are joined in point order.
