@@ -19,9 +19,9 @@ GPU_MEMORY_FRACTION = 0.25
 
 
 def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_batches: Batches | None,
-                memory_budget: int | None, device: torch.device) -> list[slice]:
-    """Chunks of points (of even sizes), and rows per batch of the tensor datasets, so that one chunk fits
-    the budget.
+                memory_budget: int | None, device: torch.device, lanes: int = 1) -> list[slice]:
+    """Chunks of points (of even sizes, a multiple of `lanes` of them: see `lanes.py`), and rows per batch of the
+    tensor datasets, so that one chunk fits the budget (one chunk per lane: each the budget's share).
 
     On CPU both are also sized for the chunk's largest activation to stay near CPU_CACHE_BYTES, with at least
     CPU_MIN_CHUNK points (a first layer fed the shared input then mixes many points at once; fewer where their
@@ -32,7 +32,7 @@ def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_
     evenly only where one batch would not fit the budget. Neither is a tensor dataset where BatchNorm layers
     without running statistics normalise with each batch's own statistics: the results would depend on it.
     """
-    budget = memory_budget if memory_budget is not None else _default_budget(device)
+    budget = (memory_budget if memory_budget is not None else _default_budget(device)) // lanes  # a chunk per lane
     first_inputs = datasets[0].first[0]
     first_row = first_inputs[:1] if isinstance(first_inputs, Tensor) else tuple(x[:1] for x in first_inputs)
     per_sample = view.activation_bytes_per_sample(coeffs, move(first_row, device))
@@ -63,6 +63,7 @@ def plan_chunks(view: SubspaceView, coeffs: Tensor, datasets: list[Batches], bn_
         chunk = min(chunk, max(_cpu_min_chunk(rows * per_sample), CPU_CACHE_BYTES // (rows * per_sample)))
     points = coeffs.shape[0]
     count = -(-points // int(max(1, min(points, chunk))))
+    count = min(points, -(-count // lanes) * lanes)
     bounds = [i * points // count for i in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 

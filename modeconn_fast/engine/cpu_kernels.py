@@ -1,5 +1,6 @@
 """The engine's compiled CPU kernels (numba; importing this module loads them from numba's cache or compiles them;
-`compiled_cpu.py` does so in the background). Each has one signature: float32 values, any strides.
+`compiled_cpu.py` does so in the background). Each has one signature: float32 values, any strides, and releases the
+GIL while it runs (evaluation lanes, `lanes.py`, run other threads' Python meanwhile).
 
 `cross_entropy_sums`: cross-entropy and arg-max errors of narrow logits, per point. For logits x [P, N, C] (C
 small, e.g. 10 digits), class targets y [N], and every point p:
@@ -101,7 +102,7 @@ def _class_major_cross_entropy(xt, count, targets, scratch):  # type: ignore[no-
 
 
 @numba.njit(numba.void(numba.float32[:, :, :], numba.int64[:], numba.float64[:], numba.int64[:]),
-            cache=True, fastmath=FAST)
+            cache=True, nogil=True, fastmath=FAST)
 def cross_entropy_sums(logits, targets, loss, wrong):  # type: ignore[no-untyped-def]
     """loss[p] = Σ_n cross-entropy of logits[p, n] against targets[n]; wrong[p] = #{n: argmax ≠ target}."""
     points, rows, classes = logits.shape
@@ -204,7 +205,7 @@ def _dense(h, out, weights, bias, count, relu):  # type: ignore[no-untyped-def]
 
 @numba.njit(numba.void(numba.float32[:, :, ::1], numba.boolean, numba.float32[:, ::1], numba.float32[:, ::1],
                        numba.float32[:, ::1], numba.int64[:, ::1], numba.int64[::1], numba.float64[::1],
-                       numba.int64[::1]), cache=True, parallel=True, fastmath=FAST)
+                       numba.int64[::1]), cache=True, nogil=True, parallel=True, fastmath=FAST)
 def mlp_cross_entropy_sums(  # type: ignore[no-untyped-def]
         first, first_relu, coeffs, weights, biases, layers, targets, loss, wrong):
     """An MLP at P points, its cross-entropy and arg-max errors summed per point (`cross_entropy_sums` of its
@@ -302,7 +303,7 @@ def _mixed_row_pair_max(flat, n, start, weights, upper, pairs):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, :]), cache=True, nogil=True, fastmath=FAST)
 def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window (2i…2i+1, 2j…2j+1) of Σ_k coeffs[p,k] per_basis[k, n,
     ·, ·, c], times scale[p, c], plus shift[p, c]) of contiguous channels-last K outputs [K, N, H, W, C]
@@ -334,7 +335,8 @@ def mix_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.float32[:, :],
-                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, parallel=True, fastmath=FAST)
+                       numba.boolean, numba.float32[:, :, :, :, ::1]), cache=True, nogil=True, parallel=True,
+            fastmath=FAST)
 def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """`mix_pool_block` for K = 3 members (a quadratic Bezier curve, a plane) into contiguous sample-major memory
     out [N, H', W', P, C]: per sample, output position and point, the four window positions' mixes, their max,
@@ -377,7 +379,7 @@ def mix_of_three_pool_block(per_basis, coeffs, scale, shift, relu, out):  # type
 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, :], numba.float32[:, :], numba.boolean,
-                       numba.float32[:, :, :, :, :]), cache=True, parallel=True, fastmath=FAST)
+                       numba.float32[:, :, :, :, :]), cache=True, nogil=True, parallel=True, fastmath=FAST)
 def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
     """out[p, n, c, i, j] = relu(max over the 2×2 window of maps[n, ·, ·, p·C + c], times scale[p, c], plus
     shift[p, c]) of a grouped convolution's sample-major channels-last output maps [N, H, W, P·C] (`conv_block.py`;
@@ -410,7 +412,7 @@ def pool_block(maps, scale, shift, relu, out):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(numba.void(numba.float32[:, :, ::1], numba.float64[:, ::1], numba.float64[:, :, ::1]), cache=True,
-            fastmath=FAST)
+            nogil=True, fastmath=FAST)
 def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
     """mean[k, c] = E_m values[k, m, c] and covariance[c, k, l] = E_m (values[k,m,c] − mean[k,c])(values[l,m,c] −
     mean[l,c]) of K outputs [K, M, C] (`conv_block._moments`), in float64 without a float64 copy of the values:
@@ -460,7 +462,7 @@ def moments(values, mean, covariance):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(numba.void(numba.float32[:, ::1], numba.float32[::1], numba.float32[::1]), cache=True, parallel=True,
-            fastmath=FAST)
+            nogil=True, fastmath=FAST)
 def column_statistics(values, mean, var):  # type: ignore[no-untyped-def]
     """mean[j] and biased var[j] over the rows of values [M, J] (a grouped convolution's channels-last output,
     J = P·C): two passes, the mean first, as BatchNorm's, accumulated in float64 (`conv_block._statistics`); blocks
@@ -491,7 +493,7 @@ TAIL_ROWS = 32  # samples per block of `pool_linear_cross_entropy_sums` (blocks 
 
 @numba.njit(numba.void(numba.float32[:, :, :, ::1], numba.float32[:, ::1], numba.float32[:, ::1], numba.boolean,
                        numba.float32[:, :, ::1], numba.float32[:, ::1], numba.int64[::1], numba.float64[::1],
-                       numba.int64[::1]), cache=True, parallel=True, fastmath=FAST)
+                       numba.int64[::1]), cache=True, nogil=True, parallel=True, fastmath=FAST)
 def pool_linear_cross_entropy_sums(  # type: ignore[no-untyped-def]
         maps, scale, shift, relu, weights, biases, targets, loss, wrong):
     """The tail of a CNN at P points, its logits never written to memory: for a grouped convolution's sample-major

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from contextlib import nullcontext
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,14 +21,20 @@ from ..subspace import Basis, StateLike, as_basis
 from . import compiled_cpu
 from .batches import Batches, move
 from .chunks import plan_chunks
+from .conv_block import ConvBlock, FusedSequential
 from .conv_metrics import ConvMetrics
+from .lanes import lane_shares, run_in_lanes
 from .memory import keep_freed_memory
-from .metrics import LossFn, MetricSpec, MetricSums, check_metrics
+from .metrics import LossFn, MetricFn, MetricSpec, MetricSums, check_metrics
 from .mlp_metrics import FusedMlpMetrics
 from .outputs import OutputSelector
 from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
+LANE_POINTS = 4  # points per lane at least (`_lane_count`)
+# Lanes at most: the Python between the ops holds the GIL, about a fifth of a lane's time (B3 on one thread), so
+# beyond about four lanes they would queue for it (measured on 2 cores only; more threads are shared among the lanes).
+MAX_LANES = 4
 
 
 class Evaluation(dict):
@@ -68,13 +74,15 @@ def evaluate(
     (see `metrics.py`) and custom `(name, fn)` pairs, fn(outputs [N, ...], targets) -> Tensor[N] one value per
     sample (averaged over all samples); each over all batches, in float64. bn: "recompute" (statistics from `bn_data` for
     every point), "eval" (mix the stored statistics) or "auto" (recompute when the model has BatchNorm and
-    `bn_data` is given). memory_budget: bytes for one chunk of points (default 1 GiB on CPU, a quarter of
-    the free memory on GPU). progress: show a progress bar (default: when the work lasts more than a second).
+    `bn_data` is given). memory_budget: bytes for the chunks of points in flight (one, or one per lane: see
+    `lanes.py`; default 1 GiB on CPU, a quarter of the free memory on GPU). progress: show a progress bar (default:
+    when the work lasts more than a second).
     output: for a model that returns a tuple, dict or dataclass, which part holds the logits: an index, a key
     (or field name), or a callable given the output. The basis members' floating dtypes must be the model's.
     fast: take the fast paths where they apply (fused conv and linear blocks, one-pass cross-entropy and arg-max
-    for fewer than 16 classes); False runs every layer's and metric's plain torch path (the reference the fast
-    paths are tested against; for debugging: the results agree to float rounding).
+    for fewer than 16 classes, a CNN's points in lanes on several threads: `lanes.py`); False runs every layer's and
+    metric's plain torch path, in one lane (the reference the fast paths are tested against; for debugging: the
+    results agree to float rounding).
     """
     basis = as_basis(basis, model)
     device = _device_of(basis)
@@ -89,15 +97,15 @@ def evaluate(
     if bn_mode == "eval":
         _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
-    chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
+    lanes = _lane_count(view, coeffs.shape[0], device, metrics, loss_fn)
+    chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device, lanes)
     if bn_batches is not None and fast:  # the same batches of the same rows: their first layers' outputs reused
         for batches in datasets.values():
             batches.align_with(bn_batches)
 
-    points = coeffs.shape[0]
-    sums = {name: MetricSums(metrics, points, device, loss_fn, fast) for name in datasets}
-    fused = {name: FusedMlpMetrics.of(view, metric_sums, device) for name, metric_sums in sums.items()}
-    tails = {name: ConvMetrics.of(view, metric_sums, device) for name, metric_sums in sums.items()}
+    shares = [_Share(view if lane == 0 else view.lane_copy(), coeffs, points, share_chunks, list(datasets), metrics,
+                     device, loss_fn, fast)
+              for lane, (points, share_chunks) in enumerate(lane_shares(chunks, lanes))]
     sources = [*datasets.values(), *([bn_batches] if bn_batches is not None else [])]
     known = all(source.has_length() for source in sources)
     total = sum(len(source) for source in sources) if known else None
@@ -106,30 +114,86 @@ def evaluate(
     if device.type == "cpu":
         keep_freed_memory()
     with torch.no_grad(), bar, compiled_cpu.counting() if device.type == "cpu" else nullcontext():
-        if bn_batches is not None:
-            view.recompute_batchnorm(coeffs, _inputs_only(bn_batches, device, bar), chunks)
-        else:
-            view.use_stored_batchnorm()
-        batch_names = itertools.count()
-        for name, batches in datasets.items():  # each batch is read once, for all chunks of points
-            for inputs, targets in batches:
-                inputs, targets = move(inputs, device), targets.to(device, non_blocking=True)
-                batch = next(batch_names)
-                mlp, tail = fused[name], tails[name]
-                if mlp is None or not mlp.add(coeffs, inputs, targets, batch, sums[name]):  # else one compiled pass
-                    for chunk in chunks:
-                        if tail is not None:  # the last conv block straight to the metrics where it can
-                            tail.add(view, coeffs[chunk], inputs, targets, chunk.start, batch, sums[name])
-                        else:
-                            outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
-                            sums[name].add(outputs, targets, chunk.start)
-                bar.update()
-    values = {f"{name}_{metric}" if name else metric: value
-              for name, metric_sums in sums.items() for metric, value in metric_sums.result().items()}
+        run_in_lanes(shares, _batches_in_order(datasets, bn_batches, device, bar))
+    results = [share.results() for share in shares]
+    values = {column: torch.cat([result[column] for result in results]) for column in results[0]}
     if broken:  # points that use a member with NaN or ±inf weights
         uses_broken = (coeffs[:, broken] != 0).any(dim=1)
         values = {name: torch.where(uses_broken, torch.full_like(v, float("nan")), v) for name, v in values.items()}
     return Evaluation(values, bn_mode)
+
+
+class _Share:
+    """The points `points` of an evaluation with their own view, chunks (from the share's first point), metric sums
+    and fused metric paths: one lane (`lanes.py`), fed the batches in order (`_batches_in_order`)."""
+
+    def __init__(self, view: SubspaceView, coeffs: Tensor, points: slice, chunks: list[slice], names: list[str],
+                 metrics: dict[str, MetricFn | None], device: torch.device, loss_fn: LossFn | None, fast: bool):
+        self.view, self.coeffs, self.chunks = view, coeffs[points], chunks
+        self.sums = {name: MetricSums(metrics, self.coeffs.shape[0], device, loss_fn, fast) for name in names}
+        self.fused = {name: FusedMlpMetrics.of(view, sums, device) for name, sums in self.sums.items()}
+        self.tails = {name: ConvMetrics.of(view, sums, device) for name, sums in self.sums.items()}
+        view.use_stored_batchnorm()
+
+    def __call__(self, item: tuple) -> None:
+        view, coeffs = self.view, self.coeffs
+        if item[0] == "collect":  # ("collect", batch name, inputs): BatchNorm statistics of every chunk
+            if view.bn_phase != "collect":
+                view.start_batchnorm_collection(coeffs.shape[0])
+            view.collect_batchnorm(coeffs, item[2], self.chunks, item[1])
+        elif item[0] == "collected":
+            if view.bn_phase != "collect":  # bn_data gave no batch: the layers say so
+                view.start_batchnorm_collection(coeffs.shape[0])
+            view.finish_batchnorm_collection()
+        else:  # ("evaluate", dataset name, batch name, inputs, targets): read once, for all chunks of points
+            _, name, batch, inputs, targets = item
+            sums, mlp, tail = self.sums[name], self.fused[name], self.tails[name]
+            if mlp is not None and mlp.add(coeffs, inputs, targets, batch, sums):
+                return  # one compiled pass over all points
+            for chunk in self.chunks:
+                if tail is not None:  # the last conv block straight to the metrics where it can
+                    tail.add(view, coeffs[chunk], inputs, targets, chunk.start, batch, sums)
+                else:
+                    outputs = view(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
+                    sums.add(outputs, targets, chunk.start)
+
+    def results(self) -> dict[str, Tensor]:
+        """Per-point metrics of the share's points by column name ("loss", or "train_loss" for a named dataset)."""
+        return {f"{name}_{metric}" if name else metric: value
+                for name, sums in self.sums.items() for metric, value in sums.result().items()}
+
+
+def _batches_in_order(datasets: dict[str, Batches], bn_batches: Batches | None, device: torch.device,
+                      bar: tqdm) -> Iterator[tuple]:
+    """What every share runs, in order: the BatchNorm batches (if recomputed) and their end, then every dataset's
+    batches, each named once."""
+    if bn_batches is not None:
+        for index, (inputs, _) in enumerate(bn_batches):
+            yield "collect", ("bn_data", index), move(inputs, device)
+            bar.update()
+        yield ("collected",)
+    batch_names = itertools.count()
+    for name, batches in datasets.items():
+        for inputs, targets in batches:
+            yield "evaluate", name, next(batch_names), move(inputs, device), targets.to(device, non_blocking=True)
+            bar.update()
+
+
+def _lane_count(view: SubspaceView, points: int, device: torch.device, metrics: dict[str, MetricFn | None],
+                loss_fn: LossFn | None) -> int:
+    """How many lanes (`lanes.py`) run the points: one per intra-op thread (at most MAX_LANES) on CPU for a CNN of
+    the view's conv blocks (where lanes measured faster on a busy machine; `lanes.py` has the numbers), with its
+    fast paths, the built-in metrics and loss (a user's function may not be safe to call from two threads at once),
+    outside autocast (thread-local: the lanes' threads would not see it) and at least LANE_POINTS points a lane;
+    else 1."""
+    threads = torch.get_num_threads()
+    if (device.type != "cpu" or threads < 2 or view.state.plain or view.fallback_names or loss_fn is not None
+            or any(fn is not None for fn in metrics.values()) or torch.is_autocast_enabled("cpu")):
+        return 1
+    if not any(isinstance(step, ConvBlock) for m in view.net.modules() if isinstance(m, FusedSequential)
+               for step in m.steps):
+        return 1
+    return max(1, min(threads, MAX_LANES, points // LANE_POINTS))
 
 
 def _first_rows(datasets: dict[str, Batches]) -> Any:
@@ -145,12 +209,6 @@ def _named_datasets(data: Any) -> dict[str, Batches]:
             raise ValueError("data is an empty dict: name at least one dataset")
         return {str(name): Batches(value, f"data[{name!r}]") for name, value in data.items()}
     return {"": Batches(data, "data")}
-
-
-def _inputs_only(batches: Batches, device: torch.device, bar: tqdm):
-    for inputs, _ in batches:
-        yield move(inputs, device)
-        bar.update()
 
 
 def _device_of(basis: Basis) -> torch.device:

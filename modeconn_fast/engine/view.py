@@ -245,31 +245,52 @@ class SubspaceView(nn.Module):
         """One pass over `batches` in train-mode BatchNorm, chunk by chunk of points (all at once by default):
         every point of `coeffs` gets its own statistics. Each batch is read once, for all chunks. After the first
         forward each one stops once the last BatchNorm layer has its statistics."""
-        points = coeffs.shape[0]
-        chunks = chunks or [slice(0, points)]
-        layers = self.batchnorm_layers()
-        for layer in layers:
-            layer.start_collection(points)
-        self.bn_phase = "collect"
-        state = self.state
+        chunks = chunks or [slice(0, coeffs.shape[0])]
+        self.start_batchnorm_collection(coeffs.shape[0])
         try:
             for index, inputs in enumerate(batches):
-                for chunk in chunks:
-                    state.collected = 0
-                    try:
-                        self(coeffs[chunk], inputs, offset=chunk.start, batch=("bn_data", index))
-                    except CollectionDone:  # the forward stopped after the last statistics (known after the first)
-                        pass
-                    state.collections_per_forward = state.collected
+                self.collect_batchnorm(coeffs, inputs, chunks, ("bn_data", index))
         finally:
             self.bn_phase = "stored"
-            state.collections_per_forward = None
-        for layer in layers:
+            self.state.collections_per_forward = None
+        self.finish_batchnorm_collection()
+
+    def start_batchnorm_collection(self, points: int) -> None:
+        """`recompute_batchnorm` in steps: this, `collect_batchnorm` for every batch, `finish_batchnorm_collection`."""
+        for layer in self.batchnorm_layers():
+            layer.start_collection(points)
+        self.bn_phase = "collect"
+
+    def collect_batchnorm(self, coeffs: Tensor, inputs: Inputs, chunks: Sequence[slice], batch: Hashable) -> None:
+        """The statistics of one batch (named `batch`) accumulated for every chunk of points of `coeffs`."""
+        state = self.state
+        for chunk in chunks:
+            state.collected = 0
+            try:
+                self(coeffs[chunk], inputs, offset=chunk.start, batch=batch)
+            except CollectionDone:  # the forward stopped after the last statistics (known after the first)
+                pass
+            state.collections_per_forward = state.collected
+
+    def finish_batchnorm_collection(self) -> None:
+        self.bn_phase = "stored"
+        self.state.collections_per_forward = None
+        for layer in self.batchnorm_layers():
             layer.finish_collection()
         self.bn_phase = "recomputed"
 
     def use_stored_batchnorm(self) -> None:
         self.bn_phase = "stored"
+
+    def lane_copy(self) -> "SubspaceView":
+        """Another view of the same model and basis tensors, with its own state, BatchNorm statistics and caches: one
+        per thread that runs other points at the same time (`lanes.py`). It keeps this view's probe outcome."""
+        if self.fallback_names:
+            raise ValueError("a view with modules run per point under vmap has no lane copies")
+        copy = SubspaceView(self._model, self._basis, output=self.output)
+        copy.state.plain = self.state.plain
+        copy.reads_shared_rows_only = self.reads_shared_rows_only
+        return copy
 
     def recomputed_batchnorm_state(self) -> dict[str, Tensor]:
         """The running statistics `recompute_batchnorm` gave every point, as state-dict entries of the model with
