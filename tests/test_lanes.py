@@ -18,6 +18,7 @@ from test_conv_block import MODELS as CONV_BLOCK_MODELS, members_and_data as con
 from test_engine_fast import METRICS, convex_rows
 
 evaluate_module = importlib.import_module("modeconn_fast.engine.evaluate")  # the package exports the function
+chunks_module = importlib.import_module("modeconn_fast.engine.chunks")
 
 
 def digits_cnn() -> nn.Sequential:
@@ -39,7 +40,9 @@ def two_threads():
 
 @pytest.fixture
 def lane_runs(monkeypatch):
-    """The lanes each evaluation ran in, and the threads they ran on."""
+    """The lanes each evaluation ran in, and the threads they ran on; chunks of CPU_MIN_CHUNK points (a tiny cache
+    size), so that 19 points make two chunks and take two lanes (lanes never split one lane's chunks)."""
+    monkeypatch.setattr(chunks_module, "CPU_CACHE_BYTES", 1)
     runs: list[tuple[int, set[int]]] = []
     run = lanes.run_in_lanes
 
@@ -116,9 +119,9 @@ def test_lanes_give_the_same_bits_on_every_run(two_threads, lane_runs, kernel_ca
             assert torch.equal(run[column], runs[0][column])
 
 
-def test_few_points_custom_metrics_autocast_and_the_plain_path_run_one_lane(two_threads, lane_runs):
+def test_one_chunk_custom_metrics_autocast_and_the_plain_path_run_one_lane(two_threads, lane_runs):
     members, batches = members_and_data("digits_cnn")
-    few = 2 * evaluate_module.LANE_POINTS - 1
+    few = chunks_module.CPU_MIN_CHUNK - 1  # one chunk
     evaluate(members[0], members, convex_rows(few, 3, seed=1), batches, bn="eval", progress=False)
     evaluate(members[0], members, convex_rows(19, 3, seed=1), batches, bn="eval", progress=False,
              metrics=("loss", ("max logit", lambda outputs, targets: outputs.max(dim=1).values)))
@@ -126,9 +129,9 @@ def test_few_points_custom_metrics_autocast_and_the_plain_path_run_one_lane(two_
     assert [count for count, _ in lane_runs] == [1, 1, 1]
     view = SubspaceView(members[0], Basis.from_members(members))
     cpu, metrics = torch.device("cpu"), check_metrics(("loss", "error"))
-    assert evaluate_module._lane_count(view, 19, cpu, metrics, None) == 2
+    assert [evaluate_module._lane_count(view, chunks, cpu, metrics, None) for chunks in (1, 2, 3)] == [1, 2, 2]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # thread-local: the lanes' threads would not see it
-        assert evaluate_module._lane_count(view, 19, cpu, metrics, None) == 1
+        assert evaluate_module._lane_count(view, 2, cpu, metrics, None) == 1
 
 
 def test_an_error_in_a_lane_is_raised_and_the_thread_count_restored(two_threads, lane_runs):

@@ -31,7 +31,6 @@ from .outputs import OutputSelector
 from .view import SubspaceView
 
 BatchNormMode = Literal["auto", "recompute", "eval"]
-LANE_POINTS = 4  # points per lane at least (`_lane_count`)
 # Lanes at most: the Python between the ops holds the GIL, about a fifth of a lane's time (B3 on one thread), so
 # beyond about four lanes they would queue for it (measured on 2 cores only; more threads are shared among the lanes).
 MAX_LANES = 4
@@ -97,8 +96,10 @@ def evaluate(
     if bn_mode == "eval":
         _warn_of_negative_variances(view, coeffs)
     bn_batches = Batches(bn_data, "bn_data", targets_optional=True) if bn_mode == "recompute" else None
-    lanes = _lane_count(view, coeffs.shape[0], device, metrics, loss_fn)
-    chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device, lanes)
+    chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device)
+    lanes = _lane_count(view, len(chunks), device, metrics, loss_fn)
+    if lanes > 1:  # each lane's chunks planned in its share of the memory budget
+        chunks = plan_chunks(view, coeffs, list(datasets.values()), bn_batches, memory_budget, device, lanes)
     if bn_batches is not None and fast:  # the same batches of the same rows: their first layers' outputs reused
         for batches in datasets.values():
             batches.align_with(bn_batches)
@@ -179,13 +180,14 @@ def _batches_in_order(datasets: dict[str, Batches], bn_batches: Batches | None, 
             bar.update()
 
 
-def _lane_count(view: SubspaceView, points: int, device: torch.device, metrics: dict[str, MetricFn | None],
+def _lane_count(view: SubspaceView, chunks: int, device: torch.device, metrics: dict[str, MetricFn | None],
                 loss_fn: LossFn | None) -> int:
     """How many lanes (`lanes.py`) run the points: one per intra-op thread (at most MAX_LANES) on CPU for a CNN of
     the view's conv blocks (where lanes measured faster on a busy machine; `lanes.py` has the numbers), with its
     fast paths, the built-in metrics and loss (a user's function may not be safe to call from two threads at once),
-    outside autocast (thread-local: the lanes' threads would not see it) and at least LANE_POINTS points a lane;
-    else 1."""
+    outside autocast (thread-local: the lanes' threads would not see it), and no more lanes than the `chunks` of
+    points one lane would run (more would split chunks and add forwards, each with its Python: on a quiet machine
+    two lanes of B3's 11 points took 62 ms against 45 ms in one); else 1."""
     threads = torch.get_num_threads()
     if (device.type != "cpu" or threads < 2 or view.state.plain or view.fallback_names or loss_fn is not None
             or any(fn is not None for fn in metrics.values()) or torch.is_autocast_enabled("cpu")):
@@ -193,7 +195,7 @@ def _lane_count(view: SubspaceView, points: int, device: torch.device, metrics: 
     if not any(isinstance(step, ConvBlock) for m in view.net.modules() if isinstance(m, FusedSequential)
                for step in m.steps):
         return 1
-    return max(1, min(threads, MAX_LANES, points // LANE_POINTS))
+    return max(1, min(threads, MAX_LANES, chunks))
 
 
 def _first_rows(datasets: dict[str, Batches]) -> Any:
