@@ -250,9 +250,9 @@ class SubspaceView(nn.Module):
         try:
             for index, inputs in enumerate(batches):
                 self.collect_batchnorm(coeffs, inputs, chunks, ("bn_data", index))
-        finally:
-            self.bn_phase = "stored"
-            self.state.collections_per_forward = None
+        except BaseException:
+            self._end_collection()  # the stored statistics stay in use
+            raise
         self.finish_batchnorm_collection()
 
     def start_batchnorm_collection(self, points: int) -> None:
@@ -273,11 +273,14 @@ class SubspaceView(nn.Module):
             state.collections_per_forward = state.collected
 
     def finish_batchnorm_collection(self) -> None:
-        self.bn_phase = "stored"
-        self.state.collections_per_forward = None
+        self._end_collection()
         for layer in self.batchnorm_layers():
             layer.finish_collection()
         self.bn_phase = "recomputed"
+
+    def _end_collection(self) -> None:
+        self.bn_phase = "stored"
+        self.state.collections_per_forward = None
 
     def use_stored_batchnorm(self) -> None:
         self.bn_phase = "stored"
