@@ -110,6 +110,16 @@ def _check_alike(op: str, **tensors: Tensor | None) -> None:
                              f"devices of {', '.join(given)} must match")
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under `torch.autocast` for the tensors' device, all of them in its lower-precision dtype, as autocast treats
+    F.linear and F.conv*d (weights mixed from the cast members; cast back by the caller's next fp32 op)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _check_coeffs_weight(op: str, weight: Tensor, coeffs: Tensor, weight_dims: Sequence[int]) -> None:
     if coeffs.dim() != 2:
         raise ValueError(f"{op}: coeffs must be [P, K]; got shape {_shape(coeffs)}")
@@ -212,6 +222,7 @@ def combined_linear(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tens
         raise ValueError(f"{op}: x must be [N, Din] or [P, N, Din] with Din = weight.shape[2] = {Din} and "
                          f"P = coeffs.shape[0] = {P}; got x {_shape(x)}, weight {_shape(weight)}, coeffs {_shape(coeffs)}")
     _check_bias(op, bias, weight)
+    x, weight, bias, coeffs = _autocast(x, weight, bias, coeffs)
     _check_alike(op, x=x, weight=weight, bias=bias, coeffs=coeffs)
     backend = resolve_backend(backend, x.device, x.dtype)
     if backend == "torch" and _plain_call():
@@ -323,6 +334,7 @@ def combined_conv(x: Tensor, weight: Tensor, bias: Tensor | None, coeffs: Tensor
     if groups < 1 or weight.shape[1] % groups:
         raise ValueError(f"{op}: groups = {groups} must divide Cout = weight.shape[1]; got weight {_shape(weight)}")
     _check_bias(op, bias, weight)
+    x, weight, bias, coeffs = _autocast(x, weight, bias, coeffs)
     _check_alike(op, x=x, weight=weight, bias=bias, coeffs=coeffs)
     stride_, dilation_ = _as_tuple(stride, spatial, "stride"), _as_tuple(dilation, spatial, "dilation")
     padding_, right = _resolve_padding(padding, weight.shape[3:], stride_, dilation_)
