@@ -83,6 +83,25 @@ def test_flatten_gives_blocks() -> None:
     assert any(a.tensor == "fc1.weight" and a.dim == 1 and a.inner == 4 for a in spec.groups["features.7"])
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_permute_tensor_equals_index_select_on_every_axis(contiguous: bool) -> None:
+    """permute_tensor merges the axes after each permuted one where it can: the same tensor as index_select on the
+    full shape, for a 4-d weight with both leading axes permuted (the second in blocks of 3) and a sliced axis."""
+    spec = PermutationSpec({"out": [("w", 0), ("v", 1, 1, 2, 8)], "in": [("w", 1, 3)]})
+    generator = torch.Generator().manual_seed(0)
+    if contiguous:
+        w, v = torch.randn(6, 12, 3, 2, generator=generator), torch.randn(7, 10, 3, generator=generator)
+    else:
+        w = torch.randn(6, 12, 2, 3, generator=generator).transpose(2, 3)
+        v = torch.randn(3, 10, 7, generator=generator).transpose(0, 2)
+    out, into = torch.randperm(6, generator=generator), torch.randperm(4, generator=generator)
+    permutation = Permutation(spec, {"out": out, "in": into})
+    expected_w = w.index_select(0, out).index_select(1, (into[:, None] * 3 + torch.arange(3)).reshape(-1))
+    expected_v = v.index_select(1, torch.cat([torch.arange(2), out + 2, torch.arange(8, 10)]))
+    assert torch.equal(permutation.permute_tensor("w", w), expected_w)
+    assert torch.equal(permutation.permute_tensor("v", v), expected_v)
+
+
 def test_hand_written_spec_matches_derived() -> None:
     model = mlp((64, 32, 16, 10))
     by_hand = PermutationSpec(
