@@ -124,10 +124,14 @@ def test_a_process_ending_during_the_load_exits_cleanly() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("columns", "levels"), [(77, 0), (700, 0), (700, 3)])  # one pass, two passes; 3 levels: ties
+def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns: int, levels: int) -> None:
+    """`_row_top` through `_best_columns`: rows of fewer than 4 of its segments in one pass through the heap, longer
+    ones by the segments' threshold; the same values as topk either way, ties included, each column once."""
     generator = torch.Generator().manual_seed(7)
-    cost = torch.randn(90, 77, generator=generator).to(dtype)
-    prices = torch.randn(77, generator=generator, dtype=torch.float64)
+    cost = torch.randn(90, columns, generator=generator) if levels == 0 else torch.randint(0, levels, (90, columns), generator=generator)
+    cost = cost.to(dtype)
+    prices = torch.randn(columns, generator=generator, dtype=torch.float64) if levels == 0 else torch.zeros(columns, dtype=torch.float64)
     rows = torch.tensor([5, 0, 89, 40])
     picked = torch.from_numpy(lap._best_columns(cost.numpy(), rows.numpy(), prices.numpy()))
     reduced = cost[rows].double() - prices

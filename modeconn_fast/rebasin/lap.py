@@ -181,27 +181,64 @@ def _gather(c, cols):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
-    """For each i in rows, the k columns of the largest C[i, col] − p_col: one read of the row through a min-heap
-    of the k best so far (a column enters only above the heap's least), no temporary beyond [len(rows), k]."""
+    """For each i in rows, the k columns of the largest C[i, col] − p_col (`_row_top`), no temporary beyond
+    [len(rows), k] and one row's scratch."""
     out = np.empty((rows.shape[0], k), dtype=np.int64)
-    values = np.empty(k)
+    values, maxima, picked = np.empty(k), np.empty(_segments(k)), np.empty(c.shape[1], dtype=np.int64)
     for t in range(rows.shape[0]):
-        _row_top(c, p, rows[t], values, out[t])
+        _row_top(c, p, rows[t], values, out[t], maxima, picked)
     return out
 
 
 @numba.njit(cache=True)
-def _row_top(c, p, i, values, index):  # pragma: no cover - compiled
-    """The len(values) largest C[i, col] − p_col of row i into values (a min-heap: values[0] the least of them)
-    and their columns into index."""
+def _segments(k):  # pragma: no cover - compiled
+    """Segments of a row whose maxima give `_row_top` its threshold: the least power of two ≥ 1.5·k."""
+    segments = 1
+    while segments < 1.5 * k:
+        segments *= 2
+    return segments
+
+
+@numba.njit(cache=True)
+def _row_top(c, p, i, values, index, maxima, picked):  # pragma: no cover - compiled
+    """The len(values) = k largest C[i, col] − p_col of row i into values (a min-heap: values[0] the least of them)
+    and their columns into index. `maxima` (len(maxima) ≥ k segments, `_segments`) and `picked` (one int per
+    column) are scratch. Two passes over the row: the segments' maxima give a threshold τ, their k-th largest (at
+    least k entries reach it, so the k largest all do); the columns reaching τ, typically under 2k, are listed
+    without a branch, then pass through the heap in column order (a column enters above the heap's least).
+    On random rows 1.3-1.8× faster than one pass through the heap, whose k·ln(n/k) insertions, each a mispredicted
+    branch, cost more than the reads. Rows of fewer than 4 segments, or holding NaN: every column through the heap."""
     k = values.shape[0]
+    row = c[i]
+    n = row.shape[0]
+    segments = maxima.shape[0]
+    count = 0
+    if n >= 4 * segments:
+        size = n // segments
+        for s in range(segments):
+            maxima[s] = _range_max(row, p, s * size, n if s == segments - 1 else (s + 1) * size)
+        for a in range(1, segments):  # insertion sort, largest first (a few dozen entries)
+            x, b = maxima[a], a - 1
+            while b >= 0 and maxima[b] < x:
+                maxima[b + 1] = maxima[b]
+                b -= 1
+            maxima[b + 1] = x
+        tau = maxima[k - 1]
+        for col in range(n):
+            picked[count] = col
+            count += row[col] - p[col] >= tau
+    if n < 4 * segments or count < k:  # (fewer than k only where the row holds NaN)
+        count = n
+        for col in range(n):
+            picked[col] = col
     for e in range(k):
-        values[e] = c[i, e] - p[e]
-        index[e] = e
+        values[e] = row[picked[e]] - p[picked[e]]
+        index[e] = picked[e]
     for start in range(k // 2 - 1, -1, -1):
         _sift_down(values, index, start, k)
-    for col in range(k, c.shape[1]):
-        v = c[i, col] - p[col]
+    for t in range(k, count):
+        col = picked[t]
+        v = row[col] - p[col]
         if v > values[0]:
             values[0] = v
             index[0] = col
@@ -446,13 +483,13 @@ def _solve_by_paths(c: Tensor, warm: WarmStart | None) -> tuple[Tensor, WarmStar
 
 
 @numba.njit(cache=True)
-def _best_two(c, p, i, top, bound, values, index):  # pragma: no cover - compiled
+def _best_two(c, p, i, top, bound, values, index, maxima, picked):  # pragma: no cover - compiled
     """(first, second, column of first): the two largest C[i, k] − p_k of row i, the lowest column among equals.
 
     Read from row i's cached best columns top[i] (fewer than n) while they hold its best two: within one solve
     prices only rise, so a column outside the cache stays at or below bound[i], its value when the cache was
     filled; a second above it is exact. Else the row is read whole and top[i], bound[i] filled anew (values,
-    index: a heap of len(top[i]) + 1 entries). Row reduction meets the same rows again and again (price wars on
+    index: a heap of len(top[i]) + 1 entries; maxima, picked: `_row_top`'s scratch). Row reduction meets the same rows again and again (price wars on
     near-ties): most reads are of the cache."""
     first, second, best = -np.inf, -np.inf, -1
     if bound[i] > -np.inf:
@@ -467,7 +504,7 @@ def _best_two(c, p, i, top, bound, values, index):  # pragma: no cover - compile
         if second > bound[i]:
             return first, second, best
         first, second, best = -np.inf, -np.inf, -1
-    _row_top(c, p, i, values, index)
+    _row_top(c, p, i, values, index, maxima, picked)
     bound[i] = values[0]
     for e in range(values.shape[0]):
         k = index[e]
@@ -510,6 +547,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
     top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
     bound = np.full(n, -np.inf)  # −inf: no cache yet
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
+    maxima, picked = np.empty(_segments(values.shape[0])), np.empty(n, dtype=np.int64)  # `_row_top`'s scratch
     touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
     for _ in range(rounds):
         n_free = 0
@@ -537,7 +575,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
             i = free[head]
             head += 1
             touched[i] = True
-            first, second, j = _best_two(c, p, i, top, bound, values, index)
+            first, second, j = _best_two(c, p, i, top, bound, values, index, maxima, picked)
             owner = col_to_row[j]
             steps += 1
             if steps > ARR_STEPS * n or (owner >= 0 and first - second <= tolerance):
@@ -555,7 +593,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
                 free[head] = owner
         for t in range(kept):
             s = free[t]
-            first, _, _ = _best_two(c, p, s, top, bound, values, index)
+            first, _, _ = _best_two(c, p, s, top, bound, values, index, maxima, picked)
             a[s] = first
             for k in range(n):  # the unscanned columns todo[:n_todo], their distances and prices alongside
                 todo[k] = k
