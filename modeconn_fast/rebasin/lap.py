@@ -227,7 +227,7 @@ def _row_top(c, p, i, values, index, maxima, picked):  # pragma: no cover - comp
         for col in range(n):
             picked[count] = col
             count += row[col] - p[col] >= tau
-    if n < 4 * segments or count < k:  # (fewer than k only where the row holds NaN)
+    if count < k:  # a row of fewer than 4 segments (no threshold), or holding NaN (fewer than k reach τ)
         count = n
         for col in range(n):
             picked[col] = col

@@ -459,8 +459,8 @@ def matching_objective(
         if any(group not in unmoved for _, group in permutation.spec.axes_of(key)):
             b = permutation.permute_tensor(key, b)
         b = b.reshape(-1)
-        for start in range(0, a.numel(), OBJECTIVE_CHUNK):
-            total += torch.dot(a[start : start + OBJECTIVE_CHUNK].double(), b[start : start + OBJECTIVE_CHUNK].double()).item()
+        for a_part, b_part in zip(a.split(OBJECTIVE_CHUNK), b.split(OBJECTIVE_CHUNK)):
+            total += torch.dot(a_part.double(), b_part.double()).item()
     return total
 
 
