@@ -29,12 +29,14 @@ HERE = Path(__file__).resolve().parent
 # --- timing ------------------------------------------------------------------------------------------------
 @dataclass
 class Contender:
-    """One way of computing a workload: `run()` evaluates `points` of the workload's `total_points`."""
+    """One way of computing a workload: `run()` evaluates `points` of the workload's `total_points`. With `prepare`,
+    each timed call is `run(prepare())`, prepare untimed (e.g. a fresh copy of a training run's start state)."""
 
     name: str
-    run: Callable[[], Any]
+    run: Callable[..., Any]
     points: int
     total_points: int
+    prepare: Callable[[], Any] | None = None
 
     @property
     def extrapolated(self) -> bool:
@@ -48,8 +50,9 @@ def interleaved_medians(contenders: Sequence[Contender], repeats: int) -> dict[s
     for r in range(repeats):
         for i in range(len(contenders)):
             contender = contenders[(i + r) % len(contenders)]
+            given = () if contender.prepare is None else (contender.prepare(),)
             start = time.perf_counter()
-            contender.run()
+            contender.run(*given)
             times[contender.name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
