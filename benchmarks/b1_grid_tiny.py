@@ -15,7 +15,7 @@ WORKLOAD = "B1 grid-tiny"
 WIDTHS = (64, 32, 32, 10)
 SAMPLES = 512
 FULL = PlaneSize(side=100, peer_points=10_000, vmap_chunk=16, repeats=5)
-QUICK = PlaneSize(side=30, peer_points=225, vmap_chunk=16, repeats=3)
+QUICK = PlaneSize(side=30, peer_points=225, vmap_chunk=16, repeats=9)
 BIG_SIDE = 1000
 QUICK_BIG_ROWS = 5  # --quick times this many x-rows of the 1000×1000 grid and extrapolates
 SPOT_CHECK_POINTS = 64

@@ -14,7 +14,7 @@ from .plane import Plane, PlaneSize, measure, prepare as prepare_plane
 WORKLOAD = "B2 grid-wide"
 WIDTHS = (64, 512, 512, 10)
 FULL = PlaneSize(side=20, peer_points=400, vmap_chunk=4, repeats=3)
-QUICK = PlaneSize(side=6, peer_points=36, vmap_chunk=4, repeats=3, epochs=10)
+QUICK = PlaneSize(side=6, peer_points=36, vmap_chunk=4, repeats=7, epochs=10)
 TARGET_RATIO = 1.15
 
 

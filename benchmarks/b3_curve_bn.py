@@ -43,7 +43,7 @@ class CurveSize:
 
 
 FULL = CurveSize(points=61, peer_points=61, repeats=3, epochs=15)
-QUICK = CurveSize(points=11, peer_points=5, repeats=3, epochs=5)
+QUICK = CurveSize(points=11, peer_points=5, repeats=9, epochs=5)
 
 
 def cnn(seed: int) -> nn.Sequential:

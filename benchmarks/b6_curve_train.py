@@ -39,7 +39,7 @@ class Size:
 
 
 FULL = Size(repeats=5, epochs=10)
-QUICK = Size(repeats=3, epochs=3)
+QUICK = Size(repeats=9, epochs=3)
 
 
 @dataclass

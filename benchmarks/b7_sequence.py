@@ -51,7 +51,7 @@ class Size:
 
 
 FULL = Size(side=20, samples=512, peer_points=24, vmap_chunk=8, repeats=3, train_steps=60)
-QUICK = Size(side=6, samples=128, peer_points=6, vmap_chunk=6, repeats=2, train_steps=10)
+QUICK = Size(side=6, samples=128, peer_points=6, vmap_chunk=6, repeats=5, train_steps=10)
 
 
 class TransformerClassifier(nn.Module):
