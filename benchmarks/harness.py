@@ -67,7 +67,9 @@ def pedantic(benchmark: Any, contender: Contender, group: str, rounds: int = 3) 
     """Time a contender under pytest-benchmark (one warm-up round), recording how many points it ran."""
     benchmark.group = group
     benchmark.extra_info.update(points=contender.points, workload_points=contender.total_points)
-    return benchmark.pedantic(contender.run, rounds=rounds, warmup_rounds=1)
+    prepare = contender.prepare
+    setup = None if prepare is None else (lambda: ((prepare(),), {}))  # untimed, as in `interleaved_medians`
+    return benchmark.pedantic(contender.run, setup=setup, rounds=rounds, warmup_rounds=1)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """The benchmark harness's equal-results checks at a tiny size: the project and the B1 peers (loss-landscapes,
 vmap + functional_call, the load_state_dict loop) compute the same per-point losses on a 4×4 plane; B6's curve
-training and its 2018 reference the same loss at every step."""
+training and its 2018 reference the same loss at every step; a contender's untimed `prepare`."""
 from __future__ import annotations
 
 from benchmarks import b1_grid_tiny
@@ -36,3 +36,21 @@ def test_b6_curve_training_agrees_with_the_reference_step_by_step():
     reference = torch.tensor(b6.reference(b6.fresh_points(setup), setup))
     assert len(ours) == b6.STEPS
     torch.testing.assert_close(ours, reference, rtol=0, atol=b6.ATOL)
+
+
+def test_a_contenders_prepare_runs_untimed_before_each_timed_run():
+    import time
+
+    from benchmarks.harness import Contender, interleaved_medians
+
+    given: list[int] = []
+    made = iter(range(100))
+
+    def prepare() -> int:
+        time.sleep(0.05)  # e.g. a copy of the start state: not the contender's time
+        return next(made)
+
+    medians = interleaved_medians([Contender("prepared", given.append, 1, 1, prepare),
+                                   Contender("plain", lambda: None, 1, 1)], repeats=3)
+    assert given == [0, 1, 2]
+    assert medians["prepared"] < 0.04
