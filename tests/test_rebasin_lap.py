@@ -129,9 +129,12 @@ def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns
     """`_row_top` through `_best_columns`: rows of fewer than 4 of its segments in one pass through the heap, longer
     ones by the segments' threshold; the same values as topk either way, ties included, each column once."""
     generator = torch.Generator().manual_seed(7)
-    cost = torch.randn(90, columns, generator=generator) if levels == 0 else torch.randint(0, levels, (90, columns), generator=generator)
-    cost = cost.to(dtype)
-    prices = torch.randn(columns, generator=generator, dtype=torch.float64) if levels == 0 else torch.zeros(columns, dtype=torch.float64)
+    if levels == 0:
+        cost = torch.randn(90, columns, generator=generator).to(dtype)
+        prices = torch.randn(columns, generator=generator, dtype=torch.float64)
+    else:
+        cost = torch.randint(0, levels, (90, columns), generator=generator).to(dtype)
+        prices = torch.zeros(columns, dtype=torch.float64)
     rows = torch.tensor([5, 0, 89, 40])
     picked = torch.from_numpy(lap._best_columns(cost.numpy(), rows.numpy(), prices.numpy()))
     reduced = cost[rows].double() - prices

@@ -489,8 +489,8 @@ def _best_two(c, p, i, top, bound, values, index, maxima, picked):  # pragma: no
     Read from row i's cached best columns top[i] (fewer than n) while they hold its best two: within one solve
     prices only rise, so a column outside the cache stays at or below bound[i], its value when the cache was
     filled; a second above it is exact. Else the row is read whole and top[i], bound[i] filled anew (values,
-    index: a heap of len(top[i]) + 1 entries; maxima, picked: `_row_top`'s scratch). Row reduction meets the same rows again and again (price wars on
-    near-ties): most reads are of the cache."""
+    index: a heap of len(top[i]) + 1 entries; maxima, picked: `_row_top`'s scratch). Row reduction meets the same
+    rows again and again (price wars on near-ties): most reads are of the cache."""
     first, second, best = -np.inf, -np.inf, -1
     if bound[i] > -np.inf:
         for e in range(top.shape[1]):

@@ -65,8 +65,9 @@ class Permutation:
         for axis, group in self.spec.axes_of(name):
             index = axis_index(self.perms[group].to(value.device), axis, value.shape[axis.dim])
             shape = value.shape
-            merged = value.reshape(*shape[: axis.dim + 1], -1) if value.is_contiguous() and value.dim() > axis.dim + 2 else value
-            value = merged.index_select(axis.dim, index).reshape(shape)
+            if value.is_contiguous() and value.dim() > axis.dim + 2:  # the axes after it as one
+                value = value.reshape(*shape[: axis.dim + 1], -1)
+            value = value.index_select(axis.dim, index).reshape(shape)
         return value
 
     def apply(
