@@ -17,7 +17,7 @@ Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or 
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of three runs
 at width 512, of two up to width 2048 in the full run (one in --quick), for both implementations alike.
 
-    python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg]
+    python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg] [--without-port] [--markdown]
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_digits
 from torch import nn
 
+from benchmarks.external import b4_row
+from benchmarks.harness import table_rows
 from benchmarks.peers import rebasin_port
 from modeconn_fast.rebasin import Permutation, lap_loading, matching_objective, permutation_spec, weight_matching
 
@@ -297,15 +299,16 @@ def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
 
 
 def run(
-    quick: bool = False, widths: tuple[int, ...] | None = None, kinds: tuple[str, ...] = KINDS
+    quick: bool = False, widths: tuple[int, ...] | None = None, kinds: tuple[str, ...] = KINDS,
+    port_max_width: int = PORT_MAX_WIDTH,
 ) -> list[dict[str, Any]]:
-    """One row per kind and width: our seconds, the port's, the ratio, the LAP ceiling, both objectives and
-    agreement."""
+    """One row per kind and width: our seconds, the port's (up to `port_max_width`), the ratio, the LAP ceiling,
+    both objectives and agreement."""
     widths = widths or ((512, 2048) if quick else WIDTHS)
     with torch.no_grad():  # not set globally: the workloads after this one train
         lap_loading.wait()  # the first call's loading of the compiled LAP (see lap_loading.py) is not timed here
         return [
-            run_width(w, with_port=w <= PORT_MAX_WIDTH, repeats=_repeats(w, quick), kind=kind)
+            run_width(w, with_port=w <= port_max_width, repeats=_repeats(w, quick), kind=kind)
             for kind in kinds
             for w in widths
         ]
@@ -325,14 +328,21 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+",
                         help=f"these widths instead (the port runs up to {PORT_MAX_WIDTH})")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="model pairs to run")
+    parser.add_argument("--without-port", action="store_true",
+                        help="ours only (the port of the VGG pair at 4096 channels would take hours)")
+    parser.add_argument("--markdown", action="store_true", help="also print the rows as lines of the README's table")
     args = parser.parse_args()
-    rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None, kinds=tuple(args.kinds))
+    rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None, kinds=tuple(args.kinds),
+               port_max_width=0 if args.without_port else PORT_MAX_WIDTH)
     columns = ["kind", "width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
                "port_objective", "same_objective", "gflops", "floor_s", "floor_fraction", "full_floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
                "port_cost_s", "port_other_s"]  # fmt: skip
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(str(row.get(c, "—")) for c in columns))
+    if args.markdown:
+        body = table_rows([b4_row(row).to_dict() for row in rows])
+        print("\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body[1:]))
 
 
 if __name__ == "__main__":

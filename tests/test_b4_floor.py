@@ -44,3 +44,23 @@ def test_update_flops_of_a_run_is_below_the_full_products() -> None:
     state = dict(model_a.named_parameters())
     flops = update_flops(spec, state, visits)
     assert trajectory_flops(spec, state, 1) < flops < trajectory_flops(spec, state, result.iterations)
+
+
+def test_b4_rows_hold_the_5x_target_at_every_width_with_a_port() -> None:
+    """Issue 15: ≥ 5× the port at every width from 512 (a row without the port states no target); the
+    floor target at 8192."""
+    from benchmarks.external import b4_row
+
+    def raw(width: int, ours_s: float, port_s: float | None) -> dict:
+        row = {"width": width, "kind": "mlp-init", "ours_s": ours_s}
+        if port_s is not None:
+            row.update(port_s=port_s, port_objective=1.0, objective=1.0, same_objective=True)
+        return row
+
+    slow, fast = b4_row(raw(512, 0.1, 0.4)), b4_row(raw(512, 0.1, 0.6))
+    assert slow.target == fast.target == "≥ 5× the port, same objective"
+    assert (slow.met, fast.met) == (False, True)
+    without_port = b4_row(raw(4096, 30.0, None))
+    assert not without_port.target and without_port.met is None
+    big = b4_row({**raw(8192, 200.0, None), "floor_s": 140.0, "full_floor_s": 3000.0, "peak_rss_gb": 2.8})
+    assert big.target == "≤ 1.5× the GEMM floor of the updates" and big.met is True
