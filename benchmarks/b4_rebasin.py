@@ -14,8 +14,8 @@ The two models are trained from seeds 0 and 1 on the 8×8 digits (Adam, one pass
 process and read back from .safetensors files, so `peak_rss_gb` (since the row's models were loaded) holds the
 models and the matching, no residue of the training.
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
-the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of three runs
-at width 512, of two up to width 2048 in the full run (one in --quick), for both implementations alike.
+the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of five runs
+at width 512, of two up to width 2048, else one run, ours and the port taking turns (`_fastest_alternating`).
 
     python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg] [--without-port] [--markdown]
 """
@@ -202,9 +202,21 @@ def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
     return result, seconds, split
 
 
-def _fastest(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, dict[str, float]]:
-    """The fastest of `repeats` profiled runs (the machine is shared: the minimum is the least disturbed)."""
-    return min((_profiled(fn) for _ in range(repeats)), key=lambda run: run[1])
+def _fastest_alternating(
+    ours: Callable[[], Any], port: Callable[[], Any] | None, repeats: int
+) -> tuple[tuple[Any, float, dict[str, float]], tuple[Any, float, dict[str, float]] | None, float]:
+    """The fastest of `repeats` profiled runs of each side, ours and the port taking turns (the machine is shared
+    and its speed drifts over minutes: turns expose both to the same periods, the minimum is the least disturbed);
+    with our peak resident memory over our runs (GiB, `peak_rss_gb`)."""
+    ours_runs, port_runs, peak = [], [], 0.0
+    for _ in range(repeats):
+        reset_peak_rss()
+        ours_runs.append(_profiled(ours))
+        peak = max(peak, peak_rss_gb())
+        if port is not None:
+            port_runs.append(_profiled(port))
+    fastest = lambda runs: min(runs, key=lambda run: run[1])  # noqa: E731
+    return fastest(ours_runs), fastest(port_runs) if port_runs else None, peak
 
 
 def reset_peak_rss() -> bool:
@@ -236,7 +248,7 @@ def peak_rss_gb() -> float:
 
 def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp") -> dict[str, Any]:
     model_a, model_b, example = pair_made_elsewhere(kind, width)
-    since_models = reset_peak_rss()  # the peak then covers the matching with the models resident (not earlier rows)
+    since_models = reset_peak_rss()  # whether the peak can be reset: then it covers our matching, models resident
     spec = permutation_spec(model_a, example)
     params = {name for name, _ in model_a.named_parameters()}
     state_a = {k: v for k, v in model_a.state_dict().items() if k in params}  # the objective holds no buffers
@@ -247,8 +259,12 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
         visits.clear()
         return weight_matching(model_a, model_b, spec=spec, on_visit=lambda g, p: visits.append((g, p.clone())))
 
-    ours, ours_s, ours_split = _fastest(match, repeats)
-    peak = peak_rss_gb()
+    port = None
+    if with_port:
+        axes_to_perm = {k: tuple(v) for k, v in _axes_to_perm(spec, state_a).items()}
+        perm_to_axes = {g: [(a.tensor, a.dim) for a in axes if a.tensor in params] for g, axes in spec.groups.items()}
+        port = lambda: rebasin_port.weight_matching(state_a, state_b, perm_to_axes, axes_to_perm)  # noqa: E731
+    (ours, ours_s, ours_split), port_run, peak = _fastest_alternating(match, port, repeats)
     rate = gemm_rate()
     floor_s = update_flops(spec, state_a, visits) / rate
     row: dict[str, Any] = {
@@ -269,12 +285,8 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
     start = time.perf_counter()
     linear_sum_assignment(cost, maximize=True)
     row["lap_ceiling_s"] = round(time.perf_counter() - start, 3)
-    if with_port:
-        axes_to_perm = {k: tuple(v) for k, v in _axes_to_perm(spec, state_a).items()}
-        perm_to_axes = {g: [(a.tensor, a.dim) for a in axes if a.tensor in params] for g, axes in spec.groups.items()}
-        (perms, sweeps), port_s, port_split = _fastest(
-            lambda: rebasin_port.weight_matching(state_a, state_b, perm_to_axes, axes_to_perm), repeats
-        )
+    if port_run is not None:
+        (perms, sweeps), port_s, port_split = port_run
         port_objective = matching_objective(model_a.state_dict(), model_b.state_dict(), Permutation(spec, perms), params)
         row.update(
             port_s=round(port_s, 3),
@@ -308,18 +320,19 @@ def run(
     with torch.no_grad():  # not set globally: the workloads after this one train
         lap_loading.wait()  # the first call's loading of the compiled LAP (see lap_loading.py) is not timed here
         return [
-            run_width(w, with_port=w <= port_max_width, repeats=_repeats(w, quick), kind=kind)
+            run_width(w, with_port=w <= port_max_width, repeats=_repeats(w), kind=kind)
             for kind in kinds
             for w in widths
         ]
 
 
-def _repeats(width: int, quick: bool) -> int:
-    """Runs per implementation, the fastest taken: three at width 512 (a run takes a fraction of a second, and one
-    run of either side moved by ±25 % from row to row), two up to 2048 in the full run, else one."""
+def _repeats(width: int) -> int:
+    """Runs per implementation, the fastest taken: five at width 512 (a run takes a fraction of a second, and one
+    run of either side moved by ±25 % from row to row), two up to 2048 (one --quick run at 2048 took ours 2.8×
+    longer than the runs beside it, the port 1.2×), else one."""
     if width <= 512:
-        return 3
-    return 1 if quick or width > 2048 else 2
+        return 5
+    return 2 if width <= 2048 else 1
 
 
 def main() -> None:
