@@ -32,6 +32,7 @@ import pstats
 import resource
 import tempfile
 import time
+from operator import itemgetter
 from typing import Any, Callable
 
 import torch
@@ -41,14 +42,14 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmarks.external import b4_row
-from benchmarks.harness import table_rows
+from benchmarks.harness import markdown_lines, table_rows
 from benchmarks.peers import rebasin_port
 from modeconn_fast.rebasin import Permutation, lap_loading, matching_objective, permutation_spec, weight_matching
 
 WIDTHS = (512, 2048, 4096, 8192)
 KINDS = ("mlp", "mlp-init", "vgg")
 PORT_MAX_WIDTH = {"mlp": 4096, "mlp-init": 4096, "vgg": 2048}  # beyond: the port needs tens of minutes at 8192,
-# the VGG pair's at 4096 at least ~1,360 s (its full products' floor and scipy LAPs: README)
+# the VGG pair's at 4096 over 1,300 s (its full products' floor and scipy LAPs: README)
 MAX_WIDTH = {"vgg": 4096}  # the VGG pair's two models of 8192 channels hold 9.7 GB, beyond the 4 GB target
 EPOCHS = 2
 
@@ -218,8 +219,8 @@ def _fastest_alternating(
         peak = max(peak, peak_rss_gb())
         if port is not None:
             port_runs.append(_profiled(port))
-    fastest = lambda runs: min(runs, key=lambda run: run[1])  # noqa: E731
-    return fastest(ours_runs), fastest(port_runs) if port_runs else None, peak
+    seconds = itemgetter(1)
+    return min(ours_runs, key=seconds), min(port_runs, key=seconds) if port_runs else None, peak
 
 
 def reset_peak_rss() -> bool:
@@ -359,8 +360,7 @@ def main() -> None:
     for row in rows:
         print(" | ".join(str(row.get(c, "—")) for c in columns))
     if args.markdown:
-        body = table_rows([b4_row(row).to_dict() for row in rows])
-        print("\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body[1:]))
+        print("\n".join(markdown_lines(table_rows([b4_row(row).to_dict() for row in rows])[1:])))
 
 
 if __name__ == "__main__":

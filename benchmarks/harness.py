@@ -293,6 +293,11 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_lines(body: Sequence[Sequence[str]]) -> list[str]:
+    """Table rows (`table_rows` without its header) as markdown lines, pipes in cells escaped."""
+    return ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in body]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The README's benchmark table, rendered from results.json."""
     m = results["machine"]
@@ -303,7 +308,7 @@ def render_markdown(results: dict[str, Any]) -> str:
            f"fp32 GEMM {results['gemm_flops'] / 1e9:.1f} GFLOP/s, commit {m['commit']}.", ""]
     out.append("| " + " | ".join(body[0]) + " |")
     out.append("| " + " | ".join("---" for _ in body[0]) + " |")
-    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in body[1:]]
+    out += markdown_lines(body[1:])
     out += ["", FOOTNOTE]
     return "\n".join(out)
 
