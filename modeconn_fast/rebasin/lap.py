@@ -531,8 +531,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
     to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
     owner, who goes next; a row whose best column is owned and tied with its second, or any beyond ARR_STEPS·n
     steps, waits for (3): a shortest augmenting path (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0,
-    one pass over the unscanned columns per step, then p_k += D − d_k on the scanned columns, which keeps them
-    ≥ 0 and makes the path tight)."""
+    `_dense_path`), then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight."""
     n = c.shape[0]
     a = np.empty(n)
     col_to_row = np.full(n, -1, dtype=np.int64)
@@ -540,10 +539,11 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
         if row_to_col[i] >= 0:
             col_to_row[row_to_col[i]] = i
     free = np.empty(n, dtype=np.int64)
-    dist = np.empty(n)
-    price = np.empty(n)
+    dist = np.full(n, np.inf)  # a search's distances, ∞ on scanned and unreached columns
+    blocked = np.zeros(n)  # +∞ on the columns a search has scanned, 0 elsewhere (`_relax`)
     pred = np.full(n, -1, dtype=np.int64)
-    todo = np.empty(n, dtype=np.int64)
+    scanned = np.empty(n, dtype=np.int64)  # a search's scanned columns in order, their distances alongside
+    scanned_d = np.empty(n)
     top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
     bound = np.full(n, -np.inf)  # −inf: no cache yet
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
@@ -595,37 +595,72 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
             s = free[t]
             first, _, _ = _best_two(c, p, s, top, bound, values, index, maxima, picked)
             a[s] = first
-            for k in range(n):  # the unscanned columns todo[:n_todo], their distances and prices alongside
-                todo[k] = k
-                dist[k] = np.inf
-                price[k] = p[k]
-            n_todo, i, d = n, s, 0.0
-            while True:
-                base, best_d, at = d + a[i], np.inf, -1
-                for u in range(n_todo):
-                    nd = base + price[u] - c[i, todo[u]]
-                    if nd < dist[u]:
-                        dist[u] = nd
-                        pred[todo[u]] = i
-                    if dist[u] < best_d:
-                        best_d, at = dist[u], u
-                if at < 0:
-                    raise ValueError("no augmenting path: the cost matrix holds NaN or infinite entries")
-                j = todo[at]
-                n_todo -= 1
-                todo[at], dist[at], price[at] = todo[n_todo], dist[n_todo], price[n_todo]
-                todo[n_todo], dist[n_todo] = j, best_d
-                d = best_d
-                if col_to_row[j] < 0:
-                    break
-                i = col_to_row[j]
-            for u in range(n_todo, n):  # p_k += D − d_k on the scanned columns, the matched rows follow
-                k = todo[u]
-                delta = d - dist[u]
+            j, d, n_scanned = _dense_path(c, s, a, p, dist, blocked, pred, col_to_row, scanned, scanned_d)
+            for u in range(n_scanned):  # p_k += D − d_k on the scanned columns, the matched rows follow
+                k = scanned[u]
+                blocked[k] = 0.0
+                delta = d - scanned_d[u]
                 p[k] += delta
                 if col_to_row[k] >= 0:
                     a[col_to_row[k]] -= delta
                     touched[col_to_row[k]] = True
+            dist[:] = np.inf  # for the next search
             a[s] -= d
             _flip_path(s, j, pred, row_to_col, col_to_row)
     return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_path(c, s, a, p, dist, blocked, pred, col_to_row, scanned, scanned_d):  # pragma: no cover - compiled
+    """Dijkstra from free row s over whole rows, reduced costs a_i + p_k − C[i, k]: (sink, its distance D, number
+    of scanned columns), the scanned columns in order in `scanned`, their distances in `scanned_d`, the row before
+    each reached column in `pred`. Expects dist = ∞ and blocked = 0 everywhere; leaves ∞ on the scanned columns
+    of both. Each step relaxes the whole row (`_relax`) and takes the nearest unscanned column, the lowest index
+    among equals: two passes over contiguous arrays, which the compiler vectorises, where a list of the
+    unscanned columns read C through a gather (10-16 % slower solves at 512 units, the same assignments)."""
+    i, d, n_scanned = s, 0.0, 0
+    while True:
+        _relax(c[i], d + a[i], p, blocked, dist, pred, i)
+        d = _least(dist)
+        if d == np.inf:
+            raise ValueError("no augmenting path: the cost matrix holds NaN or infinite entries")
+        j = 0
+        while dist[j] != d:
+            j += 1
+        dist[j] = blocked[j] = np.inf
+        scanned[n_scanned] = j
+        scanned_d[n_scanned] = d
+        n_scanned += 1
+        if col_to_row[j] < 0:
+            return j, d, n_scanned
+        i = col_to_row[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _relax(row, base, p, blocked, dist, pred, i):  # pragma: no cover - compiled
+    """dist_k = min(dist_k, base + p_k − row_k) and pred_k = i where it falls, on the columns not blocked (+∞ added
+    to a blocked column's distance never falls; 0 added leaves a number as it is)."""
+    for k in range(row.shape[0]):
+        nd = base + p[k] - row[k] + blocked[k]
+        if nd < dist[k]:
+            dist[k] = nd
+            pred[k] = i
+
+
+@numba.njit(cache=True, nogil=True)
+def _least(dist):  # pragma: no cover - compiled
+    """min_k dist_k, in four independent running minima (as `_range_max`)."""
+    n = dist.shape[0]
+    m0 = m1 = m2 = m3 = np.inf
+    k = 0
+    while k + 4 <= n:
+        v0, v1, v2, v3 = dist[k], dist[k + 1], dist[k + 2], dist[k + 3]
+        m0 = v0 if v0 < m0 else m0
+        m1 = v1 if v1 < m1 else m1
+        m2 = v2 if v2 < m2 else m2
+        m3 = v3 if v3 < m3 else m3
+        k += 4
+    while k < n:
+        m0 = dist[k] if dist[k] < m0 else m0
+        k += 1
+    return min(min(m0, m1), min(m2, m3))
