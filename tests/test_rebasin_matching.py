@@ -49,6 +49,18 @@ def test_objective_history_never_decreases_and_is_exact(float32_from: int, round
     assert history[0] == pytest.approx(matching_objective(model_a.state_dict(), model_b.state_dict(), start, params))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy's sums; torch's dot
+def test_objective_equals_a_float64_sum_of_products(dtype: torch.dtype) -> None:
+    model_a, model_b = build("resnet", seed=0).to(dtype), build("resnet", seed=1).to(dtype)
+    spec = permutation_spec(build("resnet", seed=0), inputs(build("resnet", seed=0)))
+    perm = random_permutation(spec, model_a, seed=2)
+    params = {n for n, _ in model_a.named_parameters()}
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    permuted = perm.permute_state(state_b)
+    expected = sum((state_a[k].double() * permuted[k].double()).sum().item() for k in params)
+    assert matching_objective(state_a, state_b, perm, params) == pytest.approx(expected, rel=1e-12)
+
+
 def _port_spec(spec):
     axes_to_perm: dict[str, list] = {}
     for group, axes in spec.groups.items():
