@@ -58,7 +58,8 @@ def autoneb(model_a: nn.Module, model_b: nn.Module, train_data: Any, *, pivots: 
     given), with pivot insertion before every cycle but the first. spring: κ. loss_fn: mean loss of outputs
     [B, ...] against targets (default cross-entropy). bn_data: batches to recompute BatchNorm statistics from when
     the dense profiles are evaluated (usually the training data). output: which part of a tuple, dict or
-    dataclass output holds the logits, as in `evaluate` (the path keeps it).
+    dataclass output holds the logits, as in `evaluate` (the path keeps it). A band whose loss turns non-finite
+    raises FloatingPointError at the end of that cycle (lower lr or momentum).
     """
     _check_arguments(pivots, cycles, steps, lr, spring, insert, threshold, sub_points, batch_size)
     check_same_entries(model_a, model_b, "model_a", "model_b")
@@ -83,6 +84,11 @@ def autoneb(model_a: nn.Module, model_b: nn.Module, train_data: Any, *, pivots: 
         chain.eval()
         profile = evaluate_curve(chain, train_data, points=(chain.size - 1) * (sub_points + 1) + 1, bn_data=bn_data,
                                  loss_fn=loss_fn, progress=False)
+        if not torch.isfinite(profile.loss).all():
+            raise FloatingPointError(
+                f"AutoNEB diverged in cycle {cycle + 1}: the path's loss is not finite; lower lr (now {lr}) or "
+                f"momentum (now {momentum})"
+            )
         saddles.append(float(profile.loss.max()))
         counts.append(chain.size)
     return NEBResult(path=chain, profile=profile, saddle_loss=saddles[-1], saddles=saddles, pivots=counts)
