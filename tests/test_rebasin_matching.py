@@ -51,8 +51,9 @@ def test_objective_history_never_decreases_and_is_exact(float32_from: int, round
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numpy's sums; torch's dot
 def test_objective_equals_a_float64_sum_of_products(dtype: torch.dtype) -> None:
-    model_a, model_b = build("resnet", seed=0).to(dtype), build("resnet", seed=1).to(dtype)
-    spec = permutation_spec(build("resnet", seed=0), inputs(build("resnet", seed=0)))
+    reference = build("resnet", seed=0)
+    spec = permutation_spec(reference, inputs(reference))
+    model_a, model_b = reference.to(dtype), build("resnet", seed=1).to(dtype)
     perm = random_permutation(spec, model_a, seed=2)
     params = {n for n, _ in model_a.named_parameters()}
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
