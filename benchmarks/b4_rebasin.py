@@ -12,7 +12,7 @@ the fp32 GEMM rate measured in the same run (`gflops`, the faster of before and 
 `floor_fraction` = floor ÷ our time. `full_floor_s` counts every group's full product in every sweep instead
 (the port's work, far above any warm-started run).
 The two models are trained from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64) in a child
-process and read back from .safetensors files, so `peak_rss_gb` (over our runs) holds the models and the matching,
+process and read back from .safetensors files, so `peak_rss_gb` (over our first run) holds the models and the matching,
 no residue of the training. The port runs up to its kind's PORT_MAX_WIDTH, the VGG pair up to MAX_WIDTH.
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of five runs

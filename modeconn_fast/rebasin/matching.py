@@ -72,6 +72,7 @@ BLOCK_ENTRIES = 1 << 16  # or more lines where they hold up to this many entries
 COPY_UP_TO = 1 << 24  # entries: a term's strided rows up to this size are copied contiguous (`_local`)
 OBJECTIVE_CHUNK = 1 << 18  # entries widened to float64 at once by `matching_objective` where numpy cannot read
 # the tensors (another device or dtype): 2 MB a side, 1/4 fewer seconds than 1 << 16 on a 2.4M-entry weight
+_NUMPY_SUMS = (torch.float32, torch.float64)  # dtypes that `matching_objective` sums with numpy's einsum
 
 
 @lru_cache(maxsize=4096)
@@ -467,9 +468,6 @@ def matching_objective(
         for a_part, b_part in zip(a.split(OBJECTIVE_CHUNK), b.split(OBJECTIVE_CHUNK)):
             total += torch.dot(a_part.double(), b_part.double()).item()
     return total
-
-
-_NUMPY_SUMS = (torch.float32, torch.float64)  # dtypes that `matching_objective` sums with numpy's einsum
 
 
 def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], params: set[str]) -> None:
