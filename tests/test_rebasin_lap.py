@@ -92,12 +92,20 @@ def test_scipy_answers_while_the_compiled_solver_loads(monkeypatch) -> None:
     assert warm is None and torch.equal(sigma, optimum(cost))
 
 
+COMPILED = ("_row_best", "_top_columns", "_gather", "_auction", "_augment", "_dense_rounds")  # called from Python
+
+
 def test_warm_up_compiles_every_signature_that_matching_uses() -> None:
     """After warm_up, a weight matching on the certified path compiles nothing new (so the install-time warm-up
-    leaves numba's cache complete)."""
+    leaves numba's cache complete): in a fresh process with the module's own sizes (the fixture's lowered ones
+    would send warm_up's small matrices down the path it is asked for), then here."""
+    code = ("from modeconn_fast.rebasin import lap; lap.warm_up(); "
+            f"print([len(getattr(lap, name).signatures) for name in {COMPILED}])")
+    counts = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert counts.strip() == str([2] * len(COMPILED))  # float64 and float32 costs, by both paths
     lap.warm_up()
-    compiled = (lap._row_best, lap._top_columns, lap._gather, lap._auction, lap._augment, lap._dense_rounds)  # called from Python
-    assert all(len(f.signatures) == 2 for f in compiled)  # float64 and float32 costs
+    compiled = [getattr(lap, name) for name in COMPILED]
+    assert all(len(f.signatures) == 2 for f in compiled)
     lap_loading.wait()
     torch.manual_seed(0)
     model_a, model_b = mlp((64, 128, 128, 10)), mlp((64, 128, 128, 10))

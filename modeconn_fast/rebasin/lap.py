@@ -135,16 +135,19 @@ def _solve_by_candidates(c: np.ndarray, warm: WarmStart | None, lanes: Executor 
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every compiled function of this module for the argument types that
-    `solve_lap` passes: a cold solve with warm-started repeats of a small matrix, in float64 and float32. `make`
-    runs it at install, so that the cache is filled before the first use."""
+    `solve_lap` passes: a cold solve and a warm-started one of a small matrix by each of its two paths (whole rows,
+    and candidates as above PATHS_UP_TO units), in float64 and float32. `make` runs it at install, so that the
+    cache is filled before the first use."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 4, generator=generator, dtype=torch.float64), torch.randn(4, 64, generator=generator)
     cost = torch.cat([a @ b.double(), a @ b.double().roll(1, 1)], dim=1).repeat(4, 2)
     cost = cost + 1e-3 * torch.rand(cost.shape, generator=generator, dtype=torch.float64)
+    moved = cost + 0.1 * cost.roll(1, 0)
     for dtype in (torch.float64, torch.float32):
-        sigma, warm = solve_lap(cost.to(dtype), force=True)
-        solve_lap((cost + 0.1 * cost.roll(1, 0)).to(dtype), warm, force=True)
-        _solve_by_paths(cost.to(dtype), None)
+        _, warm = _solve_by_paths(cost.to(dtype), None)
+        _solve_by_paths(moved.to(dtype), warm)
+        _, warm = _solve_by_candidates(cost.to(dtype).numpy(), None, None)  # as above PATHS_UP_TO units
+        _solve_by_candidates(moved.to(dtype).numpy(), warm, None)
 
 
 def _best_columns(c: np.ndarray, rows: np.ndarray, prices: np.ndarray, lanes: Executor | None = None) -> np.ndarray:
