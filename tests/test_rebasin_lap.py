@@ -153,6 +153,36 @@ def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("levels", [0, 3])  # 0: random values; 3: ties at the maximum
+def test_row_reductions_equal_plain_loops(dtype: torch.dtype, levels: int) -> None:
+    """The vectorised reductions (`_row_best` with and without a skipped column, the auction's `_top_two`,
+    `_least`) give the numbers of a plain loop: NaN entries skipped, the lowest column among tied maxima, the
+    second best over the other columns (a tie with the first included), odd lengths."""
+    generator = torch.Generator().manual_seed(11 + levels)
+    rows, columns = 37, 203
+    if levels:
+        cost = torch.randint(0, levels, (rows, columns), generator=generator).to(dtype)
+    else:
+        cost = torch.randn(rows, columns, generator=generator).to(dtype)
+    cost[3, 5] = cost[4, ::7] = float("nan")
+    prices = torch.randn(columns, generator=generator, dtype=torch.float64) if not levels else torch.zeros(columns, dtype=torch.float64)
+    c, p = cost.numpy(), prices.numpy()
+    skip = torch.randint(-1, columns, (rows,), generator=generator).numpy()
+    for i in range(rows):
+        values = [float(c[i, k]) - float(p[k]) for k in range(columns)]
+        finite = [(v, k) for k, v in enumerate(values) if v == v]
+        first = max(v for v, _ in finite)
+        best = min(k for v, k in finite if v == first)
+        second = max(v for v, k in finite if k != best)
+        assert lap._top_two(c[i], p.copy()) == (first, second, best)
+        others = max(v for v, k in finite if k != skip[i])
+        assert lap._row_best(c, p, torch.tensor([i]).numpy(), skip[i : i + 1])[0] == others
+    distances = torch.randn(columns, generator=generator, dtype=torch.float64)
+    distances[::5] = float("inf")
+    assert lap._least(distances.numpy()) == distances.min().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("levels", [2, 5, 1000])  # few distinct values: ties everywhere
 def test_tie_heavy_matrices_reach_the_optimum_cold_and_warm(levels: int, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(levels)

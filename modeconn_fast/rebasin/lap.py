@@ -22,6 +22,8 @@ over whole rows (Bertsekas 1988) first brings the prices close to the final ones
 start, the checks decide (a warm solve that frees half the rows, typical at 4096 and 8192 units, is faster
 without it: its restarts read every row several times). If the rounds do not settle, the dense solver
 (`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
+The passes over whole rows (the checks, the auction's bids, the paths' nearest column) reduce with llvm.maxnum
+and llvm.minnum (`_llvm_float64`), which the compiler vectorises.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
 no auction: the freed rows are first reassigned by Jonker & Volgenant's augmenting row reduction (its reads of
 a row served by that row's cached best columns while they still hold its best two), the rest by shortest paths.
@@ -37,6 +39,9 @@ from typing import Callable
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -272,36 +277,52 @@ def _dense(c: np.ndarray) -> Tensor:
 @numba.njit(cache=True, nogil=True)
 def _row_best(c, p, rows, skip):  # pragma: no cover - compiled
     """max_{k ≠ skip[t]} (C[i, k] − p_k) for each i = rows[t] (skip[t] < 0: over every column): one read of
-    those rows, no n×n temporary. Serial: a parallel loop starts numba's own OpenMP threads, which spin against
-    torch's and made every torch call after it several times slower on 2 cores."""
+    those rows, no n×n temporary. Column skip[t] is left out by a price of +∞ in a copy of p (the callers' p is
+    shared between threads), so each row is one pass over all columns: two passes around it took 1.9× as long
+    at 8192 units. Serial: a parallel loop starts numba's own OpenMP threads, which spin against torch's and made
+    every torch call after it several times slower on 2 cores."""
     best = np.empty(rows.shape[0])
+    q = p.copy()
     for t in range(rows.shape[0]):
         i, j = rows[t], skip[t]
-        if j < 0:
-            best[t] = _range_max(c[i], p, 0, c.shape[1])
-        else:
-            best[t] = max(_range_max(c[i], p, 0, j), _range_max(c[i], p, j + 1, c.shape[1]))
+        if j >= 0:
+            q[j] = np.inf
+        best[t] = _range_max(c[i], q, 0, c.shape[1])
+        if j >= 0:
+            q[j] = p[j]
     return best
 
 
 @numba.njit(cache=True, inline="always")
 def _range_max(row, p, start, stop):  # pragma: no cover - compiled
-    """max_{start ≤ k < stop} (row[k] − p_k) (−∞ if empty), in four independent running maxima: one chain of
-    dependent comparisons was the pass's bound, not the memory."""
-    m0 = m1 = m2 = m3 = -np.inf
-    k = start
-    while k + 4 <= stop:
-        v0, v1, v2, v3 = row[k] - p[k], row[k + 1] - p[k + 1], row[k + 2] - p[k + 2], row[k + 3] - p[k + 3]
-        m0 = v0 if v0 > m0 else m0
-        m1 = v1 if v1 > m1 else m1
-        m2 = v2 if v2 > m2 else m2
-        m3 = v3 if v3 > m3 else m3
-        k += 4
-    while k < stop:
-        v = row[k] - p[k]
-        m0 = v if v > m0 else m0
-        k += 1
-    return max(max(m0, m1), max(m2, m3))
+    """max_{start ≤ k < stop} (row[k] − p_k) (−∞ if empty; NaN entries skipped), one `_max_num` per entry: the
+    compiler vectorises the loop (2.2× faster over a float32 row of 8192, 5× over a float64 row of 512 in cache
+    than four running maxima of `v if v > m else m`, which it did not vectorise)."""
+    m = -np.inf
+    for k in range(start, stop):
+        m = _max_num(m, row[k] - p[k])
+    return m
+
+
+def _llvm_float64(name: str):  # type: ignore[no-untyped-def]
+    """A compiled function of two float64s that is the LLVM intrinsic `name`. Numba writes max and min as a
+    comparison and a select, a reduction LLVM does not vectorise without fast-math flags (which would also let it
+    assume no NaN); over llvm.maxnum and llvm.minnum, which skip a NaN operand, it does, with no flag."""
+
+    @intrinsic
+    def call(typingctx, a, b):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            double = ir.DoubleType()
+            function = builder.module.declare_intrinsic(name, [double], ir.FunctionType(double, [double, double]))
+            return builder.call(function, args)
+
+        return types.float64(types.float64, types.float64), codegen
+
+    return call
+
+
+_max_num = _llvm_float64("llvm.maxnum")  # max(a, b), the other where one is NaN
+_min_num = _llvm_float64("llvm.minnum")  # min(a, b), the other where one is NaN
 
 
 @numba.njit(cache=True, nogil=True)
@@ -324,15 +345,7 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
                 return
             i = queue[head]
             head += 1
-            first, second, best = -np.inf, -np.inf, -1
-            for k in range(n):
-                v = c[i, k] - p[k]
-                if v > first:
-                    if k != best:
-                        second = first
-                    first, best = v, k
-                elif v > second and k != best:
-                    second = v
+            first, second, best = _top_two(c[i], p)
             p[best] += (first - second if second > -np.inf else 0.0) + eps
             owner = col_to_row[best]
             if owner >= 0:
@@ -344,6 +357,24 @@ def _auction(c, row_to_col, p, eps, eps_end, budget):  # pragma: no cover - comp
         if eps <= eps_end:
             return
         eps = max(eps / SCALING, eps_end)
+
+
+@numba.njit(cache=True, inline="always")
+def _top_two(row, p):  # pragma: no cover - compiled
+    """(first, second, column of first): the largest row[k] − p_k, the lowest column holding it, and the largest
+    over the other columns. Two passes that the compiler vectorises (the maximum; the maximum with its column's
+    price at +∞ for a moment) around a scan for that column: 1.4× faster over rows of 8192 than one pass of
+    branches. A row of NaN only: (−∞, −∞, its last column)."""
+    n = row.shape[0]
+    first = _range_max(row, p, 0, n)
+    best = 0
+    while best < n - 1 and row[best] - p[best] != first:
+        best += 1
+    price = p[best]
+    p[best] = np.inf
+    second = _range_max(row, p, 0, n)
+    p[best] = price
+    return first, second, best
 
 
 @numba.njit(cache=True, nogil=True)
@@ -653,18 +684,8 @@ def _relax(row, base, p, blocked, dist, pred, i):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _least(dist):  # pragma: no cover - compiled
-    """min_k dist_k, in four independent running minima (as `_range_max`)."""
-    n = dist.shape[0]
-    m0 = m1 = m2 = m3 = np.inf
-    k = 0
-    while k + 4 <= n:
-        v0, v1, v2, v3 = dist[k], dist[k + 1], dist[k + 2], dist[k + 3]
-        m0 = v0 if v0 < m0 else m0
-        m1 = v1 if v1 < m1 else m1
-        m2 = v2 if v2 < m2 else m2
-        m3 = v3 if v3 < m3 else m3
-        k += 4
-    while k < n:
-        m0 = dist[k] if dist[k] < m0 else m0
-        k += 1
-    return min(min(m0, m1), min(m2, m3))
+    """min_k dist_k, one `_min_num` per entry (vectorised, as `_range_max`)."""
+    m = np.inf
+    for k in range(dist.shape[0]):
+        m = _min_num(m, dist[k])
+    return m
