@@ -45,6 +45,29 @@ def test_matches_the_dense_solver_cold_and_warm(n: int, rank: int, seed: int, dt
         assert torch.equal(sigma, optimum(cost)), step
 
 
+@pytest.mark.parametrize(("rank", "hubs"), [(2, True), (400, False)])
+def test_the_auction_starts_where_few_rows_hold_the_column_maxima(monkeypatch, rank: int, hubs: bool) -> None:
+    """A cold solve by candidates starts with an auction where few rows hold the columns' maxima (a rank-2
+    product: the extreme rows of a plane hold them all), and goes straight to the paths on a random matrix
+    (about 1 − 1/e of the rows hold one); the optimum either way, and `_column_maxima` as torch's."""
+    generator = torch.Generator().manual_seed(rank)
+    cost = torch.randn(400, rank, generator=generator, dtype=torch.float64) @ torch.randn(rank, 400, generator=generator, dtype=torch.float64)
+    maxima, share = lap._column_maxima(cost.numpy())
+    assert torch.equal(torch.from_numpy(maxima), cost.amax(dim=0))
+    assert share == len(torch.unique(cost.argmax(dim=0))) / 400
+    assert (share < lap.AUCTION_SHARE) == hubs
+    auction, calls = lap._auction, []
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return auction(*args)
+
+    monkeypatch.setattr(lap, "_auction", counted)
+    sigma, _ = lap._solve_by_candidates(cost.numpy(), None, None)
+    assert len(calls) == hubs
+    assert torch.equal(sigma, optimum(cost))
+
+
 def test_certificate_holds() -> None:
     generator = torch.Generator().manual_seed(3)
     cost = torch.randn(400, 400, generator=generator, dtype=torch.float64)

@@ -17,11 +17,12 @@ Weight matching solves one such problem per group visit, each a small change of 
      can fail); rows that fail are freed with fresh candidates, until none fails: the certificate.
 Only the freed rows cost work beyond one dense pass. A row whose candidates hold no augmenting path stays free
 for fresh candidates in the first rounds, later its search runs over whole rows. Cold (prices start at the
-column maxima), and where nearly all rows fail the first check (the matrix moved far), an ε-scaling auction
-over whole rows (Bertsekas 1988) first brings the prices close to the final ones; its assignment is only a
-start, the checks decide (a warm solve that frees half the rows, typical at 4096 and 8192 units, is faster
-without it: its restarts read every row several times). If the rounds do not settle, the dense solver
-(`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
+column maxima), and where nearly all rows fail the first check (the matrix moved far), if few rows hold the
+columns' maxima (hubs, `_column_maxima`: the paths from them would be long), an ε-scaling auction over whole
+rows (Bertsekas 1988) first brings the prices close to the final ones; its assignment is only a start, the
+checks decide (a warm solve that frees half the rows, typical at 4096 and 8192 units, is faster without it: its
+restarts read every row several times; so is a random matrix's cold solve). If the rounds do not settle, the
+dense solver (`scipy.optimize.linear_sum_assignment`) answers instead: the result is always an exact optimum.
 The passes over whole rows (the checks, the auction's bids, the paths' nearest column) reduce with llvm.maxnum
 and llvm.minnum (`_llvm_float64`), which the compiler vectorises.
 Up to PATHS_UP_TO units (`_dense_rounds`) the same check and paths run over whole rows, with no candidates and
@@ -51,6 +52,8 @@ PATHS_UP_TO = 2048  # up to this size `_dense_rounds` (whole rows, no candidates
 CANDIDATES = 32  # best entries of C − p kept per freed row
 ROUNDS = 16  # check-and-repair rounds before falling back to the dense solver
 AUCTION_ABOVE = 0.9  # fraction of rows failing the first check above which an auction starts afresh (cold: all)
+AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's maximum (hubs: B4's trained pairs
+# at 8192 units 0.08-0.18, a cold solve 2.4 s with the auction and 279 s without; random ones 0.64-0.85, 30 % faster without)
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
@@ -92,8 +95,9 @@ def _solve_by_candidates(c: np.ndarray, warm: WarmStart | None, lanes: Executor 
     runs numpy, on this thread only: torch's small ops here each opened an OpenMP region, which on 2 busy cores
     waited milliseconds for the second core (most of the solve's time at 2048 units under load)."""
     n = c.shape[0]
+    share = None  # the fraction of rows holding some column's maximum (`_column_maxima`), where needed
     if warm is None or warm.candidates is None:
-        prices = c.max(axis=0).astype(np.float64)
+        prices, share = _column_maxima(c)
         candidates = _best_columns(c, np.arange(n), prices, lanes)
         sigma = np.full(n, -1, dtype=np.int64)
     else:
@@ -102,7 +106,7 @@ def _solve_by_candidates(c: np.ndarray, warm: WarmStart | None, lanes: Executor 
     chosen = _gather(c, candidates)
     tolerance = 1e-12 * n * max(float(np.abs(chosen).max()), 1.0)
     spread = float(chosen.max() - chosen.min())
-    auctioned = False
+    far = False
     extra: list[np.ndarray] = []  # the candidates before each round of this solve, kept until it ends
     a = np.zeros(n)  # row values; the paths keep them up to date between checks
     slack = np.zeros(n)  # a_i − max_{k ≠ σ(i)} (C[i, k] − p_k) at the check, less a's falls
@@ -119,12 +123,14 @@ def _solve_by_candidates(c: np.ndarray, warm: WarmStart | None, lanes: Executor 
         if not bad.any():
             result = torch.from_numpy(sigma)
             return result, WarmStart(result, torch.from_numpy(prices - prices.min()), torch.from_numpy(candidates))
-        if not auctioned and bad.sum() > AUCTION_ABOVE * n:  # cold, or far from the last matrix
-            auctioned = True
-            sigma.fill(-1)
-            _auction(c, sigma, prices, spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
-            check = np.arange(n)
-            continue
+        if not far and bad.sum() > AUCTION_ABOVE * n:  # cold, or far from the last matrix: asked once a solve
+            far = True
+            share = _column_maxima(c)[1] if share is None else share
+            if share < AUCTION_SHARE:  # hubs
+                sigma.fill(-1)
+                _auction(c, sigma, prices, spread * EPS_FIRST, spread * EPS_LAST, BIDS * n)
+                check = np.arange(n)
+                continue
         free = check[bad]
         extra.append(candidates.copy())
         candidates[free] = _best_columns(c, free, prices, lanes)
@@ -176,6 +182,29 @@ def _in_halves(
     second = lanes.submit(kernel, c, p, rows[half:], arg[half:] if each else arg)
     first = kernel(c, p, rows[:half], arg[:half] if each else arg)
     return np.concatenate([first, second.result()])
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_maxima(c):  # pragma: no cover - compiled
+    """(max_i C[i, k] for each column k, as float64; the fraction of rows that hold some column's maximum, the
+    first among equals), in one pass over the rows that the compiler vectorises (numpy's argmax down the columns
+    took 1.3 s at 8192 units). Few rows holding the maxima (hubs, as in trained models' first cost matrices)
+    make shortest augmenting paths from a cold start long: there an auction first brings the prices close."""
+    n, m = c.shape
+    maxima = np.empty(m)
+    rows = np.zeros(m, dtype=np.int64)
+    for k in range(m):
+        maxima[k] = c[0, k]
+    for i in range(1, n):
+        row = c[i]
+        for k in range(m):
+            if row[k] > maxima[k]:
+                maxima[k] = row[k]
+                rows[k] = i
+    holds = np.zeros(n, dtype=np.bool_)
+    for k in range(m):
+        holds[rows[k]] = True
+    return maxima, holds.sum() / n
 
 
 @numba.njit(cache=True, nogil=True)
