@@ -10,7 +10,7 @@ from rebasin_models import mlp
 from modeconn_fast.rebasin import permutation_spec, weight_matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.b4_rebasin import trajectory_flops, update_flops  # noqa: E402
+from benchmarks.b4_rebasin import pair_digest, trajectory_flops, update_flops  # noqa: E402
 
 
 def test_update_flops_by_hand() -> None:
@@ -64,3 +64,14 @@ def test_b4_rows_hold_the_5x_target_at_every_width_with_a_port() -> None:
     assert not without_port.target and without_port.met is None
     big = b4_row({**raw(8192, 200.0, None), "floor_s": 140.0, "full_floor_s": 3000.0, "peak_rss_gb": 2.8})
     assert big.target == "≤ 1.5× the GEMM floor of the updates" and big.met is True
+
+
+def test_the_pair_digest_names_the_weights() -> None:
+    """Equal weights give one digest whatever the dict's order; one changed bit, or the models swapped, another."""
+    torch.manual_seed(0)
+    a, b = ({k: v.detach().clone() for k, v in mlp((4, 6, 2)).state_dict().items()} for _ in range(2))
+    digest = pair_digest(a, b)
+    assert len(digest) == 12 and digest == pair_digest(dict(reversed(list(a.items()))), b)
+    assert pair_digest(b, a) != digest
+    a["0.weight"].view(torch.int32)[0, 0] ^= 1
+    assert pair_digest(a, b) != digest
