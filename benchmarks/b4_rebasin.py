@@ -13,7 +13,7 @@ the fp32 GEMM rate measured in the same run (`gflops`, the faster of before and 
 (the port's work, far above any warm-started run).
 The two models are trained from seeds 0 and 1 on the 8×8 digits (Adam, one pass per epoch, batch 64) in a child
 process and read back from .safetensors files, so `peak_rss_gb` (over our first run) holds the models and the matching,
-no residue of the training; `pair_sha1` names the pair's weights (two runs whose sweeps differ: were the models
+no residue of the training; `pair_sha256` names the pair's weights (two runs whose sweeps differ: were the models
 the same?). The port runs up to its kind's PORT_MAX_WIDTH, the VGG pair up to MAX_WIDTH.
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of five runs
@@ -27,7 +27,6 @@ import argparse
 import cProfile
 import ctypes
 import gc
-import hashlib
 import multiprocessing
 import os
 import pstats
@@ -47,6 +46,7 @@ from benchmarks.external import b4_row
 from benchmarks.harness import markdown_lines, table_rows
 from benchmarks.peers import rebasin_port
 from modeconn_fast.rebasin import Permutation, lap_loading, matching_objective, permutation_spec, weight_matching
+from modeconn_fast.scans.fingerprint import states_sha256
 
 WIDTHS = (512, 2048, 4096, 8192)
 KINDS = ("mlp", "mlp-init", "vgg")
@@ -136,14 +136,9 @@ def pair_made_elsewhere(kind: str, width: int) -> tuple[nn.Module, nn.Module, to
 
 
 def pair_digest(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor]) -> str:
-    """The first 12 hex digits of the SHA-1 of both models' weights (names and bytes in name order): two runs whose
-    sweeps differ tell by it whether their models did (the pair is trained afresh in each run's child process)."""
-    digest = hashlib.sha1()
-    for state in (state_a, state_b):
-        for name in sorted(state):
-            digest.update(name.encode())
-            digest.update(state[name].detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
+    """The first 12 hex digits of both models' weights' SHA-256 (`states_sha256`): two runs whose sweeps differ
+    tell by it whether their models did (the pair is trained afresh in each run's child process)."""
+    return states_sha256(state_a, state_b)[:12]
 
 
 def gemm_rate(n: int = 2048) -> float:
@@ -299,7 +294,7 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
         "ours_s": round(ours_s, 3),
         "sweeps": ours.iterations,
         "objective": ours.objective,
-        "pair_sha1": pair_digest(state_a, state_b),
+        "pair_sha256": pair_digest(state_a, state_b),
         "gflops": round(rate / 1e9, 1),
         "full_floor_s": round(trajectory_flops(spec, state_a, ours.iterations) / rate, 3),
         "floor_s": round(floor_s, 3),
@@ -376,7 +371,7 @@ def main() -> None:
                with_port=not args.without_port)
     columns = ["kind", "width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
                "port_objective", "same_objective", "gflops", "floor_s", "floor_fraction", "full_floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
-               "port_cost_s", "port_other_s", "pair_sha1"]  # fmt: skip
+               "port_cost_s", "port_other_s", "pair_sha256"]  # fmt: skip
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(str(row.get(c, "—")) for c in columns))

@@ -51,7 +51,8 @@ def test_the_auction_starts_where_few_rows_hold_the_column_maxima(monkeypatch, r
     product: the extreme rows of a plane hold them all), and goes straight to the paths on a random matrix
     (about 1 − 1/e of the rows hold one); the optimum either way, and `_column_maxima` as torch's."""
     generator = torch.Generator().manual_seed(rank)
-    cost = torch.randn(400, rank, generator=generator, dtype=torch.float64) @ torch.randn(rank, 400, generator=generator, dtype=torch.float64)
+    factor = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    cost = factor(400, rank) @ factor(rank, 400)
     maxima, share = lap._column_maxima(cost.numpy())
     assert torch.equal(torch.from_numpy(maxima), cost.amax(dim=0))
     assert share == len(torch.unique(cost.argmax(dim=0))) / 400
@@ -188,7 +189,7 @@ def test_row_reductions_equal_plain_loops(dtype: torch.dtype, levels: int) -> No
     else:
         cost = torch.randn(rows, columns, generator=generator).to(dtype)
     cost[3, 5] = cost[4, ::7] = float("nan")
-    prices = torch.randn(columns, generator=generator, dtype=torch.float64) if not levels else torch.zeros(columns, dtype=torch.float64)
+    prices = torch.zeros(columns, dtype=torch.float64) if levels else torch.randn(columns, generator=generator, dtype=torch.float64)
     c, p = cost.numpy(), prices.numpy()
     skip = torch.randint(-1, columns, (rows,), generator=generator).numpy()
     for i in range(rows):

@@ -53,7 +53,8 @@ CANDIDATES = 32  # best entries of C − p kept per freed row
 ROUNDS = 16  # check-and-repair rounds before falling back to the dense solver
 AUCTION_ABOVE = 0.9  # fraction of rows failing the first check above which an auction starts afresh (cold: all)
 AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's maximum (hubs: B4's trained pairs
-# at 8192 units 0.08-0.18, a cold solve 2.4 s with the auction and 279 s without; random ones 0.64-0.85, 30 % faster without)
+# at 8192 units 0.08-0.18, a cold solve 2.4 s with the auction and 279 s without; random ones 0.64-0.85, 30 %
+# faster without)
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)

@@ -21,16 +21,19 @@ def _update(digest: "hashlib._Hash", tensor: Tensor) -> None:
     digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def states_sha256(*states: Mapping[str, Tensor]) -> str:
+    """Hash of the tensors of each mapping in turn, by name (name, dtype, shape and bytes of each)."""
+    digest = hashlib.sha256()
+    for state in states:
+        for name in sorted(state):
+            digest.update(name.encode())
+            _update(digest, state[name])
+    return digest.hexdigest()
+
+
 def basis_sha256(basis: Basis) -> str:
     """Hash of every stacked basis tensor and constant, by name."""
-    digest = hashlib.sha256()
-    for name in sorted(basis.stacked):
-        digest.update(name.encode())
-        _update(digest, basis.stacked[name])
-    for name in sorted(basis.constants):
-        digest.update(name.encode())
-        _update(digest, basis.constants[name])
-    return digest.hexdigest()
+    return states_sha256(basis.stacked, basis.constants)
 
 
 def array_summary(values: np.ndarray) -> dict[str, Any]:
