@@ -34,6 +34,46 @@ def test_planted_permutation_is_recovered_exactly(name: str) -> None:
     assert result.objective == pytest.approx(sum(p.double().square().sum().item() for p in model_a.parameters()), rel=1e-9)
 
 
+@pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64, float32 caches
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_half_precision_models_match_as_their_float32_copies(name: str, dtype: torch.dtype, float32_from: int,
+                                                             monkeypatch) -> None:
+    """bfloat16 and float16 weights are widened exactly to float32 for the products: the same permutations and
+    objective as the float32 copies of the same weights."""
+    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    reference = build(name, seed=0)
+    spec = permutation_spec(reference, inputs(reference))
+    narrow_a, narrow_b = reference.to(dtype), build(name, seed=1).to(dtype)
+    state_a, state_b = narrow_a.state_dict(), narrow_b.state_dict()
+    wide_a, wide_b = ({k: v.float() for k, v in state.items()} for state in (state_a, state_b))
+    narrow = weight_matching(state_a, state_b, spec=spec)
+    wide = weight_matching(wide_a, wide_b, spec=spec)
+    assert narrow.iterations == wide.iterations
+    for group in spec.groups:
+        assert torch.equal(narrow.perms[group], wide.perms[group]), group
+    assert narrow.objective_history == pytest.approx(wide.objective_history, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_float64_models_keep_float64_costs(name: str, monkeypatch) -> None:
+    """float64 weights: products and caches in float64 at every width (FLOAT32_FROM does not apply), so the
+    history is exact: it never falls and ends at the objective summed directly."""
+    monkeypatch.setattr(matching_module, "FLOAT32_FROM", 8)
+    model_a, model_b = build(name, seed=0).double(), build(name, seed=1).double()
+    example = inputs(model_a)
+    spec = permutation_spec(model_a, example.double() if example.is_floating_point() else example)
+    result = weight_matching(model_a, model_b, spec=spec)
+    history = result.objective_history
+    assert all(b >= a - 1e-12 * abs(a) for a, b in zip(history, history[1:]))
+    params = {n for n, _ in model_a.named_parameters()}
+    assert history[-1] == pytest.approx(matching_objective(model_a.state_dict(), model_b.state_dict(), result, params), rel=1e-12)
+    planted = random_permutation(spec, model_a, seed=4)
+    recovered = weight_matching(model_a, planted.apply(model_a), spec=spec)
+    for group in spec.groups:
+        assert torch.equal(recovered.perms[group], planted.inverse().perms[group]), group
+
+
 @pytest.mark.parametrize(("float32_from", "rounding"), [(1 << 30, 1e-9), (8, 1e-6)])  # float64, float32 caches
 def test_objective_history_never_decreases_and_is_exact(float32_from: int, rounding: float, monkeypatch) -> None:
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
@@ -280,6 +320,34 @@ def test_models_on_different_devices_are_refused_with_the_fix() -> None:
     model_a, model_b = build("mlp", seed=0), build("mlp", seed=1).to("meta")
     with pytest.raises(SpecError, match=r"on cpu in model_a but on meta in model_b.*model_b.to\('cpu'\)"):
         weight_matching(model_a, model_b, example_input=inputs(model_a))
+
+
+def test_weights_spread_over_devices_are_refused_with_the_fix() -> None:
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
+    spec = permutation_spec(model_a, inputs(model_a))
+    state_a, state_b = dict(model_a.state_dict()), dict(model_b.state_dict())
+    last = sorted(state_a)[-1]
+    state_a[last], state_b[last] = state_a[last].to("meta"), state_b[last].to("meta")
+    with pytest.raises(SpecError, match=r"several devices \(cpu, meta\).*model.to\('cpu'\)"):
+        weight_matching(state_a, state_b, spec=spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_models_on_cuda_match_there(name: str) -> None:
+    """Models on CUDA: the costs are formed there, only the LAPs' inputs cross; a planted permutation is
+    recovered exactly, and a random pair reaches the CPU's objective (the same trajectory but for rounding)."""
+    model_a = build(name, seed=3)
+    spec = permutation_spec(model_a, inputs(model_a))
+    planted = random_permutation(spec, model_a, seed=4)
+    model_b = planted.apply(model_a)
+    result = weight_matching(model_a.cuda(), model_b.cuda(), spec=spec)
+    for group in spec.groups:
+        assert torch.equal(result.perms[group], planted.inverse().perms[group]), group
+    pair = build(name, seed=0), build(name, seed=1)
+    on_cpu = weight_matching(*pair, spec=spec)
+    on_cuda = weight_matching(*(model.cuda() for model in pair), spec=spec)
+    assert on_cuda.objective == pytest.approx(on_cpu.objective, rel=1e-5)
 
 
 def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:

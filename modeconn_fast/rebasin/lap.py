@@ -81,7 +81,9 @@ def solve_lap(
     solve (None when the dense solver answered). `warm` only makes it faster. `force`: the certified path also
     under DENSE_BELOW units. A float32 `cost` is read as it is (no float64 copy); duals are float64 either way.
     `lanes`: an idle thread (a LAP solved alone on 2 cores) that takes half of each large pass over whole rows
-    (the dual check, the candidates of freed rows; `_in_halves`): the same numbers, in less time."""
+    (the dual check, the candidates of freed rows; `_in_halves`): the same numbers, in less time. A cost on
+    another device is copied to the CPU first; σ is a CPU tensor."""
+    cost = cost.cpu()
     n = cost.shape[0]
     c = cost if cost.dtype == torch.float32 else cost.double()
     if n < DENSE_BELOW and not force:

@@ -104,12 +104,15 @@ class _Term:
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
         transpose of a contiguous [n, len(units)·r] gather. `units` None: every unit in order, in that layout,
         a view of `w` where its strides allow (no copy)."""
+        if units is not None:
+            units = units.to(w.device)
         if w.stride(0) < w.stride(-1):
             lines = w.movedim(-1, 0)
-            return (lines if units is None else lines.index_select(1, units)).reshape(w.shape[-1], -1).contiguous().T
+            lines = lines if units is None else lines.index_select(1, units)
+            return _widened(lines.reshape(w.shape[-1], -1)).contiguous().T
         if units is None:
-            return w.reshape(-1, w.shape[-1]).contiguous()
-        return w.index_select(0, units).reshape(-1, w.shape[-1])
+            return _widened(w.reshape(-1, w.shape[-1])).contiguous()
+        return _widened(w.index_select(0, units).reshape(-1, w.shape[-1]))
 
     def moved(self, units: Tensor | None, now: Tensor) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
@@ -129,11 +132,12 @@ class _Term:
             at_new = torch.empty_like(order)
             at_new[order] = torch.arange(len(order))
             at_old = torch.searchsorted(places, old)
+            places, at_new, at_old = (index.to(w.device) for index in (places, at_new, at_old))
             lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
-            out = lines.new_empty(lines.shape[0], len(units), lines.shape[2])
+            out = lines.new_empty(lines.shape[0], len(units), lines.shape[2], dtype=_WIDER.get(w.dtype, w.dtype))
             step = max(LINES, BLOCK_ENTRIES // out[0].numel())
             for start in range(0, lines.shape[0], step):
-                block = lines[start : start + step].index_select(1, places)
+                block = _widened(lines[start : start + step].index_select(1, places))
                 torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + step])
             return out.reshape(lines.shape[0], -1).T
         b = self.rows(w, new)
@@ -151,6 +155,15 @@ def _local(w: Tensor) -> Tensor:
     if w.stride(0) < w.stride(-1) or w.is_contiguous() or w.numel() > COPY_UP_TO:
         return w
     return w.contiguous()
+
+
+_WIDER = {torch.bfloat16: torch.float32, torch.float16: torch.float32}  # see `_widened`
+
+
+def _widened(w: Tensor) -> Tensor:
+    """`w` in float32 if it holds a narrower float (bfloat16, float16: exact), else as it is: the cost products
+    and the moved units' differences are formed in float32 (float64 for float64 models), as BLAS multiplies."""
+    return w.to(_WIDER.get(w.dtype, w.dtype))
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
@@ -181,6 +194,7 @@ def solve_heads(costs: list[Tensor], num_heads: int, move: bool) -> list[Tensor]
     and group g, v_g(a, b) = max_σ Σ_i C_g[a·d + i, b·d + σ(i)] is a d×d LAP; the head order is the H×H LAP
     ρ = argmax Σ_a Σ_g v_g(a, ρ(a)) (ρ = identity when heads may not move). The result is the exact optimum.
     """
+    costs = [cost.cpu() for cost in costs]
     pairs = [(a, b) for a in range(num_heads) for b in range(num_heads)] if move else [(a, a) for a in range(num_heads)]
     head_cost = np.full((num_heads, num_heads), -np.inf)
     within: dict[tuple[int, int, int], np.ndarray] = {}
@@ -210,7 +224,8 @@ def _parts(n: int, count: int | None = None) -> list[tuple[int, int]]:
 def _products(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """Σ_j a_j · b_jᵀ ([n, n]). On the CPU plain torch: the `permutation_cost` op's dispatch costs a process
     about 2 s at its first call (it imports torch._dynamo) and buys nothing here (no autograd, no kernel); on
-    other devices the op, for its kernel."""
+    other devices the op, for its kernel. Narrow floats are widened first (`_widened`)."""
+    a, b = [_widened(x) for x in a], [_widened(x) for x in b]
     if a[0].device.type == "cpu":
         return ops_torch.permutation_cost(a, b, [None] * len(a))
     return permutation_cost(a, b, [None] * len(a))
@@ -236,6 +251,8 @@ class _Matcher:
         self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
         self.generic: dict[str, list[Axis]] = {g: [] for g in spec.groups}  # rare: recomputed at every visit
         self.state_a, self.state_b = state_a, state_b
+        self.device = state_a[min(params)].device  # one device for all (`_refuse_spread`)
+        self.float64 = any(state_a[key].dtype == torch.float64 for key in params)  # float64 caches and products
         self.const: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # axes without another permuted axis
         self.dependents: dict[str, set[str]] = {g: set() for g in spec.groups}
         for group, axes in spec.groups.items():
@@ -278,8 +295,11 @@ class _Matcher:
         cache = self.cache.get(group)
         if cache is None:
             const_a, const_b = self.const.pop(group)
-            dtype = torch.float32 if n >= FLOAT32_FROM else torch.float64
-            cache = _products(const_a, const_b).to(dtype) if const_a else torch.zeros(n, n, dtype=dtype)
+            dtype = torch.float32 if n >= FLOAT32_FROM and not self.float64 else torch.float64
+            if const_a:
+                cache = _products(const_a, const_b).to(dtype)
+            else:
+                cache = torch.zeros(n, n, dtype=dtype, device=self.device)
             self.cache[group] = cache
         for term in terms:
             now = perms[term.other]
@@ -312,9 +332,9 @@ class _Matcher:
             torch.set_num_threads(threads)
 
     def cost(self, group: str, perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None) -> Tensor:
-        """C_group for the current permutations, updated in place where possible: float64, or float32 from
-        FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's products are).
-        `lanes`: an idle one-thread executor for `_in_two_lanes`."""
+        """C_group for the current permutations, updated in place where possible, on the weights' device: float64,
+        or float32 from FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's
+        products are; float64 models keep float64). `lanes`: an idle one-thread executor for `_in_two_lanes`."""
         n = self.sizes[group]
         for _ in self._updates(group, self.terms[group], perms, lanes):
             pass
@@ -326,7 +346,7 @@ class _Matcher:
             wb = self.state_b[axis.tensor]
             for other, q in self.spec.axes_of(axis.tensor):
                 if other.dim != axis.dim:
-                    wb = wb.index_select(other.dim, axis_index(perms[q], other, wb.shape[other.dim]))
+                    wb = wb.index_select(other.dim, axis_index(perms[q].to(wb.device), other, wb.shape[other.dim]))
             a = _unit_major(_narrow(self.state_a[axis.tensor], axis), axis.dim, axis.inner, n)
             total += _products([a], [_unit_major(_narrow(wb, axis), axis.dim, axis.inner, n)]).double()
         return total
@@ -339,13 +359,14 @@ def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
     rows made in and widened through scratch rows kept per cache size and thread in `scratch` (fresh temporaries
     cost page faults, a mixed-dtype `+=` a hidden float64 copy; at 2048 units 48 MB a thread); float64 products
     of small ranks measured 2-16 % slower at 512 units."""
-    if cache.dtype == torch.float32:
+    if cache.dtype == torch.float32 or a.dtype == torch.float64:  # float64 models: float64 products
         cache[start:stop].addmm_(a, b)
         return
     n, rows = cache.shape[1], stop - start
     key = (n, threading.get_ident())  # two lanes may update one cache at once (`_in_two_lanes`)
     if key not in scratch:
-        scratch[key] = (torch.empty(min(n, CHUNK), n), torch.empty(min(n, CHUNK), n, dtype=torch.float64))
+        size = min(n, CHUNK)
+        scratch[key] = (cache.new_empty(size, n, dtype=torch.float32), cache.new_empty(size, n))
     product, wide = scratch[key]
     torch.mm(a, b, out=product[:rows])
     cache[start:stop] += wide[:rows].copy_(product[:rows])
@@ -454,7 +475,8 @@ def matching_objective(
     thousand entries at a time as it sums (2.2× faster than torch's dot of widened chunks, no temporaries); other
     devices and dtypes torch's dot of OBJECTIVE_CHUNK entries widened at a time."""
     permutation.check(state_b)
-    unmoved = {group for group, perm in permutation.perms.items() if torch.equal(perm, torch.arange(len(perm)))}
+    perms = permutation.perms
+    unmoved = {g for g, perm in perms.items() if torch.equal(perm, torch.arange(len(perm), device=perm.device))}
     total = 0.0
     for key in sorted(params):
         a = state_a[key].detach().reshape(-1)
@@ -468,6 +490,14 @@ def matching_objective(
         for a_part, b_part in zip(a.split(OBJECTIVE_CHUNK), b.split(OBJECTIVE_CHUNK)):
             total += torch.dot(a_part.double(), b_part.double()).item()
     return total
+
+
+def _refuse_spread(state: Mapping[str, Tensor], params: set[str]) -> None:
+    """A SpecError unless the matched tensors lie on one device (the cost products run there)."""
+    devices = {state[key].device for key in params}
+    if len(devices) > 1:
+        raise SpecError(f"the models' weights lie on several devices ({', '.join(sorted(map(str, devices)))}): move "
+                        f"each model to one device first, e.g. model.to({str(state[min(params)].device)!r})")
 
 
 def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], params: set[str]) -> None:
@@ -514,10 +544,11 @@ def weight_matching(
     spec.sizes(state_a)
     spec.sizes(state_b)
     params = objective_tensors(model_a, state_a)
+    _refuse_spread(state_a, params)
     start = Permutation.identity(spec, state_a)
     if init is not None:
         perms = init.perms if isinstance(init, Permutation) else init
-        start.perms.update({g: torch.as_tensor(p, dtype=torch.long).clone() for g, p in perms.items()})
+        start.perms.update({g: torch.as_tensor(p, dtype=torch.long, device="cpu").clone() for g, p in perms.items()})
     perms = start.perms
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
@@ -540,7 +571,7 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
-        lanes = pool if pairs else None  # idle while the costs are updated: their second lane
+        lanes = pool if pairs and matcher.device.type == "cpu" else None  # idle while the costs are updated: their second lane
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -577,8 +608,8 @@ def weight_matching(
                     if on_visit is not None:
                         on_visit(group, col)
                     if not torch.equal(col, perms[group]):
-                        old = cost.gather(1, perms[group][:, None]).double().sum().item()
-                        new = cost.gather(1, col[:, None]).double().sum().item()
+                        old = cost.gather(1, perms[group][:, None].to(cost.device)).double().sum().item()
+                        new = cost.gather(1, col[:, None].to(cost.device)).double().sum().item()
                         perms[group] = col
                         dirty |= matcher.dependents[group]
                         gain_total += new - old
