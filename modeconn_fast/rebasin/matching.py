@@ -163,7 +163,7 @@ _WIDER = {torch.bfloat16: torch.float32, torch.float16: torch.float32}  # see `_
 def _widened(w: Tensor) -> Tensor:
     """`w` in float32 if it holds a narrower float (bfloat16, float16: exact), else as it is: the cost products
     and the moved units' differences are formed in float32 (float64 for float64 models), as BLAS multiplies."""
-    return w.to(_WIDER.get(w.dtype, w.dtype))
+    return w.to(_WIDER[w.dtype]) if w.dtype in _WIDER else w
 
 
 def _narrow(w: Tensor, axis: Axis) -> Tensor:
