@@ -181,7 +181,8 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
 @pytest.mark.parametrize("serial_up_to", [0, matching_module.SERIAL_UP_TO])  # torch on 2 threads, on one
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_work_beside_a_lap_keeps_the_serial_trajectory(name: str, serial_up_to: int, monkeypatch) -> None:
-    """Where the sweep solves the next group's LAP on a second thread at the same time, or updates the next
+    """Where the sweep solves the next group's LAP on a second thread at the same time (with its cost formed
+    there too, beside the current group's, when torch runs on one thread: `_cost_and_solve`), or updates the next
     group's cost beside a LAP, every solve returns the permutation of the serial order: the same visits,
     permutations and objective history; with torch on 2 threads, and with the small groups' sweeps on one
     (`_one_torch_thread`), the caller's count restored after."""
@@ -211,6 +212,10 @@ def test_work_beside_a_lap_keeps_the_serial_trajectory(name: str, serial_up_to: 
         update_ahead(self, group, perms, moving, future)
         updated.append(sum(seen is not term.seen for seen, term in zip(before, self.terms[group])))
 
+    chains: list[str] = []
+    cost_and_solve = matching_module._cost_and_solve
+    monkeypatch.setattr(matching_module, "_cost_and_solve", lambda matcher, group, *args: chains.append(group)
+                        or cost_and_solve(matcher, group, *args))
     runs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # pairs only where torch may use more than one thread
@@ -231,6 +236,7 @@ def test_work_beside_a_lap_keeps_the_serial_trajectory(name: str, serial_up_to: 
     assert pairs_history == serial_history
     if name in ("mlp", "vgg"):
         assert any(later is not None for later in found["_solvable_alongside"]), "no two LAPs were solved at once"
+        assert bool(chains) == (serial_up_to > 0), "two chains only where torch runs on one thread"
     if name == "mlp":
         assert sum(updated) > 0, "no cost was updated beside a LAP"
 

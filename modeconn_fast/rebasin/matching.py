@@ -492,6 +492,14 @@ def matching_objective(
     return total
 
 
+def _cost_and_solve(matcher: _Matcher, group: str, perms: dict[str, Tensor], warm: WarmStart | None
+                    ) -> tuple[Tensor, tuple[Tensor, WarmStart | None]]:
+    """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains)."""
+    with torch.no_grad():
+        cost = matcher.cost(group, perms)
+        return cost, lap_loading.solve(cost, warm)
+
+
 def _refuse_spread(state: Mapping[str, Tensor], params: set[str]) -> None:
     """A SpecError unless the matched tensors lie on one device (the cost products run there)."""
     devices = {state[key].device for key in params}
@@ -586,22 +594,30 @@ def weight_matching(
                     costs = [matcher.cost(group, perms, lanes) for group in unit]
                     cols = solve_heads(costs, tie_of[unit[0]].num_heads, tie_of[unit[0]].move)
                 else:
-                    costs = [matcher.cost(unit[0], perms, lanes)]
                     later = _solvable_alongside(order, at, dirty, matcher.dependents, tie_of) if pairs else None
-                    following = _updated_ahead(order, at, dirty, matcher.dependents, tie_of) if pairs and later is None else None
-                    if following is not None:  # the LAP on a second thread, the next group's leading updates beside it
-                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
-                        matcher.update_ahead(following, perms, set(unit), future)
-                        col, warm[unit[0]] = future.result()
-                    elif later is None:  # alone: the idle second lane takes half of its passes over whole rows
-                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]), lanes)
-                    else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
+                    if later is not None and serial:  # two chains: the later group's cost and its LAP on the second thread
                         ahead = order[later][0]
-                        ahead_cost = matcher.cost(ahead, perms, lanes)
-                        future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
-                        ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
+                        chain = pool.submit(_cost_and_solve, matcher, ahead, perms, warm.get(ahead))
+                        costs = [matcher.cost(unit[0], perms)]
+                        col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]))
+                        ahead_cost, (ahead_col, warm[ahead]) = chain.result()
                         early[later] = (ahead_cost, ahead_col)
-                        col, warm[unit[0]] = future.result()
+                    else:
+                        costs = [matcher.cost(unit[0], perms, lanes)]
+                        following = _updated_ahead(order, at, dirty, matcher.dependents, tie_of) if pairs and later is None else None
+                        if following is not None:  # the LAP on a second thread, the next group's leading updates beside it
+                            future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                            matcher.update_ahead(following, perms, set(unit), future)
+                            col, warm[unit[0]] = future.result()
+                        elif later is None:  # alone: the idle second lane takes half of its passes over whole rows
+                            col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]), lanes)
+                        else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
+                            ahead = order[later][0]
+                            ahead_cost = matcher.cost(ahead, perms, lanes)
+                            future = pool.submit(lap_loading.solve, costs[0], warm.get(unit[0]))
+                            ahead_col, warm[ahead] = lap_loading.solve(ahead_cost, warm.get(ahead))
+                            early[later] = (ahead_cost, ahead_col)
+                            col, warm[unit[0]] = future.result()
                     cols = [col]
                 for group, cost, col in zip(unit, costs, cols):
                     dirty.discard(group)
