@@ -17,7 +17,8 @@ no residue of the training; `pair_sha256` names the pair's weights (two runs who
 the same?). The port runs up to its kind's PORT_MAX_WIDTH, the VGG pair up to MAX_WIDTH.
 Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or the port's `cost_matrix`),
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of five runs
-at width 512, of two up to width 2048, else one run, ours and the port taking turns (`_fastest_alternating`).
+at width 512, of two up to width 2048, timed without a profiler (the split from one more, profiled run), else one
+profiled run, ours and the port taking turns (`_fastest_alternating`).
 
     python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg] [--without-port] [--markdown]
 """
@@ -217,25 +218,50 @@ def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
 def _fastest_alternating(
     ours: Callable[[], Any], port: Callable[[], Any] | None, repeats: int
 ) -> tuple[tuple[Any, float, dict[str, float]], tuple[Any, float, dict[str, float]] | None, float]:
-    """The fastest of `repeats` profiled runs of each side, ours and the port taking turns (the machine is shared
-    and its speed drifts over minutes: turns expose both to the same periods, the minimum is the least disturbed);
-    with our peak resident memory (GiB, `peak_rss_gb`) over our first run. The first run of each side follows
+    """The fastest of `repeats` runs of each side, ours and the port taking turns (the machine is shared and its
+    speed drifts over minutes: turns expose both to the same periods, the minimum is the least disturbed); with
+    our peak resident memory (GiB, `peak_rss_gb`) over our first run. The first run of each side follows
     `reset_peak_rss`, which returns freed memory to the system, so that it pays a fresh heap's page faults (8-10 %
     of ours at 512 units); the later runs of both find the heap warm, as repeated calls in one process do.
-    (Resetting before each of our runs only charged those faults to ours at every turn, never to the port.)"""
+    (Resetting before each of our runs only charged those faults to ours at every turn, never to the port.)
+    The runs are timed without a profiler: cProfile's cost per Python call (about a microsecond) added 25-30 %
+    to ours at 512 units and little to the port, whose time is in scipy. Where time goes (`_profiled`) comes
+    from one more profiled run of each side after the timed ones, its shares applied to the timed seconds; a
+    single run (widths above 2048: seconds to minutes each) is timed under the profiler itself."""
     ours_runs, port_runs, peak = [], [], 0.0
+    run = _profiled if repeats == 1 else _timed
     for turn in range(repeats):
         if turn == 0:
             reset_peak_rss()
-        ours_runs.append(_profiled(ours))
+        ours_runs.append(run(ours))
         if turn == 0:
             peak = peak_rss_gb()
         if port is not None:
             if turn == 0:
                 reset_peak_rss()
-            port_runs.append(_profiled(port))
+            port_runs.append(run(port))
     seconds = itemgetter(1)
-    return min(ours_runs, key=seconds), min(port_runs, key=seconds) if port_runs else None, peak
+    best_ours = min(ours_runs, key=seconds)
+    best_port = min(port_runs, key=seconds) if port_runs else None
+    if repeats > 1:
+        best_ours = _with_shares(best_ours, _profiled(ours))
+        best_port = _with_shares(best_port, _profiled(port)) if port is not None else None
+    return best_ours, best_port, peak
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
+    """Run fn: result, wall seconds, and no split (see `_with_shares`)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start, {}
+
+
+def _with_shares(timed: tuple[Any, float, dict[str, float]], profiled: tuple[Any, float, dict[str, float]]
+                 ) -> tuple[Any, float, dict[str, float]]:
+    """The timed run with the profiled run's split scaled to its seconds (the same shares of the time)."""
+    result, seconds, _ = timed
+    _, profiled_seconds, split = profiled
+    return result, seconds, {part: value * seconds / profiled_seconds for part, value in split.items()}
 
 
 def reset_peak_rss() -> bool:
