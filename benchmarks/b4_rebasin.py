@@ -224,8 +224,8 @@ def _fastest_alternating(
     `reset_peak_rss`, which returns freed memory to the system, so that it pays a fresh heap's page faults (8-10 %
     of ours at 512 units); the later runs of both find the heap warm, as repeated calls in one process do.
     (Resetting before each of our runs only charged those faults to ours at every turn, never to the port.)
-    The runs are timed without a profiler: cProfile's cost per Python call (about a microsecond) added 25-30 %
-    to ours at 512 units and little to the port, whose time is in scipy. Where time goes (`_profiled`) comes
+    The runs are timed without a profiler (cProfile's cost per Python call: 3-5 % of ours at 512 units, alternate
+    runs in one process, the port's within its noise), as a user calls them. Where time goes (`_profiled`) comes
     from one more profiled run of each side after the timed ones, its shares applied to the timed seconds; a
     single run (widths above 2048: seconds to minutes each) is timed under the profiler itself."""
     ours_runs, port_runs, peak = [], [], 0.0
