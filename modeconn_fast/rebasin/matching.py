@@ -251,7 +251,7 @@ class _Matcher:
         self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
         self.generic: dict[str, list[Axis]] = {g: [] for g in spec.groups}  # rare: recomputed at every visit
         self.state_a, self.state_b = state_a, state_b
-        self.device = state_a[min(params)].device  # one device for all (`_refuse_spread`)
+        self.device = state_a[min(params)].device if params else torch.device("cpu")  # one for all (`_refuse_spread`)
         self.float64 = any(state_a[key].dtype == torch.float64 for key in params)  # float64 caches and products
         self.const: dict[str, tuple[list[Tensor], list[Tensor]]] = {}  # axes without another permuted axis
         self.dependents: dict[str, set[str]] = {g: set() for g in spec.groups}
@@ -579,7 +579,8 @@ def weight_matching(
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
-        lanes = pool if pairs and matcher.device.type == "cpu" else None  # idle while the costs are updated: their second lane
+        lap_lanes = pool if pairs else None  # idle while a LAP is solved alone: half of its passes over whole rows
+        lanes = lap_lanes if matcher.device.type == "cpu" else None  # ... and while the costs are updated on the CPU
         for sweep in range(max_iter):
             sweeps += 1
             progress, gain_total = False, 0.0
@@ -610,7 +611,7 @@ def weight_matching(
                             matcher.update_ahead(following, perms, set(unit), future)
                             col, warm[unit[0]] = future.result()
                         elif later is None:  # alone: the idle second lane takes half of its passes over whole rows
-                            col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]), lanes)
+                            col, warm[unit[0]] = lap_loading.solve(costs[0], warm.get(unit[0]), lap_lanes)
                         else:  # both costs first, then the two LAPs (numba, no GIL) on two threads
                             ahead = order[later][0]
                             ahead_cost = matcher.cost(ahead, perms, lanes)
