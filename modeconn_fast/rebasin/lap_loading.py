@@ -51,10 +51,9 @@ def wait() -> None:
 def solve(cost: Tensor, warm: WarmStart | None = None, lanes: Executor | None = None) -> tuple[Tensor, WarmStart | None]:
     """`lap.solve_lap(cost, warm, lanes=lanes)` once the compiled solver is loaded; before, scipy's exact dense
     solver for up to SCIPY_WHILE_LOADING units (no warm start is left then), else start the load and wait for it.
-    A cost on another device (CUDA) is copied to the CPU here: only the LAP's input crosses."""
-    cost = cost.cpu()
+    A cost on another device (CUDA) is copied to the CPU (by `solve_lap` on its path): only the LAP's input crosses."""
     if not _loading.ready and cost.shape[0] <= SCIPY_WHILE_LOADING:
-        cols = linear_sum_assignment(np.ascontiguousarray(cost.double().numpy()), maximize=True)[1]
+        cols = linear_sum_assignment(np.ascontiguousarray(cost.cpu().double().numpy()), maximize=True)[1]
         return torch.as_tensor(cols, dtype=torch.long), None
     wait()
     from .lap import solve_lap
