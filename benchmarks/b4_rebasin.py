@@ -44,7 +44,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmarks.external import b4_row
-from benchmarks.harness import markdown_lines, table_rows
+from benchmarks.harness import markdown_lines, settle, table_rows
 from benchmarks.peers import rebasin_port
 from modeconn_fast.rebasin import Permutation, lap_loading, matching_objective, permutation_spec, weight_matching
 from modeconn_fast.scans.fingerprint import states_sha256
@@ -195,8 +195,10 @@ def update_flops(spec, state: dict[str, torch.Tensor], visits: list[tuple[str, t
 
 
 def _profiled(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
-    """Run fn under cProfile: result, wall seconds, and seconds in the LAP and in cost-matrix products."""
+    """Run fn under cProfile (after `settle`): result, wall seconds, and seconds in the LAP and in cost-matrix
+    products."""
     profiler = cProfile.Profile()
+    settle()
     start = time.perf_counter()
     result = profiler.runcall(fn)
     seconds = time.perf_counter() - start
@@ -225,7 +227,8 @@ def _fastest_alternating(
     of ours at 512 units); the later runs of both find the heap warm, as repeated calls in one process do.
     (Resetting before each of our runs only charged those faults to ours at every turn, never to the port.)
     The runs are timed without a profiler (cProfile's cost per Python call: 3-5 % of ours at 512 units, alternate
-    runs in one process, the port's within its noise), as a user calls them. Where time goes (`_profiled`) comes
+    runs in one process, the port's within its noise), as a user calls them, each after `settle` (the port's
+    2-thread ops left OpenMP workers spinning into our next run). Where time goes (`_profiled`) comes
     from one more profiled run of each side after the timed ones, its shares applied to the timed seconds; a
     single run (widths above 2048: seconds to minutes each) is timed under the profiler itself."""
     ours_runs, port_runs, peak = [], [], 0.0
@@ -250,7 +253,8 @@ def _fastest_alternating(
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
-    """Run fn: result, wall seconds, and no split (see `_with_shares`)."""
+    """Run fn after `settle`: result, wall seconds, and no split (see `_with_shares`)."""
+    settle()
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start, {}

@@ -27,6 +27,19 @@ HERE = Path(__file__).resolve().parent
 
 
 # --- timing ------------------------------------------------------------------------------------------------
+SETTLE_S = 0.05  # pause before each timed run (`settle`)
+
+
+def settle() -> None:
+    """Pause before a timed run so that it does not share the cores with what ran before it: after each parallel
+    region torch's OpenMP workers (GNU libgomp, active waiting) spin on for about 10 ms of CPU (measured: process
+    CPU time during a sleep just after a 2-thread product), so a contender that runs after another's multi-threaded
+    ops loses a core meanwhile. Measured: weight matching at 512 units (torch on one thread) ran 7-12 ms (7-12 %)
+    slower right after a 2-thread product than 50 ms after it; the B4 port, which runs torch on 2 threads, ran
+    before each of ours."""
+    time.sleep(SETTLE_S)
+
+
 @dataclass
 class Contender:
     """One way of computing a workload: `run()` evaluates `points` of the workload's `total_points`. With `prepare`,
@@ -45,12 +58,13 @@ class Contender:
 
 def interleaved_medians(contenders: Sequence[Contender], repeats: int) -> dict[str, float]:
     """Median seconds per call of each contender, timed in alternation (the order rotates every repeat)
-    so that load changes on a shared machine hit every contender alike."""
+    so that load changes on a shared machine hit every contender alike, each call after `settle`."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(repeats):
         for i in range(len(contenders)):
             contender = contenders[(i + r) % len(contenders)]
             given = () if contender.prepare is None else (contender.prepare(),)
+            settle()
             start = time.perf_counter()
             contender.run(*given)
             times[contender.name].append(time.perf_counter() - start)
@@ -58,6 +72,7 @@ def interleaved_medians(contenders: Sequence[Contender], repeats: int) -> dict[s
 
 
 def time_once(fn: Callable[[], Any]) -> tuple[float, Any]:
+    settle()
     start = time.perf_counter()
     value = fn()
     return time.perf_counter() - start, value
