@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..engine.batches import Batches, move
+from ..memory import keep_freed_memory
 from .curve import Curve
 
 SCHEDULES = ("garipov", "constant")
@@ -107,7 +108,10 @@ def _data_loss(curve: Curve, inputs: Any, targets: Tensor, rows: Tensor,
 
 
 def minibatches(data: Batches, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Any, Tensor]]:
-    """Shuffled minibatches of a tensor dataset (the order drawn from `generator`), or the batches as given."""
+    """Shuffled minibatches of a tensor dataset (the order drawn from `generator`), or the batches as given. The
+    training loops' steps allocate and free the same activations each step: freed memory is kept
+    (`keep_freed_memory`)."""
+    keep_freed_memory()
     if data.tensors is None:
         yield from data
         return

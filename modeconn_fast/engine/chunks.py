@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .batches import Batches, move
-from .memory import KEEP_MMAP
+from ..memory import KEEP_MMAP
 from .view import SubspaceView
 
 CPU_MEMORY_BUDGET = 1 << 30  # bytes

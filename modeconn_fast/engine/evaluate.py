@@ -24,7 +24,7 @@ from .chunks import plan_chunks
 from .conv_block import ConvBlock, FusedSequential
 from .conv_metrics import ConvMetrics
 from .lanes import lane_shares, run_in_lanes
-from .memory import keep_freed_memory
+from ..memory import keep_freed_memory
 from .metrics import LossFn, MetricFn, MetricSpec, MetricSums, check_metrics
 from .mlp_metrics import FusedMlpMetrics
 from .outputs import OutputSelector

@@ -50,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .. import ops_torch
+from ..memory import keep_freed_memory
 from ..ops import permutation_cost
 from . import lap_loading
 from .derive import permutation_spec
@@ -553,6 +554,7 @@ def weight_matching(
     spec.sizes(state_b)
     params = objective_tensors(model_a, state_a)
     _refuse_spread(state_a, params)
+    keep_freed_memory()  # the visits' products and LAPs free megabytes each: no page faults again each call
     start = Permutation.identity(spec, state_a)
     if init is not None:
         perms = init.perms if isinstance(init, Permutation) else init
