@@ -4,7 +4,7 @@ Step after step, evaluation chunks, training steps and weight matching's visits 
 megabytes (activations, autograd's saved tensors, cost-update products). By default glibc serves such blocks with
 fresh mmap pages and hands freed heap tops back to the system, so every chunk, step or call pays page faults
 again; on this project's 2-core machine that made B1 up to 2× slower and its timings erratic, a 512-unit weight
-matching fault 2,000-3,400 pages a call (8-12 ms of system time, 10-13 % of its wall time) and B6's curve
+matching faulted 2,000-3,400 pages a call (8-12 ms of system time, 10-13 % of its wall time) and B6's curve
 training at 8 t per step 12-31k pages a run. The first CPU evaluation (`engine.evaluate`), training loop
 (`curves.train.minibatches`) or weight matching therefore tells the allocator (mallopt) to serve blocks up to
 32 MiB from its heap and to keep up to 1 GiB of freed memory. This lasts for the rest of the process (glibc's

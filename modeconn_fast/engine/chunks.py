@@ -6,8 +6,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .batches import Batches, move
 from ..memory import KEEP_MMAP
+from .batches import Batches, move
 from .view import SubspaceView
 
 CPU_MEMORY_BUDGET = 1 << 30  # bytes

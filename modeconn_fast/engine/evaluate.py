@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..memory import keep_freed_memory
 from ..ops import mix
 from ..subspace import Basis, StateLike, as_basis
 from . import compiled_cpu
@@ -24,7 +25,6 @@ from .chunks import plan_chunks
 from .conv_block import ConvBlock, FusedSequential
 from .conv_metrics import ConvMetrics
 from .lanes import lane_shares, run_in_lanes
-from ..memory import keep_freed_memory
 from .metrics import LossFn, MetricFn, MetricSpec, MetricSums, check_metrics
 from .mlp_metrics import FusedMlpMetrics
 from .outputs import OutputSelector
