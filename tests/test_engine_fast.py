@@ -12,8 +12,8 @@ from modeconn_fast import Basis, SubspaceView, evaluate, linear_cpu, ops_torch
 from modeconn_fast.engine import conv_block
 from modeconn_fast.engine.batches import Batches
 from modeconn_fast.engine.chunks import CPU_MIN_CHUNK, plan_chunks
-from modeconn_fast.memory import KEEP_MMAP
 from modeconn_fast.engine.metrics import MetricSums, check_metrics, small_class_cross_entropy
+from modeconn_fast.memory import KEEP_MMAP
 
 METRICS = ("loss", "error", "nll", "brier")
 

@@ -29,7 +29,7 @@ def mallopt_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return calls
 
 
-def digits_like(rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(rows, 19, generator=generator), torch.randint(0, 5, (rows,), generator=generator)
 
@@ -40,7 +40,7 @@ def run_weight_matching() -> None:
 
 def run_curve_training() -> None:
     curve = mc.BezierCurve(seeded(mlp, 0), seeded(mlp, 1))
-    mc.train_curve(curve, digits_like(), epochs=1, lr=0.1, batch_size=16, progress=False)
+    mc.train_curve(curve, random_batch(), epochs=1, lr=0.1, batch_size=16, progress=False)
 
 
 @pytest.mark.parametrize("entry", [run_weight_matching, run_curve_training], ids=["weight_matching", "train_curve"])
