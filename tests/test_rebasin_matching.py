@@ -365,20 +365,25 @@ def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
         weight_matching(model_a, model_b, spec=typo)
 
 
-@pytest.mark.parametrize("blocks", ["chunks", "small"])
+@pytest.mark.parametrize("blocks", ["chunks", "small", "beside"])
 @pytest.mark.parametrize("float32_from", [8, 1 << 30])  # float32 and float64 caches
 def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatch) -> None:
     """Cost updates whose blocks of rows are shared between two threads (`_in_two_lanes`, one torch thread each)
     give the cache bit for bit as one thread with two torch threads does: first visits and moved units. `chunks`:
     a group of more than CHUNK units, whose blocks one thread makes too; `small`: a group of at most
     SERIAL_UP_TO units, whose blocks of LANE_ROWS rows must give the one product of one thread (rows of an MKL
-    product do not depend on the rows beside them)."""
+    product do not depend on the rows beside them); `beside`: groups too small for two lanes, the middle one's two
+    terms made at once on two threads and added in their order (`_Matcher._beside`, float64 caches)."""
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
     if blocks == "chunks":
         monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
-    else:
+    elif blocks == "small":
         monkeypatch.setattr(matching_module, "LANE_ROWS", 100)  # 200 units: two blocks against one product
         monkeypatch.setattr(matching_module, "LANE_RANK", 1)
+    made_beside = []
+    widened_product = matching_module._Matcher._widened_product
+    monkeypatch.setattr(matching_module._Matcher, "_widened_product",
+                        lambda self, *args: made_beside.append(1) or widened_product(self, *args))
     torch.manual_seed(3)
     model_a, model_b = mlp((64, 200, 200, 200, 10)), mlp((64, 200, 200, 200, 10))
     spec = permutation_spec(model_a, inputs(model_a))
@@ -399,3 +404,4 @@ def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatc
     serial, two_lanes = caches
     assert all(torch.equal(a, b) for a, b in zip(serial, two_lanes))
     assert serial[0].dtype == (torch.float32 if float32_from == 8 else torch.float64)
+    assert len(made_beside) == (3 if blocks == "beside" and float32_from > 8 else 0)  # the middle group, each step

@@ -25,8 +25,9 @@ step's result:
      group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
      (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
      more than CHUNK units, or of at least 2·LANE_ROWS units and rank LANE_RANK, run in two lanes
-     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up to SERIAL_UP_TO units run torch on
-     one thread (`_one_torch_thread`).
+     (`_in_two_lanes`), blocks of rows shared between two threads; two smaller updates due one after the other
+     have their products made at once, one per thread, and added in their order (`_Matcher._beside`). Groups up
+     to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
@@ -291,7 +292,8 @@ class _Matcher:
     ) -> Iterator[None]:
         """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order):
         yielding after each block of rows, or, with `lanes` and more than one block, each term's blocks in two lanes
-        (`_in_two_lanes`)."""
+        (`_in_two_lanes`). With `lanes`, two small terms due one after the other (`_beside`) have their products
+        made at once, the second on lanes' thread, and are added in their order."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
@@ -302,21 +304,58 @@ class _Matcher:
             else:
                 cache = torch.zeros(n, n, dtype=dtype, device=self.device)
             self.cache[group] = cache
+        due: list[tuple[_Term, Tensor | None, Tensor]] = []  # (term, moved units or None: all, permutation now)
         for term in terms:
             now = perms[term.other]
-            units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: all, first visit
-            if units is not None and units.numel() == 0:
-                continue
-            rank = term.a.shape[0] if units is None else len(units) * term.a.shape[1]
-            if lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
-                _in_two_lanes(cache, term, units, now, lanes, self.scratch)
-                yield
-            else:
-                b = term.moved(units, now)
-                for start, stop in _parts(n):
-                    _add_rows(cache, start, stop, term.rows(term.a[..., start:stop], units).T, b, self.scratch)
+            units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: first visit
+            if units is None or units.numel():
+                due.append((term, units, now))
+        made: Future | None = None  # the widened product of due[at] made on lanes' thread, if any
+        try:
+            for at, (term, units, now) in enumerate(due):
+                rank = term.a.shape[0] if units is None else len(units) * term.a.shape[1]
+                if made is not None:  # made beside the last term's update
+                    cache += made.result()
+                    made = None
                     yield
-            term.seen = now
+                elif lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
+                    _in_two_lanes(cache, term, units, now, lanes, self.scratch)
+                    yield
+                else:
+                    if lanes is not None and at + 1 < len(due) and self._beside(cache, due[at], due[at + 1]):
+                        made = lanes.submit(self._widened_product, cache, *due[at + 1])
+                    b = term.moved(units, now)
+                    for start, stop in _parts(n):
+                        _add_rows(cache, start, stop, term.rows(term.a[..., start:stop], units).T, b, self.scratch)
+                        yield
+                term.seen = now
+        finally:
+            if made is not None:
+                made.exception()  # on an error, lanes' thread is left idle before it propagates
+
+    def _beside(self, cache: Tensor, *due: tuple[_Term, Tensor | None, Tensor]) -> bool:
+        """Whether the updates `due` (term, units, permutation) of a cache may have their products made at once,
+        one per thread, then added in their order, bit for bit as one after the other: where the cache is float64,
+        updated through float32 products (`_add_rows`), of at most SERIAL_UP_TO units (one block of rows, the
+        sweeps on one torch thread), and no update's rank takes two lanes. B4's MLPs at 512 and 1024 units: the
+        middle group's two updates at once while the second core is idle, 3-7 % faster."""
+        n = cache.shape[0]
+        if cache.dtype != torch.float64 or self.float64 or n > SERIAL_UP_TO:
+            return False
+        ranks = [term.a.shape[0] if units is None else len(units) * term.a.shape[1] for term, units, _ in due]
+        return all(n < 2 * LANE_ROWS or rank < LANE_RANK for rank in ranks)
+
+    def _widened_product(self, cache: Tensor, term: _Term, units: Tensor | None, now: Tensor) -> Tensor:
+        """On lanes' thread, with one torch thread: `term`'s update of the whole `cache` (one block), the float32
+        product widened in this thread's scratch rows (`_add_rows`' numbers), to be added by the caller."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                a = term.rows(term.a, units).T
+                return _product_rows(cache, a, term.moved(units, now), self.scratch)
+        finally:
+            torch.set_num_threads(threads)
 
     def update_ahead(self, group: str, perms: dict[str, Tensor], moving: set[str], lap: Future) -> None:
         """While `lap` (the solve of the groups `moving`) runs on another thread, on one thread: the updates of
@@ -356,21 +395,27 @@ class _Matcher:
 def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
               scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
     """C[R] += A[:, R]ᵀ·B for the rows R = [start, stop) of the cache: `a` A's gather [R, |K|·r] (`_Term.rows`),
-    `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: a float32 product of R
-    rows made in and widened through scratch rows kept per cache size and thread in `scratch` (fresh temporaries
-    cost page faults, a mixed-dtype `+=` a hidden float64 copy; at 2048 units 48 MB a thread); float64 products
-    of small ranks measured 2-16 % slower at 512 units."""
+    `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: the float32 product of R
+    rows widened in scratch rows (`_product_rows`), then added; float64 products of small ranks measured 2-16 %
+    slower at 512 units."""
     if cache.dtype == torch.float32 or a.dtype == torch.float64:  # float64 models: float64 products
         cache[start:stop].addmm_(a, b)
         return
-    n, rows = cache.shape[1], stop - start
+    cache[start:stop] += _product_rows(cache, a, b, scratch)
+
+
+def _product_rows(cache: Tensor, a: Tensor, b: Tensor, scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> Tensor:
+    """A·B ([R, n], float32 products) widened to the float64 `cache`'s dtype in scratch rows kept per cache size and
+    thread in `scratch` (fresh temporaries cost page faults, a mixed-dtype `+=` a hidden float64 copy; at 2048 units
+    48 MB a thread): a view of the scratch, valid until this thread's next product."""
+    n, rows = cache.shape[1], a.shape[0]
     key = (n, threading.get_ident())  # two lanes may update one cache at once (`_in_two_lanes`)
     if key not in scratch:
         size = min(n, CHUNK)
         scratch[key] = (cache.new_empty(size, n, dtype=torch.float32), cache.new_empty(size, n))
     product, wide = scratch[key]
     torch.mm(a, b, out=product[:rows])
-    cache[start:stop] += wide[:rows].copy_(product[:rows])
+    return wide[:rows].copy_(product[:rows])
 
 
 def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
