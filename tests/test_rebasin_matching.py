@@ -137,33 +137,39 @@ def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_fr
 @pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64 caches, float32 caches
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkeypatch) -> None:
-    """Updates gathered, subtracted and multiplied a few rows at a time give the very same permutations and
-    objective history as whole-matrix temporaries."""
+    """Updates gathered, subtracted and multiplied a few rows at a time, or with every temporary in kept storage
+    (`_Reused`), give the very same permutations and objective history as whole-matrix temporaries."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
     runs = []
-    for chunk, lines in ((1 << 30, 1 << 30), (16, 3)):
+    for chunk, lines, reused_from in ((1 << 30, 1 << 30, 1 << 30), (16, 3, 1 << 30), (16, 3, 0)):
         monkeypatch.setattr(matching_module, "CHUNK", chunk)
         monkeypatch.setattr(matching_module, "LINES", lines)
+        monkeypatch.setattr(matching_module, "REUSED_FROM", reused_from)
         runs.append(weight_matching(model_a, model_b, example_input=inputs(model_a)))
-    whole, chunked = runs
-    assert whole.iterations > 1 and chunked.objective_history == whole.objective_history
-    for group in whole.perms:
-        assert torch.equal(chunked.perms[group], whole.perms[group]), group
+    whole = runs[0]
+    assert whole.iterations > 1
+    for other in runs[1:]:
+        assert other.objective_history == whole.objective_history
+        for group in whole.perms:
+            assert torch.equal(other.perms[group], whole.perms[group]), group
 
 
+@pytest.mark.parametrize("reused_from", [matching_module.REUSED_FROM, 0])  # temporaries fresh, or all kept
 @pytest.mark.parametrize("name", ["mlp", "vgg"])
-def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> None:
+def test_moved_units_difference_equals_two_gathers(name: str, reused_from: int, monkeypatch) -> None:
     """`_Term.moved` (B read once at the moved units' places in increasing order, a few lines at a time, where
     rows are gathered as columns) gives bit for bit B's rows at the new places minus those at the old ones."""
+    monkeypatch.setattr(matching_module, "REUSED_FROM", reused_from)
     monkeypatch.setattr(matching_module, "LINES", 3)
     monkeypatch.setattr(matching_module, "BLOCK_ENTRIES", 0)  # blocks of 3 lines, however few units move
     model_a, model_b = build(name, seed=0), build(name, seed=1)
     params = {n for n, _ in model_a.named_parameters()}
     matcher = matching_module._Matcher(permutation_spec(model_a, inputs(model_a)), model_a.state_dict(), model_b.state_dict(), params)
     generator = torch.Generator().manual_seed(0)
+    reused = matching_module._Reused()
     layouts = set()
     for term in (term for terms in matcher.terms.values() for term in terms):
         size = term.b.shape[0]
@@ -172,8 +178,8 @@ def test_moved_units_difference_equals_two_gathers(name: str, monkeypatch) -> No
         picked = torch.randperm(size, generator=generator)[: size // 3 + 2]
         now[picked] = term.seen[picked[torch.randperm(len(picked), generator=generator)]]
         units = torch.nonzero(now != term.seen).flatten()
-        expected = term.rows(term.b, now[units]) - term.rows(term.b, term.seen[units])
-        assert torch.equal(term.moved(units, now), expected)
+        expected = term.rows(term.b, now[units], reused, "new") - term.rows(term.b, term.seen[units], reused, "old")
+        assert torch.equal(term.moved(units, now, reused), expected)
         layouts.add(term.b.stride(0) < term.b.stride(-1))
     assert layouts == {True, False}  # both gathers: as columns and as rows
 

@@ -72,6 +72,8 @@ LANE_RANK = 512  # ... if of rank |K|·r ≥ this: from rank 64, MLP sweeps at 5
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache,
 BLOCK_ENTRIES = 1 << 16  # or more lines where they hold up to this many entries at the moved units (fewer ops)
 COPY_UP_TO = 1 << 24  # entries: a term's strided rows up to this size are copied contiguous (`_local`)
+REUSED_FROM = 1 << 20  # entries (4 MiB of float32): the updates' temporaries from this size are kept for reuse
+# (`_Reused`); blocks just under glibc's 32 MiB mmap threshold faulted afresh too (a lane thread's arena trims them)
 OBJECTIVE_CHUNK = 1 << 18  # entries widened to float64 at once by `matching_objective` where numpy cannot read
 # the tensors (another device or dtype): 2 MB a side, 1/4 fewer seconds than 1 << 16 on a 2.4M-entry weight
 _NUMPY_SUMS = (torch.float32, torch.float64)  # dtypes that `matching_objective` sums with numpy's einsum
@@ -83,6 +85,30 @@ def sweep_order(num_groups: int, seed: int, sweep: int) -> tuple[int, ...]:
     remembered, as every call draws the same orders."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sweep)
     return tuple(torch.randperm(num_groups, generator=generator).tolist())
+
+
+class _Reused:
+    """Storage for the cost updates' large temporaries (B's moved rows, A's gathered rows), kept per purpose and
+    thread for one matching: glibc serves blocks above 32 MiB (`memory.KEEP_MMAP`, the most it allows) with fresh
+    pages each time, and so does a lane thread's arena with blocks near that size; at 8192 units a rank-4096
+    update's temporaries (384 MB) faulted ~100k pages, 0.2-0.5 s of system time (a 128 MB gather took 12 ms into
+    kept storage, 85-585 ms into fresh pages; a 32 MB block of A's rows 5 ms against 110-190). Smaller ones come
+    from the heap as before."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str, int, torch.dtype, torch.device], Tensor] = {}
+
+    def empty(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of `shape`: from this thread's kept storage for `purpose` (grown as needed) where
+        it holds REUSED_FROM entries or more on the CPU, valid until this thread's next one of `purpose`."""
+        numel = math.prod(shape)
+        if numel < REUSED_FROM or device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (purpose, threading.get_ident(), dtype, device)
+        if key not in self.kept or self.kept[key].numel() < numel:
+            self.kept.pop(key, None)  # freed before the larger one is made
+            self.kept[key] = torch.empty(numel, dtype=dtype, device=device)
+        return self.kept[key][:numel].view(shape)
 
 
 @dataclass
@@ -100,33 +126,36 @@ class _Term:
     seen: Tensor | None = None
 
     @staticmethod
-    def rows(w: Tensor, units: Tensor | None) -> Tensor:
+    def rows(w: Tensor, units: Tensor | None, reused: _Reused, purpose: str) -> Tensor:
         """The rows of `w` (self.a or self.b, or a slice of its last axis) at the given units of `other`:
         [len(units)·r, n]. Gathered where the reads stay local: contiguous rows, or, where `other`'s units lie
         closer together in memory than this group's (`other` a linear or convolution weight's input axis), the
-        transpose of a contiguous [n, len(units)·r] gather. `units` None: every unit in order, in that layout,
-        a view of `w` where its strides allow (no copy)."""
+        transpose of a contiguous [n, len(units)·r] gather; into `reused` storage for `purpose` where large.
+        `units` None: every unit in order, in that layout, a view of `w` where its strides allow (no copy)."""
         if units is not None:
             units = units.to(w.device)
         if w.stride(0) < w.stride(-1):
             lines = w.movedim(-1, 0)
-            lines = lines if units is None else lines.index_select(1, units)
+            if units is not None:
+                into = reused.empty(purpose, (lines.shape[0], len(units), *lines.shape[2:]), w.dtype, w.device)
+                lines = torch.index_select(lines, 1, units, out=into)
             return _widened(lines.reshape(w.shape[-1], -1)).contiguous().T
         if units is None:
             return _widened(w.reshape(-1, w.shape[-1])).contiguous()
-        return _widened(w.index_select(0, units).reshape(-1, w.shape[-1]))
+        into = reused.empty(purpose, (len(units), *w.shape[1:]), w.dtype, w.device)
+        return _widened(torch.index_select(w, 0, units, out=into).reshape(-1, w.shape[-1]))
 
-    def moved(self, units: Tensor | None, now: Tensor) -> Tensor:
+    def moved(self, units: Tensor | None, now: Tensor, reused: _Reused) -> Tensor:
         """B's rows at the given units' new places minus those at their old ones (`seen`): [len(units)·r, n].
 
         Where B's rows are gathered as columns (`rows`), the moved units' new places are their old places
         reordered (the permutations agree elsewhere), so each block of B's n lines is read once at those places
         in increasing order and the two orders are picked in cache: 2-3× faster than two gathers in the
         permutations' order, and the same numbers. Else the rows are gathered, and the old ones subtracted
-        CHUNK units at a time (no third [|K|·r, n] temporary). Before the first update (`seen` and `units`
-        None): B's rows at `now`."""
+        CHUNK units at a time (no third [|K|·r, n] temporary). Large results and temporaries in `reused` storage.
+        Before the first update (`seen` and `units` None): B's rows at `now`."""
         if self.seen is None or units is None:
-            return self.rows(self.b, None if torch.equal(now, torch.arange(len(now))) else now)
+            return self.rows(self.b, None if torch.equal(now, torch.arange(len(now))) else now, reused, "moved")
         new, old = now[units], self.seen[units]
         w = self.b
         if w.stride(0) < w.stride(-1):
@@ -136,16 +165,16 @@ class _Term:
             at_old = torch.searchsorted(places, old)
             places, at_new, at_old = (index.to(w.device) for index in (places, at_new, at_old))
             lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
-            out = lines.new_empty(lines.shape[0], len(units), lines.shape[2], dtype=_WIDER.get(w.dtype, w.dtype))
+            out = reused.empty("moved", (lines.shape[0], len(units), lines.shape[2]), _WIDER.get(w.dtype, w.dtype), w.device)
             step = max(LINES, BLOCK_ENTRIES // out[0].numel())
             for start in range(0, lines.shape[0], step):
                 block = _widened(lines[start : start + step].index_select(1, places))
                 torch.sub(block.index_select(1, at_new), block.index_select(1, at_old), out=out[start : start + step])
             return out.reshape(lines.shape[0], -1).T
-        b = self.rows(w, new)
+        b = self.rows(w, new, reused, "moved")
         r = b.shape[0] // len(units)
         for start in range(0, len(units), CHUNK):
-            before = self.rows(w, old[start : start + CHUNK])
+            before = self.rows(w, old[start : start + CHUNK], reused, "before")
             b[start * r : start * r + before.shape[0]] -= before
         return b
 
@@ -285,6 +314,7 @@ class _Matcher:
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
         self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: `_add_rows`
+        self.reused = _Reused()  # the updates' large temporaries
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
     def _updates(
@@ -319,14 +349,15 @@ class _Matcher:
                     made = None
                     yield
                 elif lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
-                    _in_two_lanes(cache, term, units, now, lanes, self.scratch)
+                    _in_two_lanes(cache, term, units, now, lanes, self.scratch, self.reused)
                     yield
                 else:
                     if lanes is not None and at + 1 < len(due) and self._beside(cache, due[at], due[at + 1]):
                         made = lanes.submit(self._widened_product, cache, *due[at + 1])
-                    b = term.moved(units, now)
+                    b = term.moved(units, now, self.reused)
                     for start, stop in _parts(n):
-                        _add_rows(cache, start, stop, term.rows(term.a[..., start:stop], units).T, b, self.scratch)
+                        a = term.rows(term.a[..., start:stop], units, self.reused, "a").T
+                        _add_rows(cache, start, stop, a, b, self.scratch)
                         yield
                 term.seen = now
         finally:
@@ -352,8 +383,8 @@ class _Matcher:
         torch.set_num_threads(1)
         try:
             with torch.no_grad():
-                a = term.rows(term.a, units).T
-                return _product_rows(cache, a, term.moved(units, now), self.scratch)
+                a = term.rows(term.a, units, self.reused, "a").T
+                return _product_rows(cache, a, term.moved(units, now, self.reused), self.scratch)
         finally:
             torch.set_num_threads(threads)
 
@@ -419,7 +450,7 @@ def _product_rows(cache: Tensor, a: Tensor, b: Tensor, scratch: dict[tuple[int, 
 
 
 def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
-                  scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
+                  scratch: dict[tuple[int, int], tuple[Tensor, Tensor]], reused: _Reused) -> None:
     """The update of the cache's blocks of rows by `term` (`_parts`; of a group of at most CHUNK units, blocks of
     about LANE_ROWS), each block taken by whichever of this thread and `lanes`' one is free, each with half of
     torch's threads (at least one): the gathers (single-threaded copies) run two at a time too, and on a busy
@@ -442,14 +473,14 @@ def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor,
             if part is None:
                 return
             start, stop = part
-            a = term.rows(term.a[..., start:stop], units).T
+            a = term.rows(term.a[..., start:stop], units, reused, "a").T
             _add_rows(cache, start, stop, a, b.result(), scratch)
 
     other = lanes.submit(lane, max(1, threads // 2))
     try:
         torch.set_num_threads(max(1, threads - threads // 2))
         try:
-            b.set_result(term.moved(units, now))
+            b.set_result(term.moved(units, now, reused))
         except BaseException as error:
             b.set_exception(error)
             raise
