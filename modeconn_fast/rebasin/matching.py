@@ -93,16 +93,18 @@ class _Reused:
     pages each time, and so does a lane thread's arena with blocks near that size; at 8192 units a rank-4096
     update's temporaries (384 MB) faulted ~100k pages, 0.2-0.5 s of system time (a 128 MB gather took 12 ms into
     kept storage, 85-585 ms into fresh pages; a 32 MB block of A's rows 5 ms against 110-190). Smaller ones come
-    from the heap as before."""
+    from the heap as before, but for those asked `always` (the float64 caches' product rows, `_product_rows`)."""
 
     def __init__(self) -> None:
         self.kept: dict[tuple[str, int, torch.dtype, torch.device], Tensor] = {}
 
-    def empty(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    def empty(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              always: bool = False) -> Tensor:
         """An uninitialised tensor of `shape`: from this thread's kept storage for `purpose` (grown as needed) where
-        it holds REUSED_FROM entries or more on the CPU, valid until this thread's next one of `purpose`."""
+        it holds REUSED_FROM entries or more, or `always`, on the CPU; valid until this thread's next one of
+        `purpose`."""
         numel = math.prod(shape)
-        if numel < REUSED_FROM or device.type != "cpu":
+        if (numel < REUSED_FROM and not always) or device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         key = (purpose, threading.get_ident(), dtype, device)
         if key not in self.kept or self.kept[key].numel() < numel:
@@ -124,6 +126,11 @@ class _Term:
     a: Tensor
     b: Tensor
     seen: Tensor | None = None
+
+    def rank(self, units: Tensor | None) -> int:
+        """The rank that decides how the update for the moved `units` of `other` runs: |K|·r (None, the first
+        visit: n_q)."""
+        return self.a.shape[0] if units is None else len(units) * self.a.shape[1]
 
     @staticmethod
     def rows(w: Tensor, units: Tensor | None, reused: _Reused, purpose: str) -> Tensor:
@@ -313,8 +320,7 @@ class _Matcher:
                     self.dependents[q].add(group)
             self.const[group] = (const_a, const_b)
         self.cache: dict[str, Tensor] = {}
-        self.scratch: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # per group size and thread: `_add_rows`
-        self.reused = _Reused()  # the updates' large temporaries
+        self.reused = _Reused()  # the updates' large temporaries and the float64 caches' product rows
         self.self_dependent = any(g in deps for g, deps in self.dependents.items())
 
     def _updates(
@@ -343,13 +349,12 @@ class _Matcher:
         made: Future | None = None  # the widened product of due[at] made on lanes' thread, if any
         try:
             for at, (term, units, now) in enumerate(due):
-                rank = term.a.shape[0] if units is None else len(units) * term.a.shape[1]
                 if made is not None:  # made beside the last term's update
                     cache += made.result()
                     made = None
                     yield
-                elif lanes is not None and (n > CHUNK or (2 * LANE_ROWS <= n <= SERIAL_UP_TO and rank >= LANE_RANK)):
-                    _in_two_lanes(cache, term, units, now, lanes, self.scratch, self.reused)
+                elif lanes is not None and (n > CHUNK or 2 * LANE_ROWS <= n <= SERIAL_UP_TO and term.rank(units) >= LANE_RANK):
+                    _in_two_lanes(cache, term, units, now, lanes, self.reused)
                     yield
                 else:
                     if lanes is not None and at + 1 < len(due) and self._beside(cache, due[at], due[at + 1]):
@@ -357,7 +362,7 @@ class _Matcher:
                     b = term.moved(units, now, self.reused)
                     for start, stop in _parts(n):
                         a = term.rows(term.a[..., start:stop], units, self.reused, "a").T
-                        _add_rows(cache, start, stop, a, b, self.scratch)
+                        _add_rows(cache, start, stop, a, b, self.reused)
                         yield
                 term.seen = now
         finally:
@@ -373,18 +378,17 @@ class _Matcher:
         n = cache.shape[0]
         if cache.dtype != torch.float64 or self.float64 or n > SERIAL_UP_TO:
             return False
-        ranks = [term.a.shape[0] if units is None else len(units) * term.a.shape[1] for term, units, _ in due]
-        return all(n < 2 * LANE_ROWS or rank < LANE_RANK for rank in ranks)
+        return all(n < 2 * LANE_ROWS or term.rank(units) < LANE_RANK for term, units, _ in due)
 
     def _widened_product(self, cache: Tensor, term: _Term, units: Tensor | None, now: Tensor) -> Tensor:
         """On lanes' thread, with one torch thread: `term`'s update of the whole `cache` (one block), the float32
-        product widened in this thread's scratch rows (`_add_rows`' numbers), to be added by the caller."""
+        product widened in this thread's kept rows (`_add_rows`' numbers), to be added by the caller."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with torch.no_grad():
                 a = term.rows(term.a, units, self.reused, "a").T
-                return _product_rows(cache, a, term.moved(units, now, self.reused), self.scratch)
+                return _product_rows(cache, a, term.moved(units, now, self.reused), self.reused)
         finally:
             torch.set_num_threads(threads)
 
@@ -423,34 +427,29 @@ class _Matcher:
         return total
 
 
-def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor,
-              scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
+def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor, reused: _Reused) -> None:
     """C[R] += A[:, R]ᵀ·B for the rows R = [start, stop) of the cache: `a` A's gather [R, |K|·r] (`_Term.rows`),
     `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: the float32 product of R
-    rows widened in scratch rows (`_product_rows`), then added; float64 products of small ranks measured 2-16 %
+    rows widened in kept rows (`_product_rows`), then added; float64 products of small ranks measured 2-16 %
     slower at 512 units."""
     if cache.dtype == torch.float32 or a.dtype == torch.float64:  # float64 models: float64 products
         cache[start:stop].addmm_(a, b)
         return
-    cache[start:stop] += _product_rows(cache, a, b, scratch)
+    cache[start:stop] += _product_rows(cache, a, b, reused)
 
 
-def _product_rows(cache: Tensor, a: Tensor, b: Tensor, scratch: dict[tuple[int, int], tuple[Tensor, Tensor]]) -> Tensor:
-    """A·B ([R, n], float32 products) widened to the float64 `cache`'s dtype in scratch rows kept per cache size and
-    thread in `scratch` (fresh temporaries cost page faults, a mixed-dtype `+=` a hidden float64 copy; at 2048 units
-    48 MB a thread): a view of the scratch, valid until this thread's next product."""
-    n, rows = cache.shape[1], a.shape[0]
-    key = (n, threading.get_ident())  # two lanes may update one cache at once (`_in_two_lanes`)
-    if key not in scratch:
-        size = min(n, CHUNK)
-        scratch[key] = (cache.new_empty(size, n, dtype=torch.float32), cache.new_empty(size, n))
-    product, wide = scratch[key]
-    torch.mm(a, b, out=product[:rows])
-    return wide[:rows].copy_(product[:rows])
+def _product_rows(cache: Tensor, a: Tensor, b: Tensor, reused: _Reused) -> Tensor:
+    """A·B ([R, n], float32 products) widened to the float64 `cache`'s dtype, both in rows kept per thread in
+    `reused` whatever their size (fresh temporaries cost page faults, a mixed-dtype `+=` a hidden float64 copy; at
+    2048 units 48 MB a thread): a view of the kept rows, valid until this thread's next product."""
+    shape = (a.shape[0], cache.shape[1])
+    product = reused.empty("product", shape, torch.float32, cache.device, always=True)
+    torch.mm(a, b, out=product)
+    return reused.empty("widened", shape, cache.dtype, cache.device, always=True).copy_(product)
 
 
 def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor, lanes: ThreadPoolExecutor,
-                  scratch: dict[tuple[int, int], tuple[Tensor, Tensor]], reused: _Reused) -> None:
+                  reused: _Reused) -> None:
     """The update of the cache's blocks of rows by `term` (`_parts`; of a group of at most CHUNK units, blocks of
     about LANE_ROWS), each block taken by whichever of this thread and `lanes`' one is free, each with half of
     torch's threads (at least one): the gathers (single-threaded copies) run two at a time too, and on a busy
@@ -474,7 +473,7 @@ def _in_two_lanes(cache: Tensor, term: _Term, units: Tensor | None, now: Tensor,
                 return
             start, stop = part
             a = term.rows(term.a[..., start:stop], units, reused, "a").T
-            _add_rows(cache, start, stop, a, b.result(), scratch)
+            _add_rows(cache, start, stop, a, b.result(), reused)
 
     other = lanes.submit(lane, max(1, threads // 2))
     try:
