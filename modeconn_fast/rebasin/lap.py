@@ -58,7 +58,9 @@ AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's 
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths
+ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths (price wars on near-ties: most
+ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024  # solves reach the cap): 4 up to 1024 units, replayed LAPs of B4's
+# matchings at 512 8-10 % faster than with 8 (the paths take more rows), at 1024 within noise, at 2048 5 % slower
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 SPLIT_FROM = 1 << 20  # entries of C read by one pass over rows from which `lanes` takes half of them (`_in_halves`)
@@ -336,6 +338,16 @@ def _range_max(row, p, start, stop):  # pragma: no cover - compiled
     return m
 
 
+@numba.njit(cache=True, inline="always")
+def _row_scan(row, p):  # pragma: no cover - compiled
+    """(max_k (row[k] − p_k), max_k |row[k]|) in one vectorised pass (NaN entries skipped, as `_range_max`)."""
+    m, largest = -np.inf, 0.0
+    for k in range(row.shape[0]):
+        m = _max_num(m, row[k] - p[k])
+        largest = _max_num(largest, abs(row[k]))
+    return m, largest
+
+
 def _llvm_float64(name: str):  # type: ignore[no-untyped-def]
     """A compiled function of two float64s that is the LLVM intrinsic `name`. Numba writes max and min as a
     comparison and a select, a reduction LLVM does not vectorise without fast-math flags (which would also let it
@@ -547,9 +559,7 @@ def _solve_by_paths(c: Tensor, warm: WarmStart | None) -> tuple[Tensor, WarmStar
         sigma, prices = torch.full((n,), -1, dtype=torch.long), c.amax(dim=0).double()
     else:
         sigma, prices = warm.sigma.clone(), warm.prices.double().clone()
-    low, high = torch.aminmax(c)
-    tolerance = 1e-12 * n * max(-low.item(), high.item(), 1.0)
-    if _dense_rounds(c.numpy(), sigma.numpy(), prices.numpy(), tolerance, ROUNDS):
+    if _dense_rounds(c.numpy(), sigma.numpy(), prices.numpy(), ROUNDS):
         return sigma, WarmStart(sigma, prices - prices.min(), None)
     return _dense(c.numpy()), None
 
@@ -592,19 +602,20 @@ def _best_two(c, p, i, top, bound, values, index, maxima, picked):  # pragma: no
 
 
 @numba.njit(cache=True, nogil=True)
-def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - compiled
+def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     """Jonker & Volgenant (1987) from a warm start, over whole rows; True once the dual check certifies the
-    assignment row_to_col (updated in place with the prices p) within `tolerance`, False after `rounds` rounds.
-    A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
+    assignment row_to_col (updated in place with the prices p) within the tolerance 1e-12·n·max(max |C|, 1)
+    (found by the first round's check in the same pass over C, `_row_scan`), False after `rounds` rounds. A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
     is freed (so a, p stay feasible: C[i, k] ≤ a_i + p_k); none freed: done. It reads every row in the first
     round, later only the rows the last round reassigned or whose column's price it raised: for any other row
     C[i, σ(i)] − p_σ(i) is the same number and every other C[i, k] − p_k can only have fallen (prices only rise),
     so it passes again. (2) Augmenting row reduction: a free row takes its best column, the price of which rises
     to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
     owner, who goes next; a row whose best column is owned and tied with its second, or any beyond ARR_STEPS·n
-    steps, waits for (3): a shortest augmenting path (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0,
-    `_dense_path`), then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight."""
+    steps (ARR_STEPS_SMALL·n up to ARR_SMALL_UP_TO units), waits for (3): a shortest augmenting path (Dijkstra
+    over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight."""
     n = c.shape[0]
+    max_steps = (ARR_STEPS_SMALL if n <= ARR_SMALL_UP_TO else ARR_STEPS) * n
     a = np.empty(n)
     col_to_row = np.full(n, -1, dtype=np.int64)
     for i in range(n):
@@ -621,14 +632,19 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
     maxima, picked = np.empty(_segments(values.shape[0])), np.empty(n, dtype=np.int64)  # `_row_top`'s scratch
     touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
-    for _ in range(rounds):
+    largest = 1.0
+    for i in range(n):  # the first round's row maxima of C − p, and the largest |C| for the tolerance
+        a[i], row_largest = _row_scan(c[i], p)
+        largest = _max_num(largest, row_largest)
+    tolerance = 1e-12 * n * largest
+    for round_ in range(rounds):
         n_free = 0
         for i in range(n):
             if not touched[i]:
                 continue
             touched[i] = False
             j = row_to_col[i]
-            best = _range_max(c[i], p, 0, n)
+            best = a[i] if round_ == 0 else _range_max(c[i], p, 0, n)
             if j >= 0 and c[i, j] - p[j] >= best - tolerance:
                 a[i] = c[i, j] - p[j]
                 continue
@@ -650,7 +666,7 @@ def _dense_rounds(c, row_to_col, p, tolerance, rounds):  # pragma: no cover - co
             first, second, j = _best_two(c, p, i, top, bound, values, index, maxima, picked)
             owner = col_to_row[j]
             steps += 1
-            if steps > ARR_STEPS * n or (owner >= 0 and first - second <= tolerance):
+            if steps > max_steps or (owner >= 0 and first - second <= tolerance):
                 a[i] = first
                 free[kept] = i
                 kept += 1
