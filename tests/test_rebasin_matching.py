@@ -42,6 +42,7 @@ def test_half_precision_models_match_as_their_float32_copies(name: str, dtype: t
     """bfloat16 and float16 weights are widened exactly to float32 for the products: the same permutations and
     objective as the float32 copies of the same weights."""
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     reference = build(name, seed=0)
     spec = permutation_spec(reference, inputs(reference))
     narrow_a, narrow_b = reference.to(dtype), build(name, seed=1).to(dtype)
@@ -57,7 +58,7 @@ def test_half_precision_models_match_as_their_float32_copies(name: str, dtype: t
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_float64_models_keep_float64_costs(name: str, monkeypatch) -> None:
-    """float64 weights: products and caches in float64 at every width (FLOAT32_FROM does not apply), so the
+    """float64 weights: products and caches in float64 at every width (no FLOAT32_* applies), so the
     history is exact: it never falls and ends at the objective summed directly."""
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", 8)
     model_a, model_b = build(name, seed=0).double(), build(name, seed=1).double()
@@ -77,6 +78,7 @@ def test_float64_models_keep_float64_costs(name: str, monkeypatch) -> None:
 @pytest.mark.parametrize(("float32_from", "rounding"), [(1 << 30, 1e-9), (8, 1e-6)])  # float64, float32 caches
 def test_objective_history_never_decreases_and_is_exact(float32_from: int, rounding: float, monkeypatch) -> None:
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     model_a, model_b = build("resnet", seed=0), build("resnet", seed=1)
     result = weight_matching(model_a, model_b, example_input=inputs(model_a), seed=5)
     history = result.objective_history
@@ -117,6 +119,7 @@ def _port_spec(spec):
 def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_from: int, monkeypatch) -> None:
     monkeypatch.setattr(lap, "DENSE_BELOW", 100)  # width 200 takes the sparse, certified LAP
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     lap_loading.wait()  # not scipy's solver while the compiled one loads
     torch.manual_seed(10 + seed)
     model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
@@ -141,6 +144,7 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
     (`_Reused`), give the very same permutations and objective history as whole-matrix temporaries."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
     runs = []
@@ -371,25 +375,21 @@ def test_spec_naming_a_missing_tensor_says_which_and_how_to_fix() -> None:
         weight_matching(model_a, model_b, spec=typo)
 
 
-@pytest.mark.parametrize("blocks", ["chunks", "small", "beside"])
+@pytest.mark.parametrize("blocks", ["chunks", "small"])
 @pytest.mark.parametrize("float32_from", [8, 1 << 30])  # float32 and float64 caches
 def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatch) -> None:
     """Cost updates whose blocks of rows are shared between two threads (`_in_two_lanes`, one torch thread each)
     give the cache bit for bit as one thread with two torch threads does: first visits and moved units. `chunks`:
     a group of more than CHUNK units, whose blocks one thread makes too; `small`: a group of at most
     SERIAL_UP_TO units, whose blocks of LANE_ROWS rows must give the one product of one thread (rows of an MKL
-    product do not depend on the rows beside them); `beside`: groups too small for two lanes, the middle one's two
-    terms made at once on two threads and added in their order (`_Matcher._beside`, float64 caches)."""
+    product do not depend on the rows beside them)."""
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     if blocks == "chunks":
         monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
     elif blocks == "small":
         monkeypatch.setattr(matching_module, "LANE_ROWS", 100)  # 200 units: two blocks against one product
         monkeypatch.setattr(matching_module, "LANE_RANK", 1)
-    made_beside = []
-    widened_product = matching_module._Matcher._widened_product
-    monkeypatch.setattr(matching_module._Matcher, "_widened_product",
-                        lambda self, *args: made_beside.append(1) or widened_product(self, *args))
     torch.manual_seed(3)
     model_a, model_b = mlp((64, 200, 200, 200, 10)), mlp((64, 200, 200, 200, 10))
     spec = permutation_spec(model_a, inputs(model_a))
@@ -410,4 +410,3 @@ def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatc
     serial, two_lanes = caches
     assert all(torch.equal(a, b) for a, b in zip(serial, two_lanes))
     assert serial[0].dtype == (torch.float32 if float32_from == 8 else torch.float64)
-    assert len(made_beside) == (3 if blocks == "beside" and float32_from > 8 else 0)  # the middle group, each step

@@ -12,9 +12,11 @@ step's result:
      same permutation);
   2. C_p is kept across visits and updated, term by term, only for the units of the neighbouring groups that
      moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product instead of
-     the full one. The cache is float64, or float32 from FLOAT32_FROM units (at 8192 units: 256 MB a group
-     instead of 512 MB, each update one float32 product accumulated in place at the GEMM rate; the port's
-     products are float32 too, and the trajectory tests hold with it at small widths);
+     the full one. The cache is float32 for groups of up to FLOAT32_UP_TO units and from FLOAT32_FROM, each
+     update one float32 product accumulated in place at the GEMM rate (the port's products are float32 too; at
+     8192 units 256 MB a group instead of 512 MB; at 512-1024 units B4's matchings 10-27 % faster than through
+     float64), float64 in between (each float32 product widened and added: a float32 cache took B4's VGG pair
+     at 2048 channels off the port's trajectory, to another objective); float64 models keep float64;
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
@@ -25,14 +27,13 @@ step's result:
      group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
      (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
      more than CHUNK units, or of at least 2·LANE_ROWS units and rank LANE_RANK, run in two lanes
-     (`_in_two_lanes`), blocks of rows shared between two threads; two smaller updates due one after the other
-     have their products made at once, one per thread, and added in their order (`_Matcher._beside`). Groups up
+     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up
      to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
-J moves by the LAP gains, exact for a linear step up to the cache's rounding (float64: ~1e-12 relative;
-float32 caches: ~1e-7).
+J moves by the LAP gains, exact for a linear step up to the cache's rounding (float32 caches: ~1e-7 relative;
+float64: ~1e-12).
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ if TYPE_CHECKING:
     from .lap import WarmStart
 
 
-FLOAT32_FROM = 4096  # groups of this many units keep C_p in float32 (half the memory, updates at the fp32 rate)
+FLOAT32_UP_TO, FLOAT32_FROM = 1024, 4096  # groups of up to / from this many units keep C_p in float32 (updates
+# at the fp32 rate, in place; half the memory), float64 in between (see the module's docstring)
 CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for the gathers, rows of C for products);
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
@@ -328,13 +330,13 @@ class _Matcher:
     ) -> Iterator[None]:
         """Bring `terms` of C_group to the current permutations, in their order (the cache's summation order):
         yielding after each block of rows, or, with `lanes` and more than one block, each term's blocks in two lanes
-        (`_in_two_lanes`). With `lanes`, two small terms due one after the other (`_beside`) have their products
-        made at once, the second on lanes' thread, and are added in their order."""
+        (`_in_two_lanes`)."""
         n = self.sizes[group]
         cache = self.cache.get(group)
         if cache is None:
             const_a, const_b = self.const.pop(group)
-            dtype = torch.float32 if n >= FLOAT32_FROM and not self.float64 else torch.float64
+            float32 = (n <= FLOAT32_UP_TO or n >= FLOAT32_FROM) and not self.float64
+            dtype = torch.float32 if float32 else torch.float64
             if const_a:
                 cache = _products(const_a, const_b).to(dtype)
             else:
@@ -346,51 +348,17 @@ class _Matcher:
             units = None if term.seen is None else torch.nonzero(now != term.seen).flatten()  # None: first visit
             if units is None or units.numel():
                 due.append((term, units, now))
-        made: Future | None = None  # the widened product of due[at] made on lanes' thread, if any
-        try:
-            for at, (term, units, now) in enumerate(due):
-                if made is not None:  # made beside the last term's update
-                    cache += made.result()
-                    made = None
+        for term, units, now in due:
+            if lanes is not None and (n > CHUNK or 2 * LANE_ROWS <= n <= SERIAL_UP_TO and term.rank(units) >= LANE_RANK):
+                _in_two_lanes(cache, term, units, now, lanes, self.reused)
+                yield
+            else:
+                b = term.moved(units, now, self.reused)
+                for start, stop in _parts(n):
+                    a = term.rows(term.a[..., start:stop], units, self.reused, "a").T
+                    _add_rows(cache, start, stop, a, b, self.reused)
                     yield
-                elif lanes is not None and (n > CHUNK or 2 * LANE_ROWS <= n <= SERIAL_UP_TO and term.rank(units) >= LANE_RANK):
-                    _in_two_lanes(cache, term, units, now, lanes, self.reused)
-                    yield
-                else:
-                    if lanes is not None and at + 1 < len(due) and self._beside(cache, due[at], due[at + 1]):
-                        made = lanes.submit(self._widened_product, cache, *due[at + 1])
-                    b = term.moved(units, now, self.reused)
-                    for start, stop in _parts(n):
-                        a = term.rows(term.a[..., start:stop], units, self.reused, "a").T
-                        _add_rows(cache, start, stop, a, b, self.reused)
-                        yield
-                term.seen = now
-        finally:
-            if made is not None:
-                made.exception()  # on an error, lanes' thread is left idle before it propagates
-
-    def _beside(self, cache: Tensor, *due: tuple[_Term, Tensor | None, Tensor]) -> bool:
-        """Whether the updates `due` (term, units, permutation) of a cache may have their products made at once,
-        one per thread, then added in their order, bit for bit as one after the other: where the cache is float64,
-        updated through float32 products (`_add_rows`), of at most SERIAL_UP_TO units (one block of rows, the
-        sweeps on one torch thread), and no update's rank takes two lanes. B4's MLPs at 512 and 1024 units: the
-        middle group's two updates at once while the second core is idle, 3-7 % faster."""
-        n = cache.shape[0]
-        if cache.dtype != torch.float64 or self.float64 or n > SERIAL_UP_TO:
-            return False
-        return all(n < 2 * LANE_ROWS or term.rank(units) < LANE_RANK for term, units, _ in due)
-
-    def _widened_product(self, cache: Tensor, term: _Term, units: Tensor | None, now: Tensor) -> Tensor:
-        """On lanes' thread, with one torch thread: `term`'s update of the whole `cache` (one block), the float32
-        product widened in this thread's kept rows (`_add_rows`' numbers), to be added by the caller."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                a = term.rows(term.a, units, self.reused, "a").T
-                return _product_rows(cache, a, term.moved(units, now, self.reused), self.reused)
-        finally:
-            torch.set_num_threads(threads)
+            term.seen = now
 
     def update_ahead(self, group: str, perms: dict[str, Tensor], moving: set[str], lap: Future) -> None:
         """While `lap` (the solve of the groups `moving`) runs on another thread, on one thread: the updates of
@@ -407,9 +375,10 @@ class _Matcher:
             torch.set_num_threads(threads)
 
     def cost(self, group: str, perms: dict[str, Tensor], lanes: ThreadPoolExecutor | None = None) -> Tensor:
-        """C_group for the current permutations, updated in place where possible, on the weights' device: float64,
-        or float32 from FLOAT32_FROM units (each update a float32 product accumulated in place, as the port's
-        products are; float64 models keep float64). `lanes`: an idle one-thread executor for `_in_two_lanes`."""
+        """C_group for the current permutations, updated in place where possible, on the weights' device: float32
+        up to FLOAT32_UP_TO and from FLOAT32_FROM units (each update a float32 product accumulated in place, as the
+        port's products are), float64 in between and for float64 models. `lanes`: an idle one-thread executor for
+        `_in_two_lanes`."""
         n = self.sizes[group]
         for _ in self._updates(group, self.terms[group], perms, lanes):
             pass
