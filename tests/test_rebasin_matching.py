@@ -140,16 +140,18 @@ def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_fr
 @pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64 caches, float32 caches
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkeypatch) -> None:
-    """Updates gathered, subtracted and multiplied a few rows at a time, or with every temporary in kept storage
-    (`_Reused`), give the very same permutations and objective history as whole-matrix temporaries."""
+    """Updates gathered, subtracted and multiplied a few rows at a time (columns of B read once in order), or with
+    every temporary in kept storage (`_Reused`), give the very same permutations and objective history as
+    whole-matrix temporaries."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
     monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
     monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
     runs = []
-    for chunk, lines, reused_from in ((1 << 30, 1 << 30, 1 << 30), (16, 3, 1 << 30), (16, 3, 0)):
+    for chunk, lines, reused_from, twice in ((1 << 30, 1 << 30, 1 << 30, 1 << 30), (16, 3, 1 << 30, 0), (16, 3, 0, 0)):
         monkeypatch.setattr(matching_module, "CHUNK", chunk)
+        monkeypatch.setattr(matching_module, "GATHER_TWICE_UP_TO", twice)
         monkeypatch.setattr(matching_module, "LINES", lines)
         monkeypatch.setattr(matching_module, "REUSED_FROM", reused_from)
         runs.append(weight_matching(model_a, model_b, example_input=inputs(model_a)))
@@ -161,12 +163,16 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
             assert torch.equal(other.perms[group], whole.perms[group]), group
 
 
+@pytest.mark.parametrize("gather_twice_up_to", [matching_module.GATHER_TWICE_UP_TO, 0])  # B in cache, or not
 @pytest.mark.parametrize("reused_from", [matching_module.REUSED_FROM, 0])  # temporaries fresh, or all kept
 @pytest.mark.parametrize("name", ["mlp", "vgg"])
-def test_moved_units_difference_equals_two_gathers(name: str, reused_from: int, monkeypatch) -> None:
-    """`_Term.moved` (B read once at the moved units' places in increasing order, a few lines at a time, where
-    rows are gathered as columns) gives bit for bit B's rows at the new places minus those at the old ones."""
+def test_moved_units_difference_equals_two_gathers(name: str, reused_from: int, gather_twice_up_to: int,
+                                                   monkeypatch) -> None:
+    """`_Term.moved` (where rows are gathered as columns: two gathers of B in cache, else B read once at the moved
+    units' places in increasing order, a few lines at a time) gives bit for bit B's rows at the new places minus
+    those at the old ones."""
     monkeypatch.setattr(matching_module, "REUSED_FROM", reused_from)
+    monkeypatch.setattr(matching_module, "GATHER_TWICE_UP_TO", gather_twice_up_to)
     monkeypatch.setattr(matching_module, "LINES", 3)
     monkeypatch.setattr(matching_module, "BLOCK_ENTRIES", 0)  # blocks of 3 lines, however few units move
     model_a, model_b = build(name, seed=0), build(name, seed=1)
