@@ -14,8 +14,8 @@ step's result:
      moved: ΔC = mat(A)[:, K] · (mat(B)[:, π_new(K)] − mat(B)[:, π_old(K)])ᵀ, a rank-|K| product instead of
      the full one. The cache is float32 for groups of up to FLOAT32_UP_TO units and from FLOAT32_FROM, each
      update one float32 product accumulated in place at the GEMM rate (the port's products are float32 too; at
-     8192 units 256 MB a group instead of 512 MB; at 512-1024 units B4's matchings 10-27 % faster than through
-     float64), float64 in between (each float32 product widened and added: a float32 cache took B4's VGG pair
+     8192 units 256 MB a group instead of 512 MB; at 512-1024 units B4's MLP matchings 8-16 % faster than
+     through float64), float64 in between (each float32 product widened and added: a float32 cache took B4's VGG pair
      at 2048 channels off the port's trajectory, to another objective); float64 models keep float64;
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
@@ -27,8 +27,8 @@ step's result:
      group due updates its leading cost terms that the current solve cannot change on the idle core meanwhile
      (`_updated_ahead`: the same additions in the same order, only earlier), and the cost updates of a group of
      more than CHUNK units, or of at least 2·LANE_ROWS units and rank LANE_RANK, run in two lanes
-     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up
-     to SERIAL_UP_TO units run torch on one thread (`_one_torch_thread`).
+     (`_in_two_lanes`), blocks of rows shared between two threads. Groups up to SERIAL_UP_TO units run torch
+     on one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64); in between
