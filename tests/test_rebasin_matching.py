@@ -34,6 +34,12 @@ def test_planted_permutation_is_recovered_exactly(name: str) -> None:
     assert result.objective == pytest.approx(sum(p.double().square().sum().item() for p in model_a.parameters()), rel=1e-9)
 
 
+def float32_caches_from(units: int, monkeypatch) -> None:
+    """Cost caches in float32 for groups of `units` or more, float64 below (float32 models)."""
+    monkeypatch.setattr(matching_module, "FLOAT32_FROM", units)
+    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)
+
+
 @pytest.mark.parametrize("float32_from", [1 << 30, 8])  # float64, float32 caches
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -41,8 +47,7 @@ def test_half_precision_models_match_as_their_float32_copies(name: str, dtype: t
                                                              monkeypatch) -> None:
     """bfloat16 and float16 weights are widened exactly to float32 for the products: the same permutations and
     objective as the float32 copies of the same weights."""
-    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
+    float32_caches_from(float32_from, monkeypatch)
     reference = build(name, seed=0)
     spec = permutation_spec(reference, inputs(reference))
     narrow_a, narrow_b = reference.to(dtype), build(name, seed=1).to(dtype)
@@ -77,8 +82,7 @@ def test_float64_models_keep_float64_costs(name: str, monkeypatch) -> None:
 
 @pytest.mark.parametrize(("float32_from", "rounding"), [(1 << 30, 1e-9), (8, 1e-6)])  # float64, float32 caches
 def test_objective_history_never_decreases_and_is_exact(float32_from: int, rounding: float, monkeypatch) -> None:
-    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
+    float32_caches_from(float32_from, monkeypatch)
     model_a, model_b = build("resnet", seed=0), build("resnet", seed=1)
     result = weight_matching(model_a, model_b, example_input=inputs(model_a), seed=5)
     history = result.objective_history
@@ -118,8 +122,7 @@ def _port_spec(spec):
 @pytest.mark.parametrize(("seed", "width"), [(0, 48), (1, 200)])
 def test_same_trajectory_as_the_reference_port(seed: int, width: int, float32_from: int, monkeypatch) -> None:
     monkeypatch.setattr(lap, "DENSE_BELOW", 100)  # width 200 takes the sparse, certified LAP
-    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
+    float32_caches_from(float32_from, monkeypatch)
     lap_loading.wait()  # not scipy's solver while the compiled one loads
     torch.manual_seed(10 + seed)
     model_a, model_b = mlp((64, width, width, width, 10)), mlp((64, width, width, width, 10))
@@ -144,8 +147,7 @@ def test_chunked_temporaries_change_nothing(name: str, float32_from: int, monkey
     every temporary in kept storage (`_Reused`), give the very same permutations and objective history as
     whole-matrix temporaries."""
     monkeypatch.setattr(lap, "DENSE_BELOW", 8)  # the certified LAP
-    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
+    float32_caches_from(float32_from, monkeypatch)
     lap_loading.wait()
     model_a, model_b = build(name, seed=5), build(name, seed=6)
     runs = []
@@ -389,8 +391,7 @@ def test_two_lanes_give_the_same_bits(float32_from: int, blocks: str, monkeypatc
     a group of more than CHUNK units, whose blocks one thread makes too; `small`: a group of at most
     SERIAL_UP_TO units, whose blocks of LANE_ROWS rows must give the one product of one thread (rows of an MKL
     product do not depend on the rows beside them)."""
-    monkeypatch.setattr(matching_module, "FLOAT32_FROM", float32_from)
-    monkeypatch.setattr(matching_module, "FLOAT32_UP_TO", 0)  # float64 caches below float32_from
+    float32_caches_from(float32_from, monkeypatch)
     if blocks == "chunks":
         monkeypatch.setattr(matching_module, "CHUNK", 67)  # 200 units: three blocks (MKL's tiny products differ)
     elif blocks == "small":

@@ -58,9 +58,10 @@ AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's 
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths (price wars on near-ties: most
-ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024  # solves reach the cap): 4 up to 1024 units, replayed LAPs of B4's
-# matchings at 512 8-10 % faster than with 8 (the paths take more rows), at 1024 within noise, at 2048 5 % slower
+ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths (most warm solves reach the cap,
+# in price wars on near-ties), and up to ARR_SMALL_UP_TO units ARR_STEPS_SMALL: replayed LAPs of B4's matchings at
+ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024  # 512 8-10 % faster with 4 (the paths take more rows), at 1024 within
+# noise, at 2048 5 % slower
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 SPLIT_FROM = 1 << 20  # entries of C read by one pass over rows from which `lanes` takes half of them (`_in_halves`)
@@ -606,7 +607,8 @@ def _best_two(c, p, i, top, bound, values, index, maxima, picked):  # pragma: no
 def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     """Jonker & Volgenant (1987) from a warm start, over whole rows; True once the dual check certifies the
     assignment row_to_col (updated in place with the prices p) within the tolerance 1e-12·n·max(max |C|, 1)
-    (found by the first round's check in the same pass over C, `_row_scan`), False after `rounds` rounds. A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
+    (found by the first round's check in the same pass over C, `_row_scan`), False after `rounds` rounds.
+    A round: (1) the dense check: a_i = max_k (C[i, k] − p_k); a row whose σ(i) is more than `tolerance` below
     is freed (so a, p stay feasible: C[i, k] ≤ a_i + p_k); none freed: done. It reads every row in the first
     round, later only the rows the last round reassigned or whose column's price it raised: for any other row
     C[i, σ(i)] − p_σ(i) is the same number and every other C[i, k] − p_k can only have fallen (prices only rise),
@@ -614,7 +616,8 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
     owner, who goes next; a row whose best column is owned and tied with its second, or any beyond ARR_STEPS·n
     steps (ARR_STEPS_SMALL·n up to ARR_SMALL_UP_TO units), waits for (3): a shortest augmenting path (Dijkstra
-    over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned columns, which keeps them ≥ 0 and makes the path tight."""
+    over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned columns,
+    which keeps them ≥ 0 and makes the path tight."""
     n = c.shape[0]
     max_steps = (ARR_STEPS_SMALL if n <= ARR_SMALL_UP_TO else ARR_STEPS) * n
     a = np.empty(n)

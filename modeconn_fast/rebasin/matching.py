@@ -15,8 +15,8 @@ step's result:
      the full one. The cache is float32 for groups of up to FLOAT32_UP_TO units and from FLOAT32_FROM, each
      update one float32 product accumulated in place at the GEMM rate (the port's products are float32 too; at
      8192 units 256 MB a group instead of 512 MB; at 512-1024 units B4's MLP matchings 8-16 % faster than
-     through float64), float64 in between (each float32 product widened and added: a float32 cache took B4's VGG pair
-     at 2048 channels off the port's trajectory, to another objective); float64 models keep float64;
+     through float64), float64 in between (each float32 product widened and added: a float32 cache took B4's
+     VGG pair at 2048 channels off the port's trajectory, to another objective); float64 models keep float64;
   3. the LAP is warm-started from the group's last solve (assignment, dual prices, candidate entries; see
      `lap.py`): only the rows whose assignment a dense dual check rejects are re-solved, by shortest augmenting
      paths, and the same check certifies the exact optimum. A process's first call does not wait for the
@@ -170,18 +170,17 @@ class _Term:
             return self.rows(self.b, None if torch.equal(now, torch.arange(len(now))) else now, reused, "moved")
         new, old = now[units], self.seen[units]
         w = self.b
-        if w.stride(0) < w.stride(-1) and w.numel() <= GATHER_TWICE_UP_TO:
-            lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
-            out = _widened(lines.index_select(1, new.to(w.device)))
-            out.sub_(_widened(lines.index_select(1, old.to(w.device))))
-            return out.reshape(lines.shape[0], -1).T
         if w.stride(0) < w.stride(-1):
+            lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
+            if w.numel() <= GATHER_TWICE_UP_TO:
+                out = _widened(lines.index_select(1, new.to(w.device)))
+                out.sub_(_widened(lines.index_select(1, old.to(w.device))))
+                return out.reshape(lines.shape[0], -1).T
             places, order = torch.sort(new)
             at_new = torch.empty_like(order)
             at_new[order] = torch.arange(len(order))
             at_old = torch.searchsorted(places, old)
             places, at_new, at_old = (index.to(w.device) for index in (places, at_new, at_old))
-            lines = w.movedim(-1, 0)  # [n, n_q, r]: B's lines, units of `other` along each
             out = reused.empty("moved", (lines.shape[0], len(units), lines.shape[2]), _WIDER.get(w.dtype, w.dtype), w.device)
             step = max(LINES, BLOCK_ENTRIES // out[0].numel())
             for start in range(0, lines.shape[0], step):
@@ -408,7 +407,7 @@ def _add_rows(cache: Tensor, start: int, stop: int, a: Tensor, b: Tensor, reused
     """C[R] += A[:, R]ᵀ·B for the rows R = [start, stop) of the cache: `a` A's gather [R, |K|·r] (`_Term.rows`),
     `b` = `_Term.moved` ([|K|·r, n]). A float32 cache: in place (addmm). A float64 cache: the float32 product of R
     rows widened in kept rows (`_product_rows`), then added; float64 products of small ranks measured 2-16 %
-    slower at 512 units."""
+    slower (at 512 units, when its caches were float64)."""
     if cache.dtype == torch.float32 or a.dtype == torch.float64:  # float64 models: float64 products
         cache[start:stop].addmm_(a, b)
         return
