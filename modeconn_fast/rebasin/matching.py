@@ -70,7 +70,8 @@ CHUNK = 2048  # rows of the float32 temporaries of a larger update (units for th
 # at 8192 units 2048 rows measured 2-7% faster than 1024 on replayed mid-rank updates (large ranks: within noise), the same numbers
 SERIAL_UP_TO = 1024  # groups up to this many units: the sweeps' torch ops on one thread (see `_one_torch_thread`)
 LANE_ROWS = 256  # groups of 2·LANE_ROWS to SERIAL_UP_TO units: their updates in two lanes of blocks of this many rows
-LANE_RANK = 512  # ... if of rank |K|·r ≥ this: from rank 64, MLP sweeps at 512 units were no faster (3-10 % slower on a busy machine)
+LANE_RANK = 128  # ... if of rank |K|·r ≥ this: with float32 caches, against 512, B4's pairs at 512-1024 units 4-7 %
+# faster by quartiles over 60-80 calls alternating in one process (64: the same as 128, 256: half the gain)
 LINES = 64  # lines of B read at once by a column gather of moved units (`_Term.moved`): kept in cache,
 BLOCK_ENTRIES = 1 << 16  # or more lines where they hold up to this many entries at the moved units (fewer ops)
 GATHER_TWICE_UP_TO = 1 << 20  # entries of B (4 MiB of float32, in cache) up to which its columns are gathered at
