@@ -1,6 +1,7 @@
 """Weight matching: planted permutations recovered exactly, the reference trajectory kept, bad input refused."""
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -284,6 +285,18 @@ def test_non_finite_weights_are_refused(label: str, value: float) -> None:
         weight[0] = value
     with pytest.raises(ValueError, match=f"{label}'s {name} holds NaN"):
         weight_matching(models["model_a"], models["model_b"], example_input=inputs(models["model_a"]))
+
+
+def test_large_finite_weights_are_matched() -> None:
+    """The screen for NaN and ±∞ (a float32 dot product per tensor) overflows on weights of 1e30; every entry is
+    then tested, none refused, and the objective (float64) stays finite."""
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
+    (name, _), *_ = reversed(list(model_a.named_parameters()))  # the last bias: in no permuted group's cost
+    with torch.no_grad():
+        for model in (model_a, model_b):
+            dict(model.named_parameters())[name][0] = 1e30
+    result = weight_matching(model_a, model_b, example_input=inputs(model_a))
+    assert math.isfinite(result.objective) and result.objective > 1e59
 
 
 def test_spec_or_example_input_required() -> None:

@@ -31,7 +31,8 @@ step's result:
      on one thread (`_one_torch_thread`).
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
-The objective history: J before the first sweep and at the end are computed directly (float64); in between
+The objective history: J before the first sweep and at the end are computed directly (float64), both at the
+end, on two threads (the weights are screened for NaN and ±∞ first, by a dot product per tensor); in between
 J moves by the LAP gains, exact for a linear step up to the cache's rounding (float32 caches: ~1e-7 relative;
 float64: ~1e-12).
 """
@@ -545,6 +546,14 @@ def matching_objective(
     return total
 
 
+def _objective_beside(serial: bool, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor],
+                      permutation: Permutation, params: set[str]) -> float:
+    """`matching_objective` on the second thread, with torch's threads as on the first (`_one_torch_thread`): J
+    before the first sweep, computed beside the final one."""
+    with _one_torch_thread(serial):
+        return matching_objective(state_a, state_b, permutation, params)
+
+
 def _cost_and_solve(matcher: _Matcher, group: str, perms: dict[str, Tensor], warm: WarmStart | None
                     ) -> tuple[Tensor, tuple[Tensor, WarmStart | None]]:
     """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains)."""
@@ -562,11 +571,25 @@ def _refuse_spread(state: Mapping[str, Tensor], params: set[str]) -> None:
 
 
 def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], params: set[str]) -> None:
-    """A ValueError naming the first parameter holding NaN or infinite values, if any."""
+    """A ValueError naming the first parameter holding NaN or infinite values, if any. Screened first by each pair
+    of tensors' dot product (numpy's on the CPU: 0.1-0.2 ms for B4's 512-unit MLPs, against 1.1-3 ms for J in
+    float64), which any NaN or ±∞ entry makes non-finite; only where one is not (or where it overflowed) is every
+    entry tested."""
+    if all(_finite_dot(state_a[key], state_b[key]) for key in params):
+        return
     for label, state in (("model_a", state_a), ("model_b", state_b)):
         bad = next((key for key in sorted(params) if not torch.isfinite(state[key]).all()), None)
         if bad is not None:
             raise ValueError(f"{label}'s {bad} holds NaN or infinite values: weight matching needs finite weights")
+
+
+def _finite_dot(a: Tensor, b: Tensor) -> bool:
+    """Whether ⟨a, b⟩ (the same shape) is finite: not where either holds NaN or ±∞ (or where the sum overflows)."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _NUMPY_SUMS:
+        with np.errstate(all="ignore"):  # an overflow is an answer here, not a warning
+            return math.isfinite(float(np.dot(a.numpy(), b.numpy())))
+    return math.isfinite(torch.dot(a.double(), b.to(a.device).double()).item())
 
 
 def weight_matching(
@@ -615,10 +638,9 @@ def weight_matching(
     if max(map(len, perms.values()), default=0) > lap_loading.SCIPY_WHILE_LOADING:
         lap_loading.start()  # this call's large LAPs need the compiled solver: load it while the costs are formed
     serial = torch.get_num_threads() > 1 and max(spec.sizes(state_a).values(), default=0) <= SERIAL_UP_TO
-    with _one_torch_thread(serial):
-        history = [matching_objective(state_a, state_b, start, params)]
-    if not math.isfinite(history[0]):  # a NaN or infinite weight makes J so (float32 weights cannot overflow it)
-        _refuse_non_finite(state_a, state_b, params)
+    _refuse_non_finite(state_a, state_b, params)
+    initial = Permutation(spec, dict(perms))  # J there is computed at the end, beside the final J
+    ends: list[tuple[bool, float]] = []  # per sweep: (True, J) computed directly, or (False, the sweep's gain)
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
     units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
@@ -686,15 +708,18 @@ def weight_matching(
                         gain_total += new - old
                         progress = progress or new - old > 1e-12 * (1.0 + abs(new))
             if matcher.self_dependent:
-                history.append(matching_objective(state_a, state_b, start, params))
+                ends.append((True, matching_objective(state_a, state_b, start, params)))
             else:
-                history.append(history[-1] + gain_total)
+                ends.append((False, gain_total))
             if not progress:
                 break
-    lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
-    self_dependent = matcher.self_dependent
-    del matcher  # its cost matrices (n×n per group) are not needed for the objective
-    if not self_dependent:  # else the last sweep computed it directly already
-        with _one_torch_thread(serial):
-            history[-1] = matching_objective(state_a, state_b, start, params)
+        lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
+        self_dependent = matcher.self_dependent
+        del matcher  # its cost matrices (n×n per group) are not needed for the objective
+        first = pool.submit(_objective_beside, serial, state_a, state_b, initial, params)  # the two J at once
+        last = ends[-1][1] if self_dependent and ends else matching_objective(state_a, state_b, start, params)
+        history = [first.result()]
+    for direct, value in ends:
+        history.append(value if direct else history[-1] + value)
+    history[-1] = last
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
