@@ -32,9 +32,9 @@ step's result:
 Attention heads (spec.Heads): the tied q/k and v groups of one attention module are visited together and
 solved exactly by `solve_heads` (a d×d LAP per pair of heads and group, then one LAP over the heads).
 The objective history: J before the first sweep and at the end are computed directly (float64), both at the
-end, on two threads (the weights are screened for NaN and ±∞ first, by a dot product per tensor); in between
-J moves by the LAP gains, exact for a linear step up to the cache's rounding (float32 caches: ~1e-7 relative;
-float64: ~1e-12).
+end, with more than one torch thread on two threads (the weights are screened for NaN and ±∞ first, by a dot
+product per tensor); in between J moves by the LAP gains, exact for a linear step up to the cache's rounding
+(float32 caches: ~1e-7 relative; float64: ~1e-12).
 """
 from __future__ import annotations
 
@@ -716,9 +716,9 @@ def weight_matching(
         lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
         self_dependent = matcher.self_dependent
         del matcher  # its cost matrices (n×n per group) are not needed for the objective
-        first = pool.submit(_objective_beside, serial, state_a, state_b, initial, params)  # the two J at once
+        first = pool.submit(_objective_beside, serial, state_a, state_b, initial, params) if pairs else None
         last = ends[-1][1] if self_dependent and ends else matching_objective(state_a, state_b, start, params)
-        history = [first.result()]
+        history = [first.result() if first is not None else matching_objective(state_a, state_b, initial, params)]
     for direct, value in ends:
         history.append(value if direct else history[-1] + value)
     history[-1] = last
