@@ -287,6 +287,24 @@ def test_non_finite_weights_are_refused(label: str, value: float) -> None:
         weight_matching(models["model_a"], models["model_b"], example_input=inputs(models["model_a"]))
 
 
+def test_history_is_the_same_on_one_thread_and_two() -> None:
+    """J before the first sweep is computed at the end: beside the final J on a second thread where torch has two
+    threads, after it on the caller's where torch has one; the same numbers either way."""
+    model_a, model_b = build("mlp", seed=0), build("mlp", seed=1)
+    threads = torch.get_num_threads()
+    histories = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            histories.append(weight_matching(model_a, model_b, example_input=inputs(model_a)).objective_history)
+    finally:
+        torch.set_num_threads(threads)
+    assert histories[0] == histories[1]
+    start = Permutation.identity(permutation_spec(model_a, inputs(model_a)), model_a.state_dict())
+    params = {n for n, _ in model_a.named_parameters()}
+    assert histories[0][0] == matching_objective(model_a.state_dict(), model_b.state_dict(), start, params)
+
+
 def test_large_finite_weights_are_matched() -> None:
     """The screen for NaN and ±∞ (a float32 dot product per tensor) overflows on weights of 1e30; every entry is
     then tested, none refused, and the objective (float64) stays finite."""
