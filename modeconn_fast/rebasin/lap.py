@@ -58,10 +58,11 @@ AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's 
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-ARR_STEPS = 8  # augmenting row reduction steps per unit before the shortest paths (most warm solves reach the cap,
-# in price wars on near-ties), and up to ARR_SMALL_UP_TO units ARR_STEPS_SMALL: replayed LAPs of B4's matchings at
-ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024  # 512 8-10 % faster with 4 (the paths take more rows), at 1024 within
-# noise, at 2048 5 % slower
+# Augmenting row reduction steps per unit before the shortest paths: most warm solves reach the cap, in price wars
+# on near-ties. Up to ARR_SMALL_UP_TO units ARR_STEPS_SMALL: replayed LAPs of B4's matchings at 512 units 8-10 %
+# faster with 4 than with 8 (the paths take more rows; 1-4 within 4 %), at 1024 within noise, at 2048 5 % slower.
+ARR_STEPS = 8
+ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 SPLIT_FROM = 1 << 20  # entries of C read by one pass over rows from which `lanes` takes half of them (`_in_halves`)

@@ -85,6 +85,12 @@ OBJECTIVE_CHUNK = 1 << 18  # entries widened to float64 at once by `matching_obj
 _NUMPY_SUMS = (torch.float32, torch.float64)  # dtypes that `matching_objective` sums with numpy's einsum
 
 
+def _numpy_reads(a: Tensor, b: Tensor) -> bool:
+    """Whether numpy can read `a` and `b` as they are (CPU, one dtype of _NUMPY_SUMS): the objective's sums and the
+    weights' screen for NaN and ±∞ run there."""
+    return a.device.type == b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _NUMPY_SUMS
+
+
 @lru_cache(maxsize=4096)
 def sweep_order(num_groups: int, seed: int, sweep: int) -> tuple[int, ...]:
     """The random group order of one sweep (shared with the B4 reference port so both walk one trajectory);
@@ -538,7 +544,7 @@ def matching_objective(
         if any(group not in unmoved for _, group in permutation.spec.axes_of(key)):
             b = permutation.permute_tensor(key, b)
         b = b.reshape(-1)
-        if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _NUMPY_SUMS:
+        if _numpy_reads(a, b):
             total += float(np.einsum("i,i->", a.numpy(), b.numpy(), dtype=np.float64))
             continue
         for a_part, b_part in zip(a.split(OBJECTIVE_CHUNK), b.split(OBJECTIVE_CHUNK)):
@@ -586,7 +592,7 @@ def _refuse_non_finite(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tens
 def _finite_dot(a: Tensor, b: Tensor) -> bool:
     """Whether ⟨a, b⟩ (the same shape) is finite: not where either holds NaN or ±∞ (or where the sum overflows)."""
     a, b = a.detach().reshape(-1), b.detach().reshape(-1)
-    if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype and a.dtype in _NUMPY_SUMS:
+    if _numpy_reads(a, b):
         with np.errstate(all="ignore"):  # an overflow is an answer here, not a warning
             return math.isfinite(float(np.dot(a.numpy(), b.numpy())))
     return math.isfinite(torch.dot(a.double(), b.to(a.device).double()).item())
@@ -640,7 +646,7 @@ def weight_matching(
     serial = torch.get_num_threads() > 1 and max(spec.sizes(state_a).values(), default=0) <= SERIAL_UP_TO
     _refuse_non_finite(state_a, state_b, params)
     initial = Permutation(spec, dict(perms))  # J there is computed at the end, beside the final J
-    ends: list[tuple[bool, float]] = []  # per sweep: (True, J) computed directly, or (False, the sweep's gain)
+    ends: list[float] = []  # per sweep: J computed directly where the spec is self-dependent, else the sweep's gain
     matcher = _Matcher(spec, state_a, state_b, params)
     tie_of = {g: tie for tie in spec.heads.values() for g in tie.groups}
     units: list[tuple[str, ...]] = []  # what one step solves: a group, or an attention module's tied groups
@@ -707,19 +713,16 @@ def weight_matching(
                         dirty |= matcher.dependents[group]
                         gain_total += new - old
                         progress = progress or new - old > 1e-12 * (1.0 + abs(new))
-            if matcher.self_dependent:
-                ends.append((True, matching_objective(state_a, state_b, start, params)))
-            else:
-                ends.append((False, gain_total))
+            ends.append(matching_objective(state_a, state_b, start, params) if matcher.self_dependent else gain_total)
             if not progress:
                 break
         lap_loading.start()  # for the next call, in the background (the first call's small LAPs went to scipy)
         self_dependent = matcher.self_dependent
         del matcher  # its cost matrices (n×n per group) are not needed for the objective
         first = pool.submit(_objective_beside, serial, state_a, state_b, initial, params) if pairs else None
-        last = ends[-1][1] if self_dependent and ends else matching_objective(state_a, state_b, start, params)
+        last = ends[-1] if self_dependent and ends else matching_objective(state_a, state_b, start, params)
         history = [first.result() if first is not None else matching_objective(state_a, state_b, initial, params)]
-    for direct, value in ends:
-        history.append(value if direct else history[-1] + value)
+    for value in ends:
+        history.append(value if self_dependent else history[-1] + value)
     history[-1] = last
     return Permutation(spec, perms, objective_history=history, iterations=sweeps)
