@@ -58,11 +58,12 @@ AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's 
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-# Augmenting row reduction steps per unit before the shortest paths: most warm solves reach the cap, in price wars
-# on near-ties. Up to ARR_SMALL_UP_TO units ARR_STEPS_SMALL: replayed LAPs of B4's matchings at 512 units 8-10 %
-# faster with 4 than with 8 (the paths take more rows; 1-4 within 4 %), at 1024 within noise, at 2048 5 % slower.
-ARR_STEPS = 8
-ARR_STEPS_SMALL, ARR_SMALL_UP_TO = 4, 1024
+# Augmenting row reduction: a row met more than max(ARR_VISITS, n / ARR_UNITS_PER_VISIT) times in one round's
+# reduction is left to the shortest paths (a price war on near-ties: its raises are tiny; a path's steps read whole
+# rows, so the larger n the later). Replayed LAPs of B4's matchings 7-24 % faster than with a cap on all steps
+# (4n up to 1024 units, 8n above; most warm solves reached it, a few rows taking half of the steps); the best
+# limits measured 8-12 at 512 units, 10-16 at 1024, 24-48 at 2048 (8 there: 5-14 % slower than the old cap).
+ARR_VISITS, ARR_UNITS_PER_VISIT = 8, 64
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 WHOLE_ROWS_FROM = 2  # earlier rounds leave a row whose candidates hold no path free for fresh ones next round
 SPLIT_FROM = 1 << 20  # entries of C read by one pass over rows from which `lanes` takes half of them (`_in_halves`)
@@ -615,12 +616,12 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     C[i, σ(i)] − p_σ(i) is the same number and every other C[i, k] − p_k can only have fallen (prices only rise),
     so it passes again. (2) Augmenting row reduction: a free row takes its best column, the price of which rises
     to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
-    owner, who goes next; a row whose best column is owned and tied with its second, or any beyond ARR_STEPS·n
-    steps (ARR_STEPS_SMALL·n up to ARR_SMALL_UP_TO units), waits for (3): a shortest augmenting path (Dijkstra
+    owner, who goes next; a row whose best column is owned and tied with its second, or met more than `visits`
+    times in this reduction (price wars; at most visits·n steps), waits for (3): a shortest augmenting path (Dijkstra
     over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned columns,
     which keeps them ≥ 0 and makes the path tight."""
     n = c.shape[0]
-    max_steps = (ARR_STEPS_SMALL if n <= ARR_SMALL_UP_TO else ARR_STEPS) * n
+    visits = max(ARR_VISITS, n // ARR_UNITS_PER_VISIT)
     a = np.empty(n)
     col_to_row = np.full(n, -1, dtype=np.int64)
     for i in range(n):
@@ -637,6 +638,7 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
     maxima, picked = np.empty(_segments(values.shape[0])), np.empty(n, dtype=np.int64)  # `_row_top`'s scratch
     touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
+    met = np.zeros(n, dtype=np.int64)  # times each row was met by this round's row reduction
     largest = 1.0
     for i in range(n):  # the first round's row maxima of C − p, and the largest |C| for the tolerance
         a[i], row_largest = _row_scan(c[i], p)
@@ -663,15 +665,16 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
             return True
         # augmenting row reduction (Jonker & Volgenant 1987): a free row takes its best column, whose price rises
         # to leave it indifferent to its second best; the previous owner is freed. Prices only rise: feasible.
-        head, kept, steps = 0, 0, 0
+        head, kept = 0, 0
+        met[:] = 0
         while head < n_free:
             i = free[head]
             head += 1
             touched[i] = True
             first, second, j = _best_two(c, p, i, top, bound, values, index, maxima, picked)
             owner = col_to_row[j]
-            steps += 1
-            if steps > max_steps or (owner >= 0 and first - second <= tolerance):
+            met[i] += 1
+            if met[i] > visits or (owner >= 0 and first - second <= tolerance):
                 a[i] = first
                 free[kept] = i
                 kept += 1
