@@ -158,8 +158,9 @@ def test_a_process_ending_during_the_load_exits_cleanly() -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("columns", "levels"), [(77, 0), (700, 0), (700, 3)])  # one pass, two passes; 3 levels: ties
 def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns: int, levels: int) -> None:
-    """`_row_top` through `_best_columns`: rows of fewer than 4 of its segments in one pass through the heap, longer
-    ones by the segments' threshold; the same values as topk either way, ties included, each column once."""
+    """`_row_top` through `_best_columns`: rows of fewer chunks than candidates in one pass through the heap, longer
+    ones by the chunks' threshold (700 columns: 43 chunks and a last part); the same values as topk either way, ties
+    included, each column once."""
     generator = torch.Generator().manual_seed(7)
     if levels == 0:
         cost = torch.randn(90, columns, generator=generator).to(dtype)
