@@ -60,7 +60,7 @@ SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
 # Augmenting row reduction: a row met more than max(ARR_VISITS, n / ARR_UNITS_PER_VISIT) times in one round's
 # reduction is left to the shortest paths (a price war on near-ties: its raises are tiny; a path's steps read whole
-# rows, so the larger n the later). Replayed LAPs of B4's matchings 7-24 % faster than with a cap on all steps
+# rows, so the larger n the later). Replayed LAPs of B4's matchings 5-16 % faster than with a cap on all steps
 # (4n up to 1024 units, 8n above; most warm solves reached it, a few rows taking half of the steps); the best
 # limits measured 8-12 at 512 units, 10-16 at 1024, 24-48 at 2048 (8 there: 5-14 % slower than the old cap).
 ARR_VISITS, ARR_UNITS_PER_VISIT = 8, 64
