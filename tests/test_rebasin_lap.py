@@ -156,11 +156,11 @@ def test_a_process_ending_during_the_load_exits_cleanly() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("columns", "levels"), [(77, 0), (700, 0), (700, 3)])  # one pass, two passes; 3 levels: ties
+@pytest.mark.parametrize(("columns", "levels"), [(10, 0), (77, 0), (512, 0), (700, 0), (700, 3)])  # 3 levels: ties
 def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns: int, levels: int) -> None:
-    """`_row_top` through `_best_columns`: rows of fewer chunks than candidates in one pass through the heap, longer
-    ones by the chunks' threshold (700 columns: 43 chunks and a last part); the same values as topk either way, ties
-    included, each column once."""
+    """`_row_top` through `_best_columns`: rows of fewer chunks than candidates (10 and 77 columns) in one pass
+    through the heap, longer ones by the chunks' threshold (512: exactly 32 chunks for 32 candidates; 700: 43 chunks
+    and a last part); the same values as topk either way, ties included, each column once."""
     generator = torch.Generator().manual_seed(7)
     if levels == 0:
         cost = torch.randn(90, columns, generator=generator).to(dtype)
@@ -171,10 +171,11 @@ def test_candidates_are_the_best_columns_of_each_row(dtype: torch.dtype, columns
     rows = torch.tensor([5, 0, 89, 40])
     picked = torch.from_numpy(lap._best_columns(cost.numpy(), rows.numpy(), prices.numpy()))
     reduced = cost[rows].double() - prices
-    assert picked.shape == (4, lap.CANDIDATES)
+    k = min(lap.CANDIDATES, columns)
+    assert picked.shape == (4, k)
     chosen = torch.gather(reduced, 1, picked).sort(dim=1).values
-    assert torch.equal(chosen, reduced.topk(lap.CANDIDATES, dim=1).values.sort(dim=1).values)
-    assert all(len(set(row.tolist())) == lap.CANDIDATES for row in picked)
+    assert torch.equal(chosen, reduced.topk(k, dim=1).values.sort(dim=1).values)
+    assert all(len(set(row.tolist())) == k for row in picked)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

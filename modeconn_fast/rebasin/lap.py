@@ -58,11 +58,12 @@ AUCTION_SHARE = 0.35  # ... if fewer rows than this fraction hold some column's 
 EPS_FIRST, EPS_LAST = 1e-2, 1e-4  # the auction: first and last ε, relative to the candidates' spread
 SCALING = 8  # ε shrinks by this factor per auction phase
 BIDS = 64  # bids per row allowed to one auction phase (each reads a whole row)
-# Augmenting row reduction: a row met more than max(ARR_VISITS, n / ARR_UNITS_PER_VISIT) times in one round's
-# reduction is left to the shortest paths (a price war on near-ties: its raises are tiny; a path's steps read whole
-# rows, so the larger n the later). Replayed LAPs of B4's matchings 5-16 % faster than with a cap on all steps
-# (4n up to 1024 units, 8n above; most warm solves reached it, a few rows taking half of the steps); the best
-# limits measured 8-12 at 512 units, 10-16 at 1024, 24-48 at 2048 (8 there: 5-14 % slower than the old cap).
+# Augmenting row reduction: a row met more than max(ARR_VISITS, n // ARR_UNITS_PER_VISIT) times in one round's
+# reduction, its best column owned, is left to the shortest paths (a price war on near-ties: its raises are tiny;
+# a path's steps read whole rows, so the larger n the later). Replayed LAPs of B4's matchings 5-16 % faster than
+# with a cap on all steps (4n up to 1024 units, 8n above; most warm solves reached it, a few rows taking half of
+# the steps); the best limits measured 8-12 at 512 units, 10-16 at 1024, 24-48 at 2048 (8 there: 5-14 % slower
+# than the old cap).
 ARR_VISITS, ARR_UNITS_PER_VISIT = 8, 64
 TOP = 4  # best columns per row cached for the row reduction's reads (`_best_two`)
 CHUNK_COLUMNS = 16  # `_row_top`'s chunks (at 512 columns 8 measured slower, 32 within noise)
@@ -244,12 +245,13 @@ def _row_top(c, p, i, values, index, maxima, picked):  # pragma: no cover - comp
     and their columns into index. `maxima` (n // CHUNK_COLUMNS floats) and `picked` (n ints) are scratch. The
     maxima of the row's chunks of CHUNK_COLUMNS columns (a loop of fixed length, which the compiler vectorises)
     give a threshold τ, their k-th largest: at least k entries reach it, so the k largest all do, and only in the
-    chunks whose maximum reaches τ (typically k of them); their columns reaching τ are listed without a branch,
-    then pass through the heap in column order (a column enters above the heap's least). At 512 columns 2× faster
-    than a threshold from 1.5k segments of variable length (whose loops the compiler did not vectorise) and a
-    listing pass over the whole row; that was 1.3-1.8× faster than one pass through the heap, whose k·ln(n/k)
-    insertions each mispredict a branch. Rows of fewer than k chunks, or where fewer than k entries reach τ
-    (NaN): every column through the heap."""
+    chunks whose maximum reaches τ (typically k of them) or the last n mod CHUNK_COLUMNS columns; their columns
+    reaching τ are listed without a branch, then pass through the heap in column order (a column enters above the
+    heap's least). At 512 columns 2× faster than a threshold from 1.5k segments of variable length (whose loops the
+    compiler did not vectorise) and a listing pass over the whole row; that was 1.3-1.8× faster than one pass
+    through the heap, whose k·ln(n/k) insertions each mispredict a branch. Rows of fewer than k chunks, or where
+    fewer than k entries reach τ (NaN): every column through the heap, where a NaN entry may stay among the k
+    (costs holding NaN end in the paths' ValueError; weight matching refuses non-finite weights first)."""
     k = values.shape[0]
     row = c[i]
     n = row.shape[0]
@@ -621,10 +623,10 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     C[i, σ(i)] − p_σ(i) is the same number and every other C[i, k] − p_k can only have fallen (prices only rise),
     so it passes again. (2) Augmenting row reduction: a free row takes its best column, the price of which rises
     to leave it indifferent to its second best (prices only rise, so every row stays feasible), freeing the
-    owner, who goes next; a row whose best column is owned and tied with its second, or met more than `visits`
-    times in this reduction (price wars; at most visits·n steps), waits for (3): a shortest augmenting path (Dijkstra
-    over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned columns,
-    which keeps them ≥ 0 and makes the path tight."""
+    owner, who goes next; a row whose best column is owned, and tied with its second or met more than `visits`
+    times in this reduction (price wars; at most (visits + 1)·n steps), waits for (3): a shortest augmenting path
+    (Dijkstra over the reduced costs a_i + p_k − C[i, k] ≥ 0, `_dense_path`), then p_k += D − d_k on the scanned
+    columns, which keeps them ≥ 0 and makes the path tight."""
     n = c.shape[0]
     visits = max(ARR_VISITS, n // ARR_UNITS_PER_VISIT)
     a = np.empty(n)
@@ -641,7 +643,8 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
     bound = np.full(n, -np.inf)  # −inf: no cache yet
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
-    maxima, picked = np.empty(n // CHUNK_COLUMNS), np.empty(n, dtype=np.int64)  # `_row_top`'s scratch
+    # `_row_top`'s scratch, per column
+    maxima, picked = np.empty(c.shape[1] // CHUNK_COLUMNS), np.empty(c.shape[1], dtype=np.int64)
     touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
     met = np.zeros(n, dtype=np.int64)  # times each row was met by this round's row reduction
     largest = 1.0
@@ -679,7 +682,7 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
             first, second, j = _best_two(c, p, i, top, bound, values, index, maxima, picked)
             owner = col_to_row[j]
             met[i] += 1
-            if met[i] > visits or (owner >= 0 and first - second <= tolerance):
+            if owner >= 0 and (met[i] > visits or first - second <= tolerance):
                 a[i] = first
                 free[kept] = i
                 kept += 1
