@@ -232,17 +232,22 @@ def _top_columns(c, p, rows, k):  # pragma: no cover - compiled
     """For each i in rows, the k columns of the largest C[i, col] − p_col (`_row_top`), no temporary beyond
     [len(rows), k] and one row's scratch."""
     out = np.empty((rows.shape[0], k), dtype=np.int64)
-    n = c.shape[1]
-    values, maxima, picked = np.empty(k), np.empty(n // CHUNK_COLUMNS), np.empty(n, dtype=np.int64)
+    values, (maxima, picked) = np.empty(k), _row_top_scratch(c.shape[1])
     for t in range(rows.shape[0]):
         _row_top(c, p, rows[t], values, out[t], maxima, picked)
     return out
 
 
 @numba.njit(cache=True)
+def _row_top_scratch(n):  # pragma: no cover - compiled
+    """`_row_top`'s scratch for rows of n columns: (maxima: one float per chunk, picked: one int per column)."""
+    return np.empty(n // CHUNK_COLUMNS), np.empty(n, dtype=np.int64)
+
+
+@numba.njit(cache=True)
 def _row_top(c, p, i, values, index, maxima, picked):  # pragma: no cover - compiled
     """The len(values) = k largest C[i, col] − p_col of row i into values (a min-heap: values[0] the least of them)
-    and their columns into index. `maxima` (n // CHUNK_COLUMNS floats) and `picked` (n ints) are scratch. The
+    and their columns into index. `maxima` and `picked` are scratch (`_row_top_scratch`). The
     maxima of the row's chunks of CHUNK_COLUMNS columns (a loop of fixed length, which the compiler vectorises)
     give a threshold τ, their k-th largest: at least k entries reach it, so the k largest all do, and only in the
     chunks whose maximum reaches τ (typically k of them) or the last n mod CHUNK_COLUMNS columns; their columns
@@ -643,8 +648,7 @@ def _dense_rounds(c, row_to_col, p, rounds):  # pragma: no cover - compiled
     top = np.empty((n, min(TOP, n - 1)), dtype=np.int64)  # each row's best columns for `_best_two`
     bound = np.full(n, -np.inf)  # −inf: no cache yet
     values, index = np.empty(top.shape[1] + 1), np.empty(top.shape[1] + 1, dtype=np.int64)
-    # `_row_top`'s scratch, per column
-    maxima, picked = np.empty(c.shape[1] // CHUNK_COLUMNS), np.empty(c.shape[1], dtype=np.int64)
+    maxima, picked = _row_top_scratch(c.shape[1])
     touched = np.ones(n, dtype=np.bool_)  # rows to check: all at first, then those the round reassigned or repriced
     met = np.zeros(n, dtype=np.int64)  # times each row was met by this round's row reduction
     largest = 1.0
