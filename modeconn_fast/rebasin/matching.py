@@ -562,7 +562,11 @@ def _objective_beside(serial: bool, state_a: Mapping[str, Tensor], state_b: Mapp
 
 def _cost_and_solve(matcher: _Matcher, group: str, perms: dict[str, Tensor], warm: WarmStart | None
                     ) -> tuple[Tensor, tuple[Tensor, WarmStart | None]]:
-    """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains)."""
+    """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains), on one torch
+    thread as the first chain: a new thread's MKL products otherwise run on every core whatever
+    torch.get_num_threads() says there (a 512-unit product there: 2 cores' CPU time, beside the first chain's own
+    product), as they did in a call's first pair before any lane (`_in_two_lanes`) had set the count."""
+    torch.set_num_threads(1)
     with torch.no_grad():
         cost = matcher.cost(group, perms)
         return cost, lap_loading.solve(cost, warm)
