@@ -562,11 +562,7 @@ def _objective_beside(serial: bool, state_a: Mapping[str, Tensor], state_b: Mapp
 
 def _cost_and_solve(matcher: _Matcher, group: str, perms: dict[str, Tensor], warm: WarmStart | None
                     ) -> tuple[Tensor, tuple[Tensor, WarmStart | None]]:
-    """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains), on one torch
-    thread as the first chain: a new thread's MKL products otherwise run on every core whatever
-    torch.get_num_threads() says there (a 512-unit product there: 2 cores' CPU time, beside the first chain's own
-    product), as they did in a call's first pair before any lane (`_in_two_lanes`) had set the count."""
-    torch.set_num_threads(1)
+    """C_group brought up to date and its LAP solved, on the calling thread (the second of two chains)."""
     with torch.no_grad():
         cost = matcher.cost(group, perms)
         return cost, lap_loading.solve(cost, warm)
@@ -664,7 +660,11 @@ def weight_matching(
     early: dict[int, tuple[Tensor, Tensor]] = {}  # sweep position -> (cost, permutation) of a LAP solved ahead
     pairs = torch.get_num_threads() > 1  # two LAPs at once where the order allows (see `_solvable_alongside`)
     sweeps = 0
-    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap") as pool, _one_torch_thread(serial):
+    # the second thread runs torch on one thread from its start: a new thread's MKL products otherwise run on every
+    # core whatever torch.get_num_threads() says there (a call's first pair of chains, before any lane set a count,
+    # had its second 512-unit product take both cores beside the first's)
+    second = ThreadPoolExecutor(1, thread_name_prefix="modeconn_fast-lap", initializer=torch.set_num_threads, initargs=(1,))
+    with torch.no_grad(), second as pool, _one_torch_thread(serial):
         lap_lanes = pool if pairs else None  # idle while a LAP is solved alone: half of its passes over whole rows
         lanes = lap_lanes if matcher.device.type == "cpu" else None  # ... and while the costs are updated on the CPU
         for sweep in range(max_iter):
