@@ -54,7 +54,6 @@ from torch import Tensor, nn
 
 from .. import ops_torch
 from ..memory import keep_freed_memory
-from ..ops import permutation_cost
 from . import lap_loading
 from .derive import permutation_spec
 from .permutation import Permutation
@@ -277,13 +276,13 @@ def _parts(n: int, count: int | None = None) -> list[tuple[int, int]]:
 
 
 def _products(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Σ_j a_j · b_jᵀ ([n, n]). On the CPU plain torch: the `permutation_cost` op's dispatch costs a process
-    about 2 s at its first call (it imports torch._dynamo) and buys nothing here (no autograd, no kernel); on
-    other devices the op, for its kernel. Narrow floats are widened first (`_widened`)."""
+    """Σ_j a_j · b_jᵀ ([n, n]) in plain torch on every device (cuBLAS on CUDA): these products carry no
+    permutation for `permutation_cost`'s kernel to fuse, the kernel ran 2.7-3.8× slower than torch's gather +
+    addmm on an H200 (B5 with its fp32 dot in "ieee", `benchmarks/results_gpu_h200.txt`; its "tf32x3" dot is not yet
+    timed), and the op's dispatch costs a process about 2 s at
+    its first call (it imports torch._dynamo). Narrow floats are widened first (`_widened`)."""
     a, b = [_widened(x) for x in a], [_widened(x) for x in b]
-    if a[0].device.type == "cpu":
-        return ops_torch.permutation_cost(a, b, [None] * len(a))
-    return permutation_cost(a, b, [None] * len(a))
+    return ops_torch.permutation_cost(a, b, [None] * len(a))
 
 
 def _unit_major(w: Tensor, dim: int, inner: int, n: int) -> Tensor:
