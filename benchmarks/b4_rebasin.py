@@ -19,8 +19,13 @@ Where time goes is split with cProfile: cost matrices (the matcher's `cost`, or 
 the LAP (`solve_lap`, or the port's `linear_sum_assignment`), and the rest. Each time is the fastest of five runs
 at width 512, of two up to width 2048, timed without a profiler (the split from one more, profiled run), else one
 profiled run, ours and the port taking turns (`_fastest_alternating`).
+With `--device cuda` the two models are moved to the GPU after they are read back: the cost matrices and their
+products stay there, the LAPs run on the CPU (issue 15, item 5). The GEMM rate is then the GPU's (fp32 at torch's
+matmul precision), the port and the LAP ceiling do not run (CPU programs whose times the CPU rows give), and
+`peak_gpu_gb` is the most GPU memory allocated during our runs, the models included.
 
     python -m benchmarks.b4_rebasin [--quick] [--widths 8192] [--kinds mlp mlp-init vgg] [--without-port] [--markdown]
+                                    [--device cuda]
 """
 from __future__ import annotations
 
@@ -142,15 +147,28 @@ def pair_digest(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tenso
     return states_sha256(state_a, state_b)[:12]
 
 
-def gemm_rate(n: int = 2048) -> float:
-    """This machine's fp32 GEMM rate now (FLOP/s): the fastest of three n×n×n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_rate(device: torch.device | str = "cpu") -> float:
+    """The device's fp32 GEMM rate now (FLOP/s): the fastest of three n×n×n products (n = 2048 on the CPU, 8192 on
+    a GPU, after one untimed product there), at torch's matmul precision."""
+    device = torch.device(device)
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    if device.type != "cpu":
+        a @ b
     best = float("inf")
     for _ in range(3):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def trajectory_flops(spec, state: dict[str, torch.Tensor], sweeps: int) -> float:
@@ -295,8 +313,9 @@ def peak_rss_gb() -> float:
     return kib / 2**20
 
 
-def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp") -> dict[str, Any]:
-    model_a, model_b, example = pair_made_elsewhere(kind, width)
+def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp", device: str = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    model_a, model_b, example = (x.to(device) for x in pair_made_elsewhere(kind, width))
     since_models = reset_peak_rss()  # whether the peak can be reset: then it covers our matching, models resident
     spec = permutation_spec(model_a, example)
     params = {name for name, _ in model_a.named_parameters()}
@@ -306,21 +325,27 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
 
     def match() -> Permutation:
         visits.clear()
-        return weight_matching(model_a, model_b, spec=spec, on_visit=lambda g, p: visits.append((g, p.clone())))
+        result = weight_matching(model_a, model_b, spec=spec, on_visit=lambda g, p: visits.append((g, p.clone())))
+        synchronize(device)
+        return result
 
     port = None
     if with_port:
         axes_to_perm = {k: tuple(v) for k, v in _axes_to_perm(spec, state_a).items()}
         perm_to_axes = {g: [(a.tensor, a.dim) for a in axes if a.tensor in params] for g, axes in spec.groups.items()}
         port = lambda: rebasin_port.weight_matching(state_a, state_b, perm_to_axes, axes_to_perm)  # noqa: E731
-    rate_before = gemm_rate()
+    rate_before = gemm_rate(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak is now what is allocated: the models
     (ours, ours_s, ours_split), port_run, peak = _fastest_alternating(match, port, repeats)
-    rate = max(rate_before, gemm_rate())  # the faster: a rate timed in a slow moment would lower the bar (one
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    rate = max(rate_before, gemm_rate(device))  # the faster: a rate timed in a slow moment would lower the bar (one
     # --quick row measured ours at 0.96 of a floor from a rate timed after the runs only)
     floor_s = update_flops(spec, state_a, visits) / rate
     row: dict[str, Any] = {
         "width": width,
         "kind": kind,
+        "device": device.type,
         "ours_s": round(ours_s, 3),
         "sweeps": ours.iterations,
         "objective": ours.objective,
@@ -331,12 +356,8 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
         "floor_fraction": round(floor_s / ours_s, 3),
         **{f"ours_{k}": round(v, 3) for k, v in ours_split.items()},
     }
-    hidden = spec.groups[sorted(spec.groups)[1]][0]  # a hidden group's cost, as the ceiling's LAP
-    cost = torch.movedim(state_a[hidden.tensor], hidden.dim, 0).reshape(width, -1)
-    cost = (cost @ torch.movedim(state_b[hidden.tensor], hidden.dim, 0).reshape(width, -1).T).numpy()
-    start = time.perf_counter()
-    linear_sum_assignment(cost, maximize=True)
-    row["lap_ceiling_s"] = round(time.perf_counter() - start, 3)
+    if device.type == "cpu":  # scipy's LAP on the CPU whatever the device (223 s at 8192): the CPU rows give it
+        row["lap_ceiling_s"] = lap_ceiling(spec, state_a, state_b, width)
     if port_run is not None:
         (perms, sweeps), port_s, port_split = port_run
         port_objective = matching_objective(model_a.state_dict(), model_b.state_dict(), Permutation(spec, perms), params)
@@ -349,8 +370,20 @@ def run_width(width: int, *, with_port: bool, repeats: int = 1, kind: str = "mlp
             **{f"port_{k}": round(v, 3) for k, v in port_split.items()},
         )
     row["peak_rss_gb"] = round(peak, 2)  # during our matching, the two models in memory
+    if peak_gpu is not None:  # over our runs: the models, the cost matrices and the products' temporaries
+        row["peak_gpu_gb"] = round(peak_gpu, 2)
     row["peak_rss_scope"] = "matching" if since_models else "process"
     return row
+
+
+def lap_ceiling(spec, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], width: int) -> float:
+    """Seconds of one scipy LAP of size `width`: a hidden group's cost matrix at the identity."""
+    hidden = spec.groups[sorted(spec.groups)[1]][0]
+    cost = torch.movedim(state_a[hidden.tensor], hidden.dim, 0).reshape(width, -1)
+    cost = (cost @ torch.movedim(state_b[hidden.tensor], hidden.dim, 0).reshape(width, -1).T).numpy()
+    start = time.perf_counter()
+    linear_sum_assignment(cost, maximize=True)
+    return round(time.perf_counter() - start, 3)
 
 
 def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
@@ -363,15 +396,18 @@ def _axes_to_perm(spec, state) -> dict[str, list[str | None]]:
 
 
 def run(
-    quick: bool = False, widths: tuple[int, ...] | None = None, kinds: tuple[str, ...] = KINDS, with_port: bool = True
+    quick: bool = False, widths: tuple[int, ...] | None = None, kinds: tuple[str, ...] = KINDS, with_port: bool = True,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """One row per kind and width (up to the kind's MAX_WIDTH): our seconds, the port's (up to its PORT_MAX_WIDTH,
-    if `with_port`), the ratio, the LAP ceiling, both objectives and agreement."""
+    if `with_port` and on the CPU), the ratio, the LAP ceiling, both objectives and agreement; the models on
+    `device`."""
+    with_port = with_port and torch.device(device).type == "cpu"  # the port is a CPU program
     widths = widths or ((512, 2048) if quick else WIDTHS)
     with torch.no_grad():  # not set globally: the workloads after this one train
         lap_loading.wait()  # the first call's loading of the compiled LAP (see lap_loading.py) is not timed here
         return [
-            run_width(w, with_port=with_port and w <= PORT_MAX_WIDTH[kind], repeats=_repeats(w), kind=kind)
+            run_width(w, with_port=with_port and w <= PORT_MAX_WIDTH[kind], repeats=_repeats(w), kind=kind, device=device)
             for kind in kinds
             for w in widths
             if w <= MAX_WIDTH.get(kind, w)
@@ -395,12 +431,15 @@ def main() -> None:
                              f"{PORT_MAX_WIDTH['vgg']}; VGG runs up to {MAX_WIDTH['vgg']})")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="model pairs to run")
     parser.add_argument("--without-port", action="store_true", help="ours only")
+    parser.add_argument("--device", default="cpu", help="where the models lie: cpu or cuda (the port then does not run)")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as lines of the README's table")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     rows = run(quick=args.quick, widths=tuple(args.widths) if args.widths else None, kinds=tuple(args.kinds),
-               with_port=not args.without_port)
-    columns = ["kind", "width", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
-               "port_objective", "same_objective", "gflops", "floor_s", "floor_fraction", "full_floor_s", "peak_rss_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
+               with_port=not args.without_port, device=args.device)
+    columns = ["kind", "width", "device", "ours_s", "port_s", "ratio", "lap_ceiling_s", "sweeps", "port_sweeps", "objective",
+               "port_objective", "same_objective", "gflops", "floor_s", "floor_fraction", "full_floor_s", "peak_rss_gb", "peak_gpu_gb", "ours_lap_s", "ours_cost_s", "ours_other_s", "port_lap_s",
                "port_cost_s", "port_other_s", "pair_sha256"]  # fmt: skip
     print(" | ".join(columns))
     for row in rows:

@@ -144,16 +144,18 @@ def time_linear(device: str, timer: Timer, points: list[int], layers: list[tuple
 
 
 def time_permutation_cost(device: str, timer: Timer, widths: list[int]) -> None:
-    """Weight matching's cost matrix of one group (two terms, both permuted) against gather + torch matmul."""
-    print(f"\npermutation_cost, fp32, two [n, n] terms both permuted\n{'n':>6} {'contender':32} {'ms':>9}")
+    """A cost matrix of one group (two [n, n] terms), the kernel against torch: both terms permuted (the kernel
+    fuses the gather), and neither (the products weight matching runs, plain cuBLAS for torch)."""
+    print(f"\npermutation_cost, fp32, two [n, n] terms\n{'n':>6} {'terms':14} {'contender':32} {'ms':>9}")
     for n in widths:
         a = [torch.randn(n, n, device=device) for _ in range(2)]
         b = [torch.randn(n, n, device=device) for _ in range(2)]
-        perms = [torch.randperm(n, device=device) for _ in range(2)]
-        runs = {"triton kernel (fused gather)": lambda: ops.permutation_cost(a, b, perms, backend="triton"),
-                "torch: gather + addmm": lambda: ops.permutation_cost(a, b, perms, backend="torch")}
-        for contender, run in runs.items():
-            print(f"{n:>6} {contender:32} {timer(run):9.3f}")
+        for terms, perms in (("both permuted", [torch.randperm(n, device=device) for _ in range(2)]),
+                             ("unpermuted", [None, None])):
+            runs = {"triton kernel": lambda: ops.permutation_cost(a, b, perms, backend="triton"),
+                    "torch: (gather +) addmm": lambda: ops.permutation_cost(a, b, perms, backend="torch")}
+            for contender, run in runs.items():
+                print(f"{n:>6} {terms:14} {contender:32} {timer(run):9.3f}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from rebasin_models import mlp
 
@@ -75,3 +76,28 @@ def test_the_pair_digest_names_the_weights() -> None:
     assert pair_digest(b, a) != digest
     a["0.weight"].view(torch.int32)[0, 0] ^= 1
     assert pair_digest(a, b) != digest
+
+
+def test_a_gpu_row_states_its_device_and_memory_and_no_cpu_target() -> None:
+    """Issue 15, item 5: a B4 row run with --device cuda is labelled so, shows the GPU memory, and is not held to
+    the floor target of 2 cores."""
+    from benchmarks.external import b4_row
+
+    raw = {"width": 8192, "kind": "mlp", "ours_s": 40.0, "device": "cuda", "floor_s": 0.5, "full_floor_s": 12.0,
+           "peak_rss_gb": 3.1, "peak_gpu_gb": 2.9, "sweeps": 34}
+    row = b4_row(raw)
+    assert "on CUDA" in row.case and "GPU memory 2.90 GB" in row.ceiling
+    assert not row.target and row.met is None
+    assert "on CUDA" not in b4_row({**raw, "device": "cpu"}).case
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_b4_runs_on_cuda_to_the_cpu_objective() -> None:
+    """`--device cuda`: the models on the GPU reach the objective of the same pair on the CPU."""
+    from benchmarks.b4_rebasin import run_width
+
+    on_gpu = run_width(256, with_port=False, kind="mlp-init", device="cuda")
+    on_cpu = run_width(256, with_port=False, kind="mlp-init")
+    assert on_gpu["device"] == "cuda" and on_gpu["peak_gpu_gb"] > 0 and "lap_ceiling_s" not in on_gpu
+    assert on_gpu["pair_sha256"] == on_cpu["pair_sha256"]
+    assert on_gpu["objective"] == pytest.approx(on_cpu["objective"], rel=1e-5)
