@@ -79,7 +79,7 @@ class ConvBlock(nn.Module):
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
         self.feeds_block = False  # the next step of its FusedSequential is a ConvBlock (set by `_fused_steps`)
         self._kept_values = KeptPerChunk()  # see `_kept`
-        self._signs: tuple[Tensor, bool] | None = None  # see `_nonnegative`
+        self._signs: tuple[Tensor, bool] | None = None  # see `scales_nonnegative`
 
     def forward(self, x: Tensor | SampleMajorMaps) -> Tensor | SampleMajorMaps:
         """The block's output: point-major NCHW [P·N, C, H', W'], or where `feeds_block` and a compiled kernel
@@ -125,13 +125,13 @@ class ConvBlock(nn.Module):
         by `compiled_cpu`) where it applies: float32, 2×2 pooling, scale ≥ 0. None elsewhere, or before the kernels
         are loaded."""
         if not (self.pool_2x2 and per_basis.dtype == torch.float32 and coeffs.dtype == torch.float32
-                and (scale is None or self._nonnegative(scale))):
+                and (scale is None or self.scales_nonnegative(scale))):
             return None
         bases, samples, height, width, channels = per_basis.shape
         kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
-        scale, shift = self._scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
+        scale, shift = self.scale_shift_or_identity(scale, shift, coeffs.shape[0], channels, per_basis)
         out, target = self._output(coeffs.shape[0], samples, channels, height // 2, width // 2, per_basis)
         arguments = (per_basis.numpy(), coeffs.numpy(), scale.numpy(), shift.numpy(), self.relu is not None)
         kernels.use_threads(torch.get_num_threads())
@@ -148,13 +148,13 @@ class ConvBlock(nn.Module):
         `_compiled_mix_pool`); else None."""
         maps = y.permute(0, 2, 3, 1)
         if not (self.pool_2x2 and y.dtype == torch.float32 and maps.is_contiguous()
-                and (scale is None or self._nonnegative(scale))):
+                and (scale is None or self.scales_nonnegative(scale))):
             return None
         samples, height, width, point_channels = maps.shape
         kernels = compiled_cpu.kernels()
         if kernels is None:
             return None
-        scale, shift = self._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
+        scale, shift = self.scale_shift_or_identity(scale, shift, points, point_channels // points, y)
         out, target = self._output(points, samples, point_channels // points, height // 2, width // 2, y)
         kernels.use_threads(torch.get_num_threads())
         kernels.pool_block(maps.numpy(), scale.numpy(), shift.numpy(), self.relu is not None, target.numpy())
@@ -173,8 +173,8 @@ class ConvBlock(nn.Module):
         return out, out.reshape(points, samples, channels, height, width)
 
     @staticmethod
-    def _scale_shift_or_identity(scale: Tensor | None, shift: Tensor | None, points: int, channels: int,
-                                 like: Tensor) -> tuple[Tensor, Tensor]:
+    def scale_shift_or_identity(scale: Tensor | None, shift: Tensor | None, points: int, channels: int,
+                                like: Tensor) -> tuple[Tensor, Tensor]:
         """float32 scale and shift [P, C] for the kernels: ones and zeros without BatchNorm."""
         if scale is None or shift is None:
             return like.new_ones(points, channels), like.new_zeros(points, channels)
@@ -220,7 +220,7 @@ class ConvBlock(nn.Module):
         held = (*tensors, *self.conv.stacked.values(), *(() if self.norm is None else self.norm.stacked.values()))
         return self._kept_values.get_or_make(name, self.conv.state, held, make)
 
-    def _nonnegative(self, scale: Tensor) -> bool:
+    def scales_nonnegative(self, scale: Tensor) -> bool:
         """Whether every BatchNorm scale is ≥ 0 (pooling may then run first), remembered for the last scales seen."""
         if self._signs is None or self._signs[0] is not scale:
             self._signs = (scale, bool((scale >= 0).all()))
@@ -228,7 +228,7 @@ class ConvBlock(nn.Module):
 
     def _pooled(self, y: Tensor, scale: Tensor | None, shift: Tensor | None, points: int, points_first: bool) -> Tensor:
         """pool(relu(y · scale + shift)) of a channels-last map, pooling first where that gives the same numbers."""
-        if scale is not None and not self._nonnegative(scale):  # pooling does not commute with a decreasing map
+        if scale is not None and not self.scales_nonnegative(scale):  # pooling does not commute with a decreasing map
             y = _affine_map(y, scale, shift, points, points_first)
             scale = shift = None
         y = max_pool_2x2_channels_last(y) if self.pool_2x2 else self.pool.pool(y)

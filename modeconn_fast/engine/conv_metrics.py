@@ -94,13 +94,13 @@ class ConvMetrics:
         points = state.points
         samples, height, width, point_channels = maps.shape
         if (block is not self.block or targets is None or y.dtype != torch.float32 or not maps.is_contiguous()
-                or samples != targets.shape[0] or (scale is not None and not block._nonnegative(scale))
+                or samples != targets.shape[0] or (scale is not None and not block.scales_nonnegative(scale))
                 or self.linear.in_features != point_channels // points * (height // 2) * (width // 2)):
             return
         kernels = compiled_cpu.kernels()
         if kernels is None:
             return
-        scale, shift = block._scale_shift_or_identity(scale, shift, points, point_channels // points, y)
+        scale, shift = block.scale_shift_or_identity(scale, shift, points, point_channels // points, y)
         weights, biases = self._kept.get_or_make("logit weights", state, tuple(self.linear.stacked.values()),
                                                  lambda: self._logit_weights(state.coeffs, height // 2, width // 2))
         self.loss = torch.empty(points, dtype=torch.float64)
