@@ -12,6 +12,12 @@ moving the points back and forth, where the view's grouped convolutions and Batc
 - activations, Dropout, pooling and Flatten(1, -1) act per channel or per element and run unchanged
   ([N, P·C, H, W] flattens to [N, P·C·H·W], i.e. [N, P, C·H·W]).
 
+On the CPU, a convolution's output of a small map (up to SMALL_MAP pixels) is made channels-last (a no-op after
+the first: convolutions, BatchNorm, activations and pooling keep that layout), where torch's BatchNorm, ReLU and
+max-pooling kernels and their backward passes run faster than over NCHW planes of a few pixels: B6 at 8 t per
+step, alternating runs in one process (12, 12 and 30 of each), medians 18 %, 4 % and 13 % faster, the
+same losses to 1.3e-6.
+
 The output [N, P·D, ...] becomes [P, N, D, ...]. Points run in chunks whose activations stay in cache
 (CHUNK_ELEMENTS). All weights come from one product of the coefficient rows with
 the flat basis (`one_point.mixed_parameters`). B6 (curve training at 8 t per step): the copies of the point-major
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.pooling import faster_pooling
+from ..engine.pooling import SMALL_MAP, faster_pooling
 from .one_point import mixed_parameters
 
 # Exact types that act on each channel (or element) alone, whatever their number.
@@ -93,6 +99,8 @@ class SampleMajorSequential:
                             for name in ("weight", "bias"))
             if isinstance(layer, nn.modules.conv._ConvNd):
                 x = self._conv(layer, x, weight, bias, points, shared)
+                if x.dim() == 4 and x.device.type == "cpu" and x.shape[2] * x.shape[3] <= SMALL_MAP:
+                    x = x.contiguous(memory_format=torch.channels_last)  # see the module docstring
             elif isinstance(layer, nn.Linear):
                 x = self._linear(x, weight, bias, points, shared)
             else:
